@@ -1,0 +1,148 @@
+"""The C++ (and, on CUDA builds of torch, CUDA) extension: lazy, cached, ninja-built.
+
+``load()`` returns the compiled module. It first tries an ahead-of-time build
+(``podiff_kernels._C``, made by ``PODIFF_BUILD_EXT=1 pip install -e . --no-build-isolation``),
+then builds from ``csrc/`` with ``torch.utils.cpp_extension.load``. The build
+folder name carries a hash of the sources, flags and torch version, so any change
+rebuilds and nothing stale is loaded. ``PODIFF_NO_EXTENSION=1`` turns it off;
+``PODIFF_EXTENSION_DIR`` moves the cache (default ``~/.cache/podiff/extensions``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+# A wheel carries the sources inside the package (setup.py copies them); a checkout has them at the top.
+_HERE = Path(__file__).resolve().parent
+CSRC = _HERE / "csrc" if (_HERE / "csrc").is_dir() else _HERE.parent / "csrc"
+CPU_SOURCES = ("patch_ops.cpp",)
+CUDA_SOURCES: tuple[str, ...] = ()  # .cu files compiled only on CUDA builds of torch
+CXX_FLAGS = ("-O3", "-fopenmp", "-std=c++17")
+LD_FLAGS = ("-fopenmp",)
+
+
+class ExtensionError(RuntimeError):
+    """The extension is disabled, has no compiler, or failed to build."""
+
+
+_lock = threading.Lock()
+_module = None
+_failure: str | None = None
+
+
+def _with_cuda() -> bool:
+    return torch.version.cuda is not None and bool(CUDA_SOURCES)
+
+
+def _sources() -> list[Path]:
+    names = list(CPU_SOURCES) + (list(CUDA_SOURCES) if _with_cuda() else [])
+    return [CSRC / n for n in names]
+
+
+def build_hash() -> str:
+    """Hash of everything that changes the binary: sources, flags, torch and Python."""
+    h = hashlib.sha256()
+    for path in sorted(CSRC.glob("*")):
+        if path.is_file():
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    h.update(repr((CXX_FLAGS, LD_FLAGS, torch.__version__, torch.version.cuda, sys.version_info[:2])).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PODIFF_EXTENSION_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "podiff", "extensions"
+    )
+    return Path(root) / f"podiff_ext_{build_hash()}"
+
+
+def _module_name() -> str:
+    return f"podiff_ext_{build_hash()}"
+
+
+def _is_cached() -> bool:
+    return any(cache_dir().glob(_module_name() + "*.so"))
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _prebuilt():
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _C if getattr(_C, "BUILD_HASH", None) == build_hash() else None
+
+
+def status() -> tuple[bool, str]:
+    """(usable, why) without building anything."""
+    if os.environ.get("PODIFF_NO_EXTENSION", "0") == "1":
+        return False, "disabled by PODIFF_NO_EXTENSION=1"
+    if _failure is not None:
+        return False, f"build failed earlier in this process: {_failure}"
+    if _module is not None:
+        return True, f"loaded from {getattr(_module, '__file__', '?')}"
+    if _prebuilt() is not None:
+        return True, "ahead-of-time build podiff_kernels._C"
+    if not CSRC.is_dir():
+        return False, f"C++ sources not found at {CSRC}"
+    if _is_cached():
+        return True, f"cached build in {cache_dir()}"
+    if _compiler() is None:
+        return False, f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH; set CXX or install g++"
+    return True, f"builds on first use into {cache_dir()}"
+
+
+def load():
+    """The compiled module, building it once if needed. Raises ``ExtensionError``."""
+    global _module, _failure
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is not None:
+            return _module
+        ok, why = status()
+        if not ok:
+            raise ExtensionError(f"podiff C++ extension unavailable: {why}")
+        pre = _prebuilt()
+        if pre is not None:
+            _module = pre
+            return _module
+        from torch.utils import cpp_extension
+
+        build_dir = cache_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not _is_cached():
+            print(
+                f"podiff: building the C++ extension (first use, about a minute) in {build_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
+        try:
+            _module = cpp_extension.load(
+                name=_module_name(),
+                sources=[str(p) for p in _sources()],
+                extra_cflags=list(CXX_FLAGS),
+                extra_ldflags=list(LD_FLAGS),
+                extra_cuda_cflags=["-O3"],
+                build_directory=str(build_dir),
+                with_cuda=_with_cuda(),
+                verbose=False,
+            )
+        except Exception as exc:  # compiler errors, missing ninja, ...
+            _failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}"
+            raise ExtensionError(
+                f"podiff C++ extension failed to build in {build_dir}: {_failure}. "
+                f"Set PODIFF_NO_EXTENSION=1 to use the pure-torch CPU path."
+            ) from exc
+        return _module

@@ -1,0 +1,41 @@
+"""Optional Triton import. Kernels are defined only when Triton imports.
+
+``triton.jit`` picks the interpreter at *decoration* time, so whether Triton
+kernels can run on CPU tensors is fixed when this module is first imported:
+``TRITON_INTERPRET=1`` must be set before ``import podiff_kernels``.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:  # pragma: no cover - depends on the platform
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+    IMPORT_ERROR = ""
+except Exception as exc:  # ImportError, or a broken install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+#: True when the kernels below were decorated in interpreter mode (they then run on CPU tensors).
+INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def block(n: int, lo: int = 16, hi: int = 64) -> int:
+    """A power-of-two block size covering ``n`` clamped to ``[lo, hi]`` (``tl.dot`` needs >= 16)."""
+    return max(lo, min(hi, next_pow2(n)))
+
+
+def acc_dtype(dtype):
+    """Accumulator for a Triton kernel: float64 stays float64, everything else float32."""
+    import torch
+
+    return tl.float64 if dtype == torch.float64 else tl.float32

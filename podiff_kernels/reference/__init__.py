@@ -1,0 +1,5 @@
+"""Readable float64 oracles, one per op. They import nothing from ``podiff_kernels.ops``."""
+
+from .patches import patch_correlate, patch_decode, patch_encode, patch_fold
+
+__all__ = ["patch_encode", "patch_decode", "patch_fold", "patch_correlate"]
