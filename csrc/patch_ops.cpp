@@ -8,11 +8,13 @@
 // A patch vector is flattened in (c, ky, kx) order; locations are row-major.
 // Parallelism is over independent outputs only (locations, output rows, or
 // fixed reduction chunks summed in a fixed order), so results do not depend on
-// the number of threads.
+// the number of threads. _Pragma (not #pragma) because the loops sit inside
+// AT_DISPATCH macro arguments.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #ifndef PODIFF_BUILD_HASH
@@ -20,6 +22,8 @@
 #endif
 
 namespace {
+
+constexpr int64_t kImages = 4;  // images projected together in encode
 
 struct Grid {
   int64_t C, H, W, P, S, nH, nW, L, D;
@@ -69,19 +73,25 @@ torch::Tensor encode(torch::Tensor x, torch::Tensor basis, c10::optional<torch::
     const int64_t Gm = mean.has_value() ? mean->size(0) : 1;
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, g.L, 16, [&](int64_t l0, int64_t l1) {
-      std::vector<scalar_t> v(g.D);
+      std::vector<scalar_t> v(kImages * g.D), acc(kImages * R);
       for (int64_t l = l0; l < l1; ++l) {
         const scalar_t* phi = bp + (G == 1 ? 0 : l) * g.D * R;
         const scalar_t* mu = mp == nullptr ? nullptr : mp + (Gm == 1 ? 0 : l) * g.D;
-        for (int64_t b = 0; b < B; ++b) {
-          gather_patch(xp, g, b, l, mu, v.data());
-          scalar_t* acc = op + (b * g.L + l) * R;
-          for (int64_t r = 0; r < R; ++r) acc[r] = 0;
+        // Images in groups of kImages so each basis row is loaded once per group.
+        for (int64_t b0 = 0; b0 < B; b0 += kImages) {
+          const int64_t nb = std::min<int64_t>(kImages, B - b0);
+          for (int64_t i = 0; i < nb; ++i) gather_patch(xp, g, b0 + i, l, mu, v.data() + i * g.D);
+          for (int64_t i = 0; i < nb; ++i) std::fill(acc.begin() + i * R, acc.begin() + (i + 1) * R, scalar_t(0));
           for (int64_t d = 0; d < g.D; ++d) {
-            const scalar_t vd = v[d];
             const scalar_t* row = phi + d * R;
-            for (int64_t r = 0; r < R; ++r) acc[r] += vd * row[r];
+            for (int64_t i = 0; i < nb; ++i) {
+              const scalar_t vd = v[i * g.D + d];
+              scalar_t* a = acc.data() + i * R;
+_Pragma("omp simd")
+              for (int64_t r = 0; r < R; ++r) a[r] += vd * row[r];
+            }
           }
+          for (int64_t i = 0; i < nb; ++i) std::copy(acc.begin() + i * R, acc.begin() + (i + 1) * R, op + ((b0 + i) * g.L + l) * R);
         }
       }
     });
@@ -106,27 +116,35 @@ torch::Tensor fold(torch::Tensor coeffs, torch::Tensor basis, c10::optional<torc
     const scalar_t* mp = mean.has_value() ? mean->data_ptr<scalar_t>() : nullptr;
     const int64_t Gm = mean.has_value() ? mean->size(0) : 1;
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * g.C * H, 4, [&](int64_t row0, int64_t row1) {
+    // Rows (c, y) in parallel, images innermost: each basis row is read once per covering
+    // patch, not once per image (the local basis is the largest operand).
+    at::parallel_for(0, g.C * H, 1, [&](int64_t row0, int64_t row1) {
+      std::vector<scalar_t> acc(B);
       for (int64_t row = row0; row < row1; ++row) {
-        const int64_t y = row % H, c = (row / H) % g.C, b = row / (H * g.C);
+        const int64_t y = row % H, c = row / H;
         const int64_t oy_hi = std::min(y / S, g.nH - 1);
         const int64_t oy_lo = std::max<int64_t>(0, y - P + S) / S;
         for (int64_t xx = 0; xx < W; ++xx) {
           const int64_t ox_hi = std::min(xx / S, g.nW - 1);
           const int64_t ox_lo = std::max<int64_t>(0, xx - P + S) / S;
-          scalar_t acc = 0;
+          std::fill(acc.begin(), acc.end(), scalar_t(0));
           for (int64_t oy = oy_lo; oy <= oy_hi; ++oy)
             for (int64_t ox = ox_lo; ox <= ox_hi; ++ox) {
               const int64_t l = oy * g.nW + ox;
               const int64_t d = (c * P + (y - oy * S)) * P + (xx - ox * S);
-              const scalar_t* a = cp + (b * g.L + l) * R;
               const scalar_t* phi = bp + ((G == 1 ? 0 : l) * D + d) * R;
-              scalar_t dot = mp == nullptr ? scalar_t(0) : mp[(Gm == 1 ? 0 : l) * D + d];
-              for (int64_t r = 0; r < R; ++r) dot += a[r] * phi[r];
-              acc += dot;
+              const scalar_t mu = mp == nullptr ? scalar_t(0) : mp[(Gm == 1 ? 0 : l) * D + d];
+              for (int64_t b = 0; b < B; ++b) {
+                const scalar_t* a = cp + (b * g.L + l) * R;
+                scalar_t dot = mu;
+                _Pragma("omp simd reduction(+ : dot)")
+                for (int64_t r = 0; r < R; ++r) dot += a[r] * phi[r];
+                acc[b] += dot;
+              }
             }
-          if (average) acc /= scalar_t((oy_hi - oy_lo + 1) * (ox_hi - ox_lo + 1));
-          op[row * W + xx] = acc;
+          const scalar_t scale = average ? scalar_t(1) / scalar_t((oy_hi - oy_lo + 1) * (ox_hi - ox_lo + 1))
+                                         : scalar_t(1);
+          for (int64_t b = 0; b < B; ++b) op[((b * g.C + c) * H + y) * W + xx] = acc[b] * scale;
         }
       }
     });
@@ -153,6 +171,7 @@ torch::Tensor correlate(torch::Tensor x, torch::Tensor grad, int64_t P, int64_t 
       for (int64_t d = 0; d < g.D; ++d) {
         const scalar_t vd = v[d];
         scalar_t* row = dst + d * R;
+_Pragma("omp simd")
         for (int64_t r = 0; r < R; ++r) row[r] += vd * gr[r];
       }
     };

@@ -140,7 +140,9 @@ def load():
                 verbose=False,
             )
         except Exception as exc:  # compiler errors, missing ninja, ...
-            _failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}"
+            lines = str(exc).strip().splitlines() or [repr(exc)]
+            errors = [ln.strip() for ln in lines if "error" in ln.lower()]
+            _failure = f"{type(exc).__name__}: {(errors or lines)[0]}"
             raise ExtensionError(
                 f"podiff C++ extension failed to build in {build_dir}: {_failure}. "
                 f"Set PODIFF_NO_EXTENSION=1 to use the pure-torch CPU path."

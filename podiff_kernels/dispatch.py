@@ -49,6 +49,8 @@ class _OpEntry:
 
 
 _REGISTRY: dict[str, _OpEntry] = {}
+#: The choice made by the latest call of each op (tests use it to prove which kernel ran).
+last_choice: dict[str, Choice] = {}
 
 
 def register(op: str, backend: str, fn: Callable) -> None:
@@ -129,12 +131,14 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype, case: str = 
 def call(op: str, device, dtype, case: str, *args, **kwargs):
     """Runs ``op`` on the selected backend; if the C++ extension fails to build, falls back once."""
     choice = select(op, device, dtype, case)
+    last_choice[op] = choice
     try:
         return _REGISTRY[op].impls[choice.backend](*args, **kwargs)
     except _extension.ExtensionError as exc:
         if forced() == "cpp":
             raise
         warnings.warn(f"{exc}; using the torch path for {op}", RuntimeWarning, stacklevel=2)
+        last_choice[op] = Choice("torch", f"fallback: {exc}", {"cpp": str(exc)})
         return _REGISTRY[op].impls["torch"](*args, **kwargs)
 
 

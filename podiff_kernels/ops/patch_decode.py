@@ -107,7 +107,10 @@ def _fold_torch(coeffs, basis, mean, grid: PatchGrid, average: bool):
     C, H, W, p, s = grid.channels, grid.height, grid.width, grid.patch_size, grid.stride
     if basis.dim() == 2:
         a = coeffs.view(B, grid.n_rows, grid.n_cols, R).permute(0, 3, 1, 2)
-        out = F.conv_transpose2d(a, basis.t().reshape(R, C, p, p), stride=s)
+        weight = basis.t().reshape(R, C, p, p)
+        out = coeffs.new_empty(B, C, H, W)
+        for b in range(B):  # one image at a time: smaller oneDNN workspace, warmer cache
+            out[b] = F.conv_transpose2d(a[b : b + 1], weight, stride=s)[0]
     else:
         out = coeffs.new_zeros(B, C, H, W)
         row_bytes = B * grid.n_cols * grid.patch_dim * coeffs.element_size()
@@ -117,9 +120,9 @@ def _fold_torch(coeffs, basis, mean, grid: PatchGrid, average: bool):
             y0, y1 = r0 * s, (r1 - 1) * s + p
             out[:, :, y0:y1] += F.fold(cols, (y1 - y0, W), p, stride=s)
     if mean is not None:
-        out = out + _mean_image(mean, grid)
+        out += _mean_image(mean, grid)
     if average:
-        out = out * cover_counts(grid, out.device, out.dtype).reciprocal()
+        out *= cover_counts(grid, out.device, out.dtype).reciprocal()
     return out
 
 

@@ -109,12 +109,18 @@ def _encode_triton(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | No
 def _encode_torch(x, basis, mean, grid: PatchGrid):
     """Shared basis: one strided ``conv2d``. Local basis: strip-wise unfold + einsum."""
     B, C, p, s = x.shape[0], grid.channels, grid.patch_size, grid.stride
+    out = x.new_empty(B, grid.num_locations, basis.shape[-1])
     if basis.dim() == 2:
         r = basis.shape[1]
-        y = F.conv2d(x, basis.t().reshape(r, C, p, p), stride=s)  # [B, r, nH, nW]
-        out = y.permute(0, 2, 3, 1).reshape(B, grid.num_locations, r)
-        return out if mean is None else out - mean @ basis  # μᵀΦ: [r] or [L, r]
-    out = x.new_empty(B, grid.num_locations, basis.shape[2])
+        weight = basis.t().reshape(r, C, p, p)
+        # A [D] mean enters as the conv bias −μᵀΦ (no extra pass); a [L, D] mean is subtracted after.
+        bias = -(mean @ basis) if mean is not None and mean.dim() == 1 else None
+        grid_view = out.view(B, grid.n_rows, grid.n_cols, r)
+        for b in range(B):  # one image at a time: the conv output stays in cache for the transpose
+            grid_view[b].copy_(F.conv2d(x[b : b + 1], weight, bias, stride=s)[0].permute(1, 2, 0))
+        if mean is not None and mean.dim() == 2:
+            out -= mean @ basis  # [L, r]
+        return out
     row_bytes = B * grid.n_cols * grid.patch_dim * x.element_size()
     for r0, r1 in location_row_chunks(grid, row_bytes):
         l0, l1 = r0 * grid.n_cols, r1 * grid.n_cols

@@ -1,0 +1,35 @@
+"""Comparison helpers: dtype-dependent tolerances, worst index in the failure message."""
+
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) of an implementation in this dtype, against float64 truth, for O(1) data.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-2, 2e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, what: str = "") -> None:
+    """``|a − e| <= atol + rtol·|e|`` everywhere; on failure reports the worst element and its index."""
+    dtype = dtype or actual.dtype
+    atol, rtol = TOLERANCES[dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values in the result"
+    excess = (a - e).abs() - (atol + rtol * e.abs())
+    if (excess > 0).any():
+        idx = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
+        raise AssertionError(
+            f"{what}: {int((excess > 0).sum())} of {excess.numel()} elements off (atol={atol}, rtol={rtol}); "
+            f"worst at {idx}: got {a[idx].item():.10g}, expected {e[idx].item():.10g}"
+        )
+
+
+def orthonormal(D: int, r: int, *lead: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """Random ``[*lead, D, r]`` with orthonormal columns."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(*lead, D, max(r, 1), generator=g, dtype=torch.float64))[0]
+    return q[..., :r].to(dtype)
