@@ -1,0 +1,83 @@
+"""The C++ extension: built lazily with ninja, cached by a hash of its sources, clear errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from podiff_kernels import _extension
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_loads_and_reports_its_build():
+    module = _extension.load()
+    for name in ("patch_encode", "patch_fold", "patch_correlate"):
+        assert hasattr(module, name)
+    ok, why = _extension.status()
+    assert ok, why
+
+
+def _run(code: str, env: dict) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    full_env.pop("PODIFF_BACKEND", None)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=600)
+
+
+def test_missing_compiler_is_reported_and_cpu_path_falls_back(tmp_path):
+    code = (
+        "import torch, podiff_kernels as pk; from podiff_kernels import _extension, dispatch\n"
+        "print(_extension.status())\n"
+        "x = torch.randn(1, 1, 9, 9); b = torch.randn(49, 9, 3)\n"
+        "pk.patch_encode(x, b, None, 3, 1)\n"
+        "print(dispatch.last_choice['patch_encode'].backend)\n"
+    )
+    out = _run(code, {"PODIFF_EXTENSION_DIR": str(tmp_path), "CXX": "/nonexistent/c++"})
+    assert out.returncode == 0, out.stderr
+    assert "no C++ compiler (/nonexistent/c++) on PATH" in out.stdout
+    assert out.stdout.strip().endswith("torch")
+
+
+def test_disable_switch():
+    out = _run("from podiff_kernels import _extension; print(_extension.status())", {"PODIFF_NO_EXTENSION": "1"})
+    assert "disabled by PODIFF_NO_EXTENSION=1" in out.stdout
+
+
+@pytest.mark.slow
+def test_source_change_rebuilds_into_a_new_cache_entry(tmp_path):
+    """A changed source changes the build hash: a fresh build with a one-line message, nothing stale."""
+    (tmp_path / "csrc").mkdir()
+    for f in (ROOT / "csrc").glob("*.cpp"):
+        shutil.copy2(f, tmp_path / "csrc" / f.name)
+    code = (
+        "import sys; from pathlib import Path; from podiff_kernels import _extension as e\n"
+        f"e.CSRC = Path({str(tmp_path / 'csrc')!r})\n"
+        "print(e.build_hash()); m = e.load(); print(m.patch_encode.__doc__ is not None)\n"
+    )
+    env = {"PODIFF_EXTENSION_DIR": str(tmp_path / "cache")}
+    first = _run(code, env)
+    assert first.returncode == 0, first.stderr
+    assert "podiff: building the C++ extension" in first.stderr
+    again = _run(code, env)
+    assert "building" not in again.stderr and again.stdout == first.stdout  # cached, same hash
+    with open(tmp_path / "csrc" / "patch_ops.cpp", "a") as f:
+        f.write("\n// changed\n")
+    changed = _run(code, env)
+    assert changed.returncode == 0, changed.stderr
+    assert "building" in changed.stderr and changed.stdout.split()[0] != first.stdout.split()[0]
+
+
+def test_build_failure_is_a_clear_error(tmp_path):
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "patch_ops.cpp").write_text("this is not C++;\n")
+    code = (
+        "from pathlib import Path; from podiff_kernels import _extension as e\n"
+        f"e.CSRC = Path({str(tmp_path / 'csrc')!r})\n"
+        "try:\n    e.load()\nexcept e.ExtensionError as exc:\n    print('ERR', exc)\n"
+    )
+    out = _run(code, {"PODIFF_EXTENSION_DIR": str(tmp_path / "cache")})
+    assert "ERR podiff C++ extension failed to build" in out.stdout
+    assert "error" in out.stdout.lower() and "PODIFF_NO_EXTENSION=1" in out.stdout
