@@ -13,8 +13,24 @@ torch.Size([4, 1, 32, 32])
 """
 
 from .dispatch import backends
-from .ops import patch_correlate, patch_decode, patch_encode
+from .ops import (
+    decode_moments,
+    ensemble_moments,
+    patch_correlate,
+    patch_decode,
+    patch_encode,
+    propagate_variance,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["patch_encode", "patch_decode", "patch_correlate", "backends", "__version__"]
+__all__ = [
+    "patch_encode",
+    "patch_decode",
+    "patch_correlate",
+    "propagate_variance",
+    "decode_moments",
+    "ensemble_moments",
+    "backends",
+    "__version__",
+]

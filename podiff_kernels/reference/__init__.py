@@ -1,5 +1,14 @@
 """Readable float64 oracles, one per op. They import nothing from ``podiff_kernels.ops``."""
 
 from .patches import patch_correlate, patch_decode, patch_encode, patch_fold
+from .variance import dense_decoder, ensemble_moments, propagate_variance
 
-__all__ = ["patch_encode", "patch_decode", "patch_fold", "patch_correlate"]
+__all__ = [
+    "patch_encode",
+    "patch_decode",
+    "patch_fold",
+    "patch_correlate",
+    "propagate_variance",
+    "ensemble_moments",
+    "dense_decoder",
+]

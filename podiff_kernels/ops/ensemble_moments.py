@@ -1,0 +1,147 @@
+"""Ensemble moments of latent samples: per-token mean and unbiased covariance (or variance).
+
+``samples [M, B, L, r] -> (mean [B, L, r], cov [B, L, r, r])`` with ``M − 1`` in the
+denominator; ``diagonal=True`` returns ``var [B, L, r]`` and never forms the r×r blocks.
+Two passes over the members (mean, then centred sums): no cancellation from
+``E[xxᵀ] − mmᵀ``. The Triton kernel gives each program one token and keeps its
+``r×r`` block on chip (``tl.dot`` of the centred member tile with itself).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import dispatch
+from .._triton import HAS_TRITON, acc_dtype, block, tl, triton
+from ..reference import variance as reference
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _ensemble_moments_kernel(
+        x_ptr, mean_ptr, cov_ptr,
+        M, BL, R,
+        sxm, sxt, sxr,
+        smt, smr,
+        sct, sck, scj,
+        DIAGONAL: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        tok = tl.program_id(0).to(tl.int64)  # one (b, l) token per program
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        total = tl.zeros([BLOCK_R], dtype=ACC)
+        for m0 in range(0, M, BLOCK_M):
+            mm = m0 + tl.arange(0, BLOCK_M)
+            tile = tl.load(x_ptr + mm[:, None] * sxm + tok * sxt + rr[None, :] * sxr,
+                           mask=(mm < M)[:, None] & r_ok[None, :], other=0.0).to(ACC)
+            total += tl.sum(tile, axis=0)
+        mu = total / M
+        tl.store(mean_ptr + tok * smt + rr * smr, mu.to(mean_ptr.dtype.element_ty), mask=r_ok)
+        if DIAGONAL:
+            sq = tl.zeros([BLOCK_R], dtype=ACC)
+        else:
+            sq2 = tl.zeros([BLOCK_R, BLOCK_R], dtype=ACC)
+        for m0 in range(0, M, BLOCK_M):
+            mm = m0 + tl.arange(0, BLOCK_M)
+            ok = (mm < M)[:, None] & r_ok[None, :]
+            tile = tl.load(x_ptr + mm[:, None] * sxm + tok * sxt + rr[None, :] * sxr, mask=ok, other=0.0).to(ACC)
+            centred = tl.where(ok, tile - mu[None, :], 0.0)
+            if DIAGONAL:
+                sq += tl.sum(centred * centred, axis=0)
+            else:
+                sq2 += tl.dot(tl.trans(centred), centred, input_precision=PRECISION, out_dtype=ACC)
+        if DIAGONAL:
+            tl.store(cov_ptr + tok * sct + rr * sck, (sq / (M - 1)).to(cov_ptr.dtype.element_ty), mask=r_ok)
+        else:
+            ptrs = cov_ptr + tok * sct + rr[:, None] * sck + rr[None, :] * scj
+            tl.store(ptrs, (sq2 / (M - 1)).to(cov_ptr.dtype.element_ty), mask=r_ok[:, None] & r_ok[None, :])
+
+
+def _moments_triton(samples: torch.Tensor, diagonal: bool):
+    M, B, L, R = samples.shape
+    x = samples.reshape(M, B * L, R)
+    mean = torch.empty(B * L, R, device=samples.device, dtype=samples.dtype)
+    cov = torch.empty(B * L, *((R,) if diagonal else (R, R)), device=samples.device, dtype=samples.dtype)
+    sc = (cov.stride(0), cov.stride(1), 0) if diagonal else cov.stride()
+    _ensemble_moments_kernel[(B * L,)](
+        x, mean, cov, M, B * L, R, *x.stride(), *mean.stride(), *sc,
+        DIAGONAL=diagonal, ACC=acc_dtype(samples.dtype), PRECISION="ieee",
+        BLOCK_M=block(M, 16, 64), BLOCK_R=block(R, 16, 1 << 10),
+    )
+    return mean.view(B, L, R), cov.view(B, L, *cov.shape[1:])
+
+
+def _moments_torch(samples: torch.Tensor, diagonal: bool, budget_bytes: int = 64 << 20):
+    """Chunks over tokens so the centred copy stays within ``budget_bytes``."""
+    M, B, L, R = samples.shape
+    x = samples.reshape(M, B * L, R)
+    mean = x.mean(0)
+    cov = x.new_empty(B * L, *((R,) if diagonal else (R, R)))
+    step = max(1, budget_bytes // max(1, M * R * x.element_size()))
+    for t0 in range(0, B * L, step):
+        centred = x[:, t0 : t0 + step] - mean[t0 : t0 + step]
+        if diagonal:
+            cov[t0 : t0 + step] = centred.square().sum(0) / (M - 1)
+        else:
+            c = centred.permute(1, 2, 0)  # [tokens, r, M]
+            torch.matmul(c, c.transpose(1, 2), out=cov[t0 : t0 + step])
+            cov[t0 : t0 + step] /= M - 1
+    return mean.view(B, L, R), cov.view(B, L, *cov.shape[1:])
+
+
+def _moments_reference(samples: torch.Tensor, diagonal: bool):
+    mean, cov = reference.ensemble_moments(samples.double(), diagonal)
+    return mean.to(samples.dtype), cov.to(samples.dtype)
+
+
+dispatch.register("ensemble_moments", "reference", _moments_reference)
+dispatch.register("ensemble_moments", "torch", _moments_torch)
+if HAS_TRITON:
+    dispatch.register("ensemble_moments", "triton", _moments_triton)
+dispatch.set_cpu_order("ensemble_moments", "default", ("torch",), "batched matmul of centred members (BLAS)")
+
+
+def _check(samples: torch.Tensor) -> None:
+    if not isinstance(samples, torch.Tensor) or not samples.is_floating_point():
+        raise TypeError(f"samples must be a floating torch.Tensor; got {getattr(samples, 'dtype', type(samples))}")
+    if samples.dim() != 4:
+        raise ValueError(f"samples must have shape [M, B, L, r]; got {samples.dim()} dims, {tuple(samples.shape)}")
+    if samples.shape[0] < 2:
+        raise ValueError(
+            f"samples needs at least M = 2 members (unbiased estimate divides by M - 1); got M = {samples.shape[0]}"
+        )
+
+
+@torch.library.custom_op("podiff::ensemble_moments", mutates_args=())
+def _ensemble_moments_op(samples: torch.Tensor, diagonal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(samples)
+    return dispatch.call("ensemble_moments", samples.device, samples.dtype, "default", samples.contiguous(), diagonal)
+
+
+@_ensemble_moments_op.register_fake
+def _(samples, diagonal=False):
+    _check(samples)
+    M, B, L, R = samples.shape
+    return samples.new_empty(B, L, R), samples.new_empty(B, L, *((R,) if diagonal else (R, R)))
+
+
+ensemble_moments_op = torch.ops.podiff.ensemble_moments
+
+
+def ensemble_moments(samples: torch.Tensor, diagonal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token mean and unbiased covariance of an ensemble of latent samples.
+
+    Args:
+        samples: ``[M, B, L, r]``, ``M >= 2`` members.
+        diagonal: return per-mode variances ``[B, L, r]`` instead of ``[B, L, r, r]`` blocks.
+
+    Returns:
+        ``(mean [B, L, r], cov [B, L, r, r])`` (or ``var [B, L, r]``), ``M − 1`` in the denominator.
+
+    Example:
+        >>> mean, cov = ensemble_moments(torch.randn(16, 2, 49, 8))
+        >>> cov.shape
+        torch.Size([2, 49, 8, 8])
+    """
+    return ensemble_moments_op(samples, diagonal)
