@@ -137,24 +137,42 @@ def _moments_triton(mean_coeffs, var_or_cov, basis, mean, grid: PatchGrid):
     return out_m, out_v
 
 
+def _fold_patch_values(per_patch: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """Sums per-patch pixel values ``[B, L, D]`` onto the image; without overlap a pure permutation."""
+    B, C, p = per_patch.shape[0], grid.channels, grid.patch_size
+    if grid.stride == p:
+        tiles = per_patch.view(B, grid.n_rows, grid.n_cols, C, p, p)
+        return tiles.permute(0, 3, 1, 4, 2, 5).reshape(B, C, grid.height, grid.width)
+    return F.fold(per_patch.transpose(1, 2), (grid.height, grid.width), p, stride=grid.stride)
+
+
 def _variance_torch(var_or_cov, basis, grid: PatchGrid):
-    """Diagonal: a fold of σ² with basis Φ². Block: a fold of vec(Σ_l) with the Khatri–Rao basis Φ⊙Φ."""
+    """Per-patch pixel variances by one GEMM, then a fold and ``1/n²``.
+
+    Diagonal: ``σ² (Φ²)ᵀ``. Block: ``vec(Σ_l) (Φ⊙Φ)ᵀ`` with the row-wise Khatri–Rao basis
+    ``(Φ⊙Φ)[d, (k, m)] = Φ_dk Φ_dm``, which is exact for any ``Σ_l`` (only its symmetric part
+    enters ``φᵀΣφ``) and never forms ``ΦΣ``.
+    """
     inv_n2 = cover_counts(grid, var_or_cov.device, var_or_cov.dtype).reciprocal().square()
-    H, W, p, s = grid.height, grid.width, grid.patch_size, grid.stride
-    if var_or_cov.dim() == 3:
-        out = fold_op(var_or_cov.contiguous(), basis.square(), None, H, W, p, s, False)
-    elif basis.dim() == 2:
-        B, L, r, _ = var_or_cov.shape
-        khatri_rao = (basis[:, :, None] * basis[:, None, :]).reshape(basis.shape[0], r * r)  # [D, r²]
-        out = fold_op(var_or_cov.reshape(B, L, r * r).contiguous(), khatri_rao, None, H, W, p, s, False)
-    else:  # local basis: the Khatri–Rao basis would be r times the basis; go strip by strip
-        B = var_or_cov.shape[0]
+    B, L, r = var_or_cov.shape[:3]
+    if basis.dim() == 2:
+        if var_or_cov.dim() == 3:
+            per_patch = var_or_cov @ basis.square().t()
+        else:
+            khatri_rao = (basis[:, :, None] * basis[:, None, :]).reshape(basis.shape[0], r * r)  # [D, r²]
+            per_patch = var_or_cov.reshape(B, L, r * r) @ khatri_rao.t()
+        out = _fold_patch_values(per_patch, grid)
+    else:  # local basis: a Khatri–Rao basis would be r times the basis; go strip by strip
+        H, W, p, s = grid.height, grid.width, grid.patch_size, grid.stride
         out = var_or_cov.new_zeros(B, grid.channels, H, W)
-        row_bytes = B * grid.n_cols * grid.patch_dim * basis.shape[-1] * var_or_cov.element_size()
+        row_bytes = B * grid.n_cols * grid.patch_dim * r * var_or_cov.element_size()
         for r0, r1 in location_row_chunks(grid, row_bytes):
             l0, l1 = r0 * grid.n_cols, r1 * grid.n_cols
-            phi = basis[l0:l1]
-            per_patch = ((phi @ var_or_cov[:, l0:l1]) * phi).sum(-1)  # rowsum((Φ Σ) ∘ Φ): [B, l, D]
+            phi, v = basis[l0:l1], var_or_cov[:, l0:l1]
+            if v.dim() == 3:
+                per_patch = torch.einsum("ldk,blk->bld", phi.square(), v)
+            else:
+                per_patch = ((phi @ v) * phi).sum(-1)  # rowsum((Φ Σ) ∘ Φ), one strip at a time: [B, l, D]
             y0, y1 = r0 * s, (r1 - 1) * s + p
             out[:, :, y0:y1] += F.fold(per_patch.transpose(1, 2), (y1 - y0, W), p, stride=s)
     return (out * inv_n2).clamp_(min=0)

@@ -1,0 +1,74 @@
+"""Analytic pixel mean + variance from latent samples vs decoding every ensemble member.
+
+Shapes from the uncertainty issue: B=4, C=1, 256x256, p=8 (s=p), r=16, M=64.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import podiff_kernels as pk
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+M, B, C, H, p, r = 64, 4, 1, 256, 8, 16
+L, D = (H // p) ** 2, C * p * p
+
+
+def _sync(fn):
+    def run():
+        out = fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    run.device = DEVICE
+    return run
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(D, r, generator=g, dtype=torch.float64))[0].float()
+    mean = torch.randn(D, generator=g)
+    samples = torch.randn(M, B, L, r, generator=g)
+    return basis.to(DEVICE), mean.to(DEVICE), samples.to(DEVICE)
+
+
+def decode_every_member(samples, basis, mean):
+    decoded = pk.patch_decode(samples.reshape(M * B, L, r), basis, mean, (H, H), p).reshape(M, B, C, H, H)
+    return decoded.mean(0), decoded.var(0)
+
+
+def _analytic(diagonal, samples, basis, mean):
+    m, v = pk.ensemble_moments(samples, diagonal=diagonal)
+    return pk.decode_moments(m, v, basis, mean, (H, H), p)
+
+
+@pytest.mark.parametrize("mode", ["diagonal", "block"])
+@pytest.mark.parametrize("provider", ["analytic", "decode_members"])
+def test_uncertainty_from_ensemble(compare, inputs, mode, provider):
+    basis, mean, samples = inputs
+    if provider == "analytic":
+        fn = lambda: _analytic(mode == "diagonal", samples, basis, mean)  # noqa: E731
+    else:
+        fn = lambda: decode_every_member(samples, basis, mean)  # noqa: E731
+    group = f"pixel mean+var ({mode}) M{M} B{B} C{C} {H} p{p} r{r}"
+    pm, pv = compare(group, provider, _sync(fn), baseline=provider == "decode_members")
+    assert pm.shape == pv.shape == (B, C, H, H)
+
+
+@pytest.mark.parametrize("provider", ["podiff", "einsum_fold"])
+def test_propagate_variance_block(compare, inputs, provider):
+    basis, _, samples = inputs
+    _, cov = pk.ensemble_moments(samples)
+
+    def einsum_fold():
+        per_patch = torch.einsum("dk,blkm,dm->bld", basis, cov, basis)
+        ones = torch.ones(1, D, L, device=cov.device)
+        n = F.fold(ones, (H, H), p, stride=p)
+        return F.fold(per_patch.transpose(1, 2), (H, H), p, stride=p) / n**2
+
+    fn = (lambda: pk.propagate_variance(cov, basis, (H, H), p)) if provider == "podiff" else einsum_fold
+    out = compare(f"propagate_variance block B{B} C{C} {H} p{p} r{r}", provider, _sync(fn),
+                  baseline=provider != "podiff")
+    assert out.shape == (B, C, H, H)
