@@ -153,7 +153,6 @@ def _variance_torch(var_or_cov, basis, grid: PatchGrid):
     ``(Φ⊙Φ)[d, (k, m)] = Φ_dk Φ_dm``, which is exact for any ``Σ_l`` (only its symmetric part
     enters ``φᵀΣφ``) and never forms ``ΦΣ``.
     """
-    inv_n2 = cover_counts(grid, var_or_cov.device, var_or_cov.dtype).reciprocal().square()
     B, L, r = var_or_cov.shape[:3]
     if basis.dim() == 2:
         if var_or_cov.dim() == 3:
@@ -175,7 +174,9 @@ def _variance_torch(var_or_cov, basis, grid: PatchGrid):
                 per_patch = ((phi @ v) * phi).sum(-1)  # rowsum((Φ Σ) ∘ Φ), one strip at a time: [B, l, D]
             y0, y1 = r0 * s, (r1 - 1) * s + p
             out[:, :, y0:y1] += F.fold(per_patch.transpose(1, 2), (y1 - y0, W), p, stride=s)
-    return (out * inv_n2).clamp_(min=0)
+    if grid.stride != grid.patch_size:  # without overlap n_j = 1
+        out *= cover_counts(grid, out.device, out.dtype).reciprocal().square()
+    return out.clamp_(min=0)
 
 
 def _moments_torch(mean_coeffs, var_or_cov, basis, mean, grid: PatchGrid):
