@@ -14,6 +14,7 @@ import pytest
 import torch
 
 _RESULTS: dict[str, dict[str, dict]] = {}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def pytest_addoption(parser):
@@ -52,12 +53,26 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, {gpu}; torch {torch.__version__}, Python {sys.version.split()[0]}"
 
 
+def on_device(fn):
+    """Wraps ``fn`` so that a timing includes the GPU work it queued (and tags the device)."""
+
+    def run():
+        out = fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    run.device = DEVICE
+    return run
+
+
 @pytest.fixture
 def compare(benchmark):
     """``compare(group, provider, fn, baseline=False, rounds=5)``: time and peak memory of one provider."""
 
     def run(group: str, provider: str, fn, baseline: bool = False, rounds: int = 5):
         benchmark.group = group
+        fn = on_device(fn)
         mem = peak_memory_mb(fn)
         benchmark.extra_info.update(provider=provider, baseline=baseline, peak_mem_mb=round(mem, 2))
         result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)

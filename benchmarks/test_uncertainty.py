@@ -9,20 +9,9 @@ import torch.nn.functional as F
 
 import podiff_kernels as pk
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # inputs live here; conftest syncs timings
 M, B, C, H, p, r = 64, 4, 1, 256, 8, 16
 L, D = (H // p) ** 2, C * p * p
-
-
-def _sync(fn):
-    def run():
-        out = fn()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    run.device = DEVICE
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +42,7 @@ def test_uncertainty_from_ensemble(compare, inputs, mode, provider):
     else:
         fn = lambda: decode_every_member(samples, basis, mean)  # noqa: E731
     group = f"pixel mean+var ({mode}) M{M} B{B} C{C} {H} p{p} r{r}"
-    pm, pv = compare(group, provider, _sync(fn), baseline=provider == "decode_members")
+    pm, pv = compare(group, provider, fn, baseline=provider == "decode_members")
     assert pm.shape == pv.shape == (B, C, H, H)
 
 
@@ -69,6 +58,6 @@ def test_propagate_variance_block(compare, inputs, provider):
         return F.fold(per_patch.transpose(1, 2), (H, H), p, stride=p) / n**2
 
     fn = (lambda: pk.propagate_variance(cov, basis, (H, H), p)) if provider == "podiff" else einsum_fold
-    out = compare(f"propagate_variance block B{B} C{C} {H} p{p} r{r}", provider, _sync(fn),
+    out = compare(f"propagate_variance block B{B} C{C} {H} p{p} r{r}", provider, fn,
                   baseline=provider != "podiff", rounds=50)
     assert out.shape == (B, C, H, H)

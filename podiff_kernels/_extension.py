@@ -24,7 +24,7 @@ _HERE = Path(__file__).resolve().parent
 CSRC = _HERE / "csrc" if (_HERE / "csrc").is_dir() else _HERE.parent / "csrc"
 CPU_SOURCES = ("patch_ops.cpp",)
 CUDA_SOURCES: tuple[str, ...] = ()  # .cu files compiled only on CUDA builds of torch
-CXX_FLAGS = ("-O3", "-fopenmp", "-std=c++17")
+CXX_FLAGS = ("-O3", "-fopenmp")  # the C++ standard is torch's own choice (its headers need C++20)
 LD_FLAGS = ("-fopenmp",)
 
 

@@ -9,9 +9,10 @@ from podiff_kernels import dispatch
 
 def test_backends_report_names_every_op_and_reason():
     report = pk.backends()
-    assert set(report) >= {"patch_encode", "patch_decode", "patch_correlate"}
+    assert set(report) >= {"patch_encode", "patch_decode", "patch_correlate", "decode_moments", "ensemble_moments"}
     for op, cases in report.items():
-        assert {"cpu/shared", "cpu/local"} <= set(cases), op
+        expected = {"cpu/default"} if op == "ensemble_moments" else {"cpu/shared", "cpu/local"}
+        assert expected <= set(cases), op
         for case, choice in cases.items():
             assert choice["backend"] in dispatch.BACKENDS, (op, case)
             assert choice["reason"]

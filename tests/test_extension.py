@@ -81,3 +81,22 @@ def test_build_failure_is_a_clear_error(tmp_path):
     out = _run(code, {"PODIFF_EXTENSION_DIR": str(tmp_path / "cache")})
     assert "ERR podiff C++ extension failed to build" in out.stdout
     assert "error" in out.stdout.lower() and "PODIFF_NO_EXTENSION=1" in out.stdout
+
+
+@pytest.mark.slow
+def test_ahead_of_time_build_is_picked_up(tmp_path):
+    """PODIFF_BUILD_EXT=1 setup.py build_ext makes podiff_kernels._C, which load() then prefers."""
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "csrc", copy / "csrc")
+    shutil.copytree(ROOT / "podiff_kernels", copy / "podiff_kernels",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copy2(ROOT / "setup.py", copy / "setup.py")
+    env = {**os.environ, "PODIFF_BUILD_EXT": "1"}
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=copy, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-2000:]
+    code = ("from podiff_kernels import _extension as e; ok, why = e.status(); m = e.load(); "
+            "print(why, m.BUILD_HASH == e.build_hash())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=copy, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PODIFF_EXTENSION_DIR": str(tmp_path / "empty_cache")})
+    assert out.stdout.strip() == "ahead-of-time build podiff_kernels._C True", out.stdout + out.stderr
