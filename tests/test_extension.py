@@ -90,7 +90,8 @@ def test_ahead_of_time_build_is_picked_up(tmp_path):
     shutil.copytree(ROOT / "csrc", copy / "csrc")
     shutil.copytree(ROOT / "podiff_kernels", copy / "podiff_kernels",
                     ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    shutil.copy2(ROOT / "setup.py", copy / "setup.py")
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, copy / name)
     env = {**os.environ, "PODIFF_BUILD_EXT": "1"}
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=copy, env=env,
                            capture_output=True, text=True, timeout=900)
