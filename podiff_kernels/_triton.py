@@ -39,3 +39,10 @@ def acc_dtype(dtype):
     import torch
 
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def mean_strides(mean) -> tuple[int, int]:
+    """(location stride, d stride) of a patch mean ``[D]`` (location stride 0), ``[L, D]`` or ``None``."""
+    if mean is None:
+        return 0, 0
+    return (0, mean.stride(0)) if mean.dim() == 1 else (mean.stride(0), mean.stride(1))

@@ -25,7 +25,7 @@ from .._geometry import (
     location_row_chunks,
     resolve_stride,
 )
-from .._triton import HAS_TRITON, acc_dtype, block, next_pow2, tl, triton
+from .._triton import HAS_TRITON, acc_dtype, block, mean_strides, next_pow2, tl, triton
 from ..reference import patches as reference
 
 if HAS_TRITON:
@@ -82,7 +82,7 @@ def _fold_triton(coeffs, basis, mean, grid: PatchGrid, average: bool):
     out = torch.empty(B, C, H, W, device=coeffs.device, dtype=coeffs.dtype)
     sbl = basis.stride(0) if basis.dim() == 3 else 0
     sbd, sbr = basis.stride()[-2:]
-    sml, smd = (0, 0) if mean is None else ((0, mean.stride(0)) if mean.dim() == 1 else mean.stride())
+    sml, smd = mean_strides(mean)
     BP = min(256, next_pow2(H * W))
     BR = block(R, 16, 32)
     _patch_decode_kernel[(B * C, triton.cdiv(H * W, BP))](

@@ -23,7 +23,7 @@ from .._geometry import (
     resolve_stride,
     strip,
 )
-from .._triton import HAS_TRITON, acc_dtype, block, tl, triton
+from .._triton import HAS_TRITON, acc_dtype, block, mean_strides, tl, triton
 from ..reference import patches as reference
 
 # ----------------------------------------------------------------------------------------------
@@ -77,12 +77,6 @@ if HAS_TRITON:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
 
-def _mean_strides(mean: torch.Tensor | None) -> tuple[int, int]:
-    if mean is None:
-        return 0, 0
-    return (0, mean.stride(0)) if mean.dim() == 1 else (mean.stride(0), mean.stride(1))
-
-
 def _encode_triton(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None, grid: PatchGrid):
     B, L, D = x.shape[0], grid.num_locations, grid.patch_dim
     b3 = basis if basis.dim() == 3 else basis.unsqueeze(0)
@@ -92,7 +86,7 @@ def _encode_triton(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | No
     out = torch.empty(B, L, R, device=x.device, dtype=x.dtype)
     BM, BD, BR = block(rows, 16, 64), block(D, 16, 32), block(R, 16, 64)
     nblk_m = triton.cdiv(rows, BM)
-    sml, smd = _mean_strides(mean)
+    sml, smd = mean_strides(mean)
     _patch_encode_kernel[(G * nblk_m, triton.cdiv(R, BR))](
         x, b3, x if mean is None else mean, out,
         rows, lpg, nblk_m, grid.n_cols, D, R,

@@ -30,7 +30,7 @@ from .._geometry import (
     location_row_chunks,
     resolve_stride,
 )
-from .._triton import HAS_TRITON, acc_dtype, block, tl, triton
+from .._triton import HAS_TRITON, acc_dtype, block, mean_strides, tl, triton
 from ..reference import patches as ref_patches
 from ..reference import variance as reference
 from .patch_decode import fold_op
@@ -121,7 +121,7 @@ def _moments_triton(mean_coeffs, var_or_cov, basis, mean, grid: PatchGrid):
     out_any = out_m if out_m is not None else out_v
     ncy, ncx = triton.cdiv(H, s), triton.cdiv(W, s)
     sm = mean_coeffs.stride() if mean_coeffs is not None else (0, 0, 0)
-    su = (0, 0) if mean is None else ((0, mean.stride(0)) if mean.dim() == 1 else mean.stride())
+    su = mean_strides(mean)
     sv = (0, 0, 0, 0) if var_or_cov is None else (tuple(var_or_cov.stride()) + (0,))[:4]
     sb = ((basis.stride(0),) if basis.dim() == 3 else (0,)) + tuple(basis.stride()[-2:])
     _decode_moments_kernel[(B * ncy * ncx,)](
