@@ -34,11 +34,13 @@ def _ahead_of_time_extension():
     spec.loader.exec_module(cfg)
     sources = [str(p.relative_to(ROOT)) for p in cfg._sources()]
     flags = list(cfg.CXX_FLAGS) + [f'-DPODIFF_BUILD_HASH="{cfg.build_hash()}"']
+    if cfg._with_cuda():
+        flags.append("-DPODIFF_WITH_CUDA")
     kind = CUDAExtension if cfg._with_cuda() else CppExtension
     ext = kind(
         "podiff_kernels._C",
         sources,
-        extra_compile_args={"cxx": flags, "nvcc": ["-O3"]} if cfg._with_cuda() else flags,
+        extra_compile_args={"cxx": flags, "nvcc": list(cfg.NVCC_FLAGS)} if cfg._with_cuda() else flags,
         extra_link_args=list(cfg.LD_FLAGS),
     )
     return [ext], {"build_ext": BuildExtension}

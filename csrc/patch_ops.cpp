@@ -17,9 +17,7 @@
 #include <algorithm>
 #include <vector>
 
-#ifndef PODIFF_BUILD_HASH
-#define PODIFF_BUILD_HASH "jit"
-#endif
+#include "podiff_ops.h"
 
 namespace {
 
@@ -58,7 +56,9 @@ void check_inputs(const torch::Tensor& basis, const c10::optional<torch::Tensor>
   }
 }
 
-torch::Tensor encode(torch::Tensor x, torch::Tensor basis, c10::optional<torch::Tensor> mean, int64_t P,
+}  // namespace
+
+torch::Tensor patch_encode(torch::Tensor x, torch::Tensor basis, c10::optional<torch::Tensor> mean, int64_t P,
                      int64_t S) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU [B, C, H, W]");
   check_inputs(basis, mean);
@@ -100,7 +100,7 @@ _Pragma("omp simd")
 }
 
 // Output-centric: every output pixel gathers the patches covering it; no atomics.
-torch::Tensor fold(torch::Tensor coeffs, torch::Tensor basis, c10::optional<torch::Tensor> mean, int64_t H,
+torch::Tensor patch_fold(torch::Tensor coeffs, torch::Tensor basis, c10::optional<torch::Tensor> mean, int64_t H,
                    int64_t W, int64_t P, int64_t S, bool average) {
   TORCH_CHECK(coeffs.dim() == 3 && coeffs.is_contiguous() && coeffs.device().is_cpu(),
               "coeffs must be a contiguous CPU [B, L, R]");
@@ -153,7 +153,7 @@ torch::Tensor fold(torch::Tensor coeffs, torch::Tensor basis, c10::optional<torc
 }
 
 // sum over rows of patch(x) ⊗ grad: [1, D, R] (pooled over b and l) or [L, D, R] (pooled over b).
-torch::Tensor correlate(torch::Tensor x, torch::Tensor grad, int64_t P, int64_t S, bool local) {
+torch::Tensor patch_correlate(torch::Tensor x, torch::Tensor grad, int64_t P, int64_t S, bool local) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU [B, C, H, W]");
   TORCH_CHECK(grad.dim() == 3 && grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
               "grad must be a contiguous [B, L, R] of x's dtype");
@@ -196,14 +196,4 @@ _Pragma("omp simd")
     }
   });
   return out;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "podiff CPU kernels (patch encode / fold / correlate)";
-  m.attr("BUILD_HASH") = PODIFF_BUILD_HASH;
-  m.def("patch_encode", &encode, "x [B,C,H,W], basis [G,D,R], mean [Gm,D]? -> [B,L,R]");
-  m.def("patch_fold", &fold, "coeffs [B,L,R], basis [G,D,R], mean? -> [B,C,H,W] (overlap sum or mean)");
-  m.def("patch_correlate", &correlate, "x [B,C,H,W], grad [B,L,R] -> [1 or L, D, R]");
 }

@@ -14,6 +14,7 @@ torch.Size([4, 1, 32, 32])
 
 from .dispatch import backends
 from .ops import (
+    batched_eigh,
     decode_moments,
     ensemble_moments,
     patch_correlate,
@@ -31,6 +32,7 @@ __all__ = [
     "propagate_variance",
     "decode_moments",
     "ensemble_moments",
+    "batched_eigh",
     "backends",
     "__version__",
 ]

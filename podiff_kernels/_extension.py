@@ -22,10 +22,11 @@ import torch
 # A wheel carries the sources inside the package (setup.py copies them); a checkout has them at the top.
 _HERE = Path(__file__).resolve().parent
 CSRC = _HERE / "csrc" if (_HERE / "csrc").is_dir() else _HERE.parent / "csrc"
-CPU_SOURCES = ("patch_ops.cpp",)
-CUDA_SOURCES: tuple[str, ...] = ()  # .cu files compiled only on CUDA builds of torch
+CPU_SOURCES = ("module.cpp", "patch_ops.cpp", "eigh.cpp")
+CUDA_SOURCES: tuple[str, ...] = ("eigh_cuda.cu",)  # compiled only on CUDA builds of torch
 CXX_FLAGS = ("-O3", "-fopenmp")  # the C++ standard is torch's own choice (its headers need C++20)
 LD_FLAGS = ("-fopenmp",)
+NVCC_FLAGS = ("-O3",)
 
 
 class ExtensionError(RuntimeError):
@@ -38,7 +39,12 @@ _failure: str | None = None
 
 
 def _with_cuda() -> bool:
-    return torch.version.cuda is not None and bool(CUDA_SOURCES)
+    """CUDA sources are built when torch is a CUDA build and the CUDA toolkit (nvcc) is found."""
+    if torch.version.cuda is None or not CUDA_SOURCES:
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return CUDA_HOME is not None
 
 
 def _sources() -> list[Path]:
@@ -53,7 +59,7 @@ def build_hash() -> str:
         if path.is_file():
             h.update(path.name.encode())
             h.update(path.read_bytes())
-    h.update(repr((CXX_FLAGS, LD_FLAGS, torch.__version__, torch.version.cuda, sys.version_info[:2])).encode())
+    h.update(repr((CXX_FLAGS, LD_FLAGS, NVCC_FLAGS, torch.__version__, torch.version.cuda, sys.version_info[:2])).encode())
     return h.hexdigest()[:16]
 
 
@@ -132,9 +138,9 @@ def load():
             _module = cpp_extension.load(
                 name=_module_name(),
                 sources=[str(p) for p in _sources()],
-                extra_cflags=list(CXX_FLAGS),
+                extra_cflags=list(CXX_FLAGS) + (["-DPODIFF_WITH_CUDA"] if _with_cuda() else []),
                 extra_ldflags=list(LD_FLAGS),
-                extra_cuda_cflags=["-O3"],
+                extra_cuda_cflags=list(NVCC_FLAGS),
                 build_directory=str(build_dir),
                 with_cuda=_with_cuda(),
                 verbose=False,

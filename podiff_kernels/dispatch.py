@@ -45,7 +45,10 @@ class _OpEntry:
     impls: dict[str, Callable] = field(default_factory=dict)
     # CPU preference per case (e.g. "shared"/"local"): ordered backends and the measurement behind it.
     cpu_order: dict[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)
+    # The same on CUDA devices; unset cases run Triton, then composed torch ops.
+    gpu_order: dict[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)
     cpp_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+    cpp_devices: tuple[str, ...] = ("cpu",)  # "cuda" where the extension has a CUDA kernel for the op
 
 
 _REGISTRY: dict[str, _OpEntry] = {}
@@ -63,6 +66,16 @@ def register(op: str, backend: str, fn: Callable) -> None:
 def set_cpu_order(op: str, case: str, order: tuple[str, ...], why: str) -> None:
     """The CPU fast-path preference for ``op`` in ``case``, with the measurement that justifies it."""
     _REGISTRY.setdefault(op, _OpEntry()).cpu_order[case] = (tuple(order), why)
+
+
+def set_gpu_order(op: str, case: str, order: tuple[str, ...], why: str) -> None:
+    """The CUDA preference for ``op`` in ``case`` and the reason (measured, or why unmeasured)."""
+    _REGISTRY.setdefault(op, _OpEntry()).gpu_order[case] = (tuple(order), why)
+
+
+def set_cpp_devices(op: str, devices: tuple[str, ...]) -> None:
+    """Device types the extension implements ``op`` for (default: CPU only)."""
+    _REGISTRY.setdefault(op, _OpEntry()).cpp_devices = tuple(devices)
 
 
 def forced() -> str | None:
@@ -89,8 +102,8 @@ def _unusable(backend: str, entry: _OpEntry, device: torch.device, dtype: torch.
             return None
         return "needs CUDA tensors (or TRITON_INTERPRET=1 set before import, for CPU tensors)"
     if backend == "cpp":
-        if device.type != "cpu":
-            return f"CPU tensors only; got {device.type}"
+        if device.type not in entry.cpp_devices:
+            return f"{'/'.join(entry.cpp_devices)} tensors only; got {device.type}"
         if dtype not in entry.cpp_dtypes:
             return f"float32/float64 only; got {dtype}"
         ok, why = _extension.status()
@@ -116,7 +129,9 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype, case: str = 
         elif force is None:
             rejected["triton"] = _unusable("triton", entry, device, dtype) or "not chosen"
     else:
-        order, measured = ("triton", "torch"), "Triton kernels on GPU; composed torch ops otherwise"
+        order, measured = entry.gpu_order.get(
+            case, (("triton", "torch"), "Triton kernels on GPU; composed torch ops otherwise")
+        )
         if force is not None:  # "cpu" alias on a non-CPU tensor
             raise RuntimeError(f"PODIFF_BACKEND={force} needs CPU tensors; {op} got {device}")
     rejected["reference"] = "float64 oracle for tests; never a production path"
@@ -153,7 +168,8 @@ def backends() -> dict:
     for op, entry in sorted(_REGISTRY.items()):
         report[op] = {}
         for dev in devices:
-            for case in entry.cpu_order or {"default": None}:
+            cases = (entry.cpu_order if dev == "cpu" else entry.gpu_order) or {"default": None}
+            for case in cases:
                 key = f"{dev}/{case}"
                 try:
                     c = select(op, dev, torch.float32, case)

@@ -1,5 +1,6 @@
 """One op per file: Triton kernel, launcher, CPU paths, torch.library wiring, public function."""
 
+from .eigh import batched_eigh
 from .ensemble_moments import ensemble_moments
 from .patch_correlate import patch_correlate
 from .patch_decode import patch_decode
@@ -7,4 +8,4 @@ from .patch_encode import patch_encode
 from .variance import decode_moments, propagate_variance
 
 __all__ = ["patch_encode", "patch_decode", "patch_correlate", "propagate_variance", "decode_moments",
-           "ensemble_moments"]
+           "ensemble_moments", "batched_eigh"]

@@ -1,5 +1,6 @@
 """Readable float64 oracles, one per op. They import nothing from ``podiff_kernels.ops``."""
 
+from .eigh import batched_eigh
 from .patches import patch_correlate, patch_decode, patch_encode, patch_fold
 from .variance import dense_decoder, ensemble_moments, propagate_variance
 
@@ -11,4 +12,5 @@ __all__ = [
     "propagate_variance",
     "ensemble_moments",
     "dense_decoder",
+    "batched_eigh",
 ]
