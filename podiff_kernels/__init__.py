@@ -19,7 +19,9 @@ from .ops import (
     ensemble_moments,
     patch_correlate,
     patch_decode,
+    PatchStats,
     patch_encode,
+    patch_stats,
     propagate_variance,
 )
 
@@ -33,6 +35,8 @@ __all__ = [
     "decode_moments",
     "ensemble_moments",
     "batched_eigh",
+    "patch_stats",
+    "PatchStats",
     "backends",
     "__version__",
 ]

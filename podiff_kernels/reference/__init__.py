@@ -1,6 +1,7 @@
 """Readable float64 oracles, one per op. They import nothing from ``podiff_kernels.ops``."""
 
 from .eigh import batched_eigh
+from . import patch_stats
 from .patches import patch_correlate, patch_decode, patch_encode, patch_fold
 from .variance import dense_decoder, ensemble_moments, propagate_variance
 

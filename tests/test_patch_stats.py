@@ -1,0 +1,135 @@
+"""patch_stats: against the pairwise float64 reference, strip chunking, exact merges,
+masks (NaN and explicit), cancellation, errors, opcheck."""
+
+import pytest
+import torch
+
+import podiff_kernels as pk
+from podiff_kernels import dispatch
+from podiff_kernels.reference import patch_stats as ref
+from cases import SHAPE_IDS, SHAPES
+
+
+def reference_stats(x, valid, p, s, local):
+    c, m, m2 = ref.patch_stats(torch.where(valid, x, 0.0) if valid is not None else x, valid, p, s, local)
+    return ref.covariance(c, m2), m.diagonal(dim1=1, dim2=2), c.diagonal(dim1=1, dim2=2)
+
+
+def random_valid(shape, seed, keep=0.7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) < keep
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
+@pytest.mark.parametrize("local", [False, True], ids=["shared", "local"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_matches_reference(shape, dtype, local, masked):
+    B, C, H, W, p, s = shape
+    g = torch.Generator().manual_seed(B * H + W)
+    x = (3.0 + torch.randn(B, C, H, W, generator=g, dtype=torch.float64)).to(dtype)
+    mask = random_valid((B, 1, H, W), seed=H) if masked else None
+    stats = pk.patch_stats(x, p, s, local=local, mask=mask)
+    assert dispatch.last_choice["patch_stats"].backend == "torch"
+    assert stats.masked == masked and stats.m2.dtype == torch.float64
+    valid = mask.expand(B, C, H, W) if masked else None
+    cov, mean, n = reference_stats(x.double(), valid, p, s, local)
+    torch.testing.assert_close(stats.covariance(), cov, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(stats.mean_vector(), mean, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(stats.samples(), n, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["shared", "local"])
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
+def test_strip_chunks_and_merges_are_exact(local, masked):
+    x = torch.randn(5, 2, 17, 13, dtype=torch.float64)
+    mask = random_valid((5, 2, 17, 13), seed=1) if masked else None
+    whole = pk.patch_stats(x, 5, 2, local=local, mask=mask)
+    tiny_budget = pk.patch_stats(x, 5, 2, local=local, mask=mask, budget_bytes=1)  # one strip at a time
+    merged = None
+    for part in torch.split(torch.arange(5), [2, 1, 2]):
+        one = pk.patch_stats(x[part], 5, 2, local=local, mask=None if mask is None else mask[part])
+        merged = one if merged is None else merged + one
+    for other in (tiny_budget, merged):
+        torch.testing.assert_close(other.covariance(), whole.covariance(), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(other.mean_vector(), whole.mean_vector(), rtol=1e-12, atol=1e-13)
+
+
+def test_merge_of_dense_and_masked_batches():
+    x = torch.randn(4, 1, 9, 9, dtype=torch.float64)
+    x[2:, :, :3, :3] = float("nan")
+    mixed = pk.patch_stats(x[:2], 3) + pk.patch_stats(x[2:], 3)
+    assert mixed.masked
+    cov, mean, n = reference_stats(torch.nan_to_num(x), ~torch.isnan(x), 3, 3, False)
+    torch.testing.assert_close(mixed.covariance(), cov, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(mixed.samples(), n)
+
+
+def test_no_cancellation_with_a_large_offset():
+    """Centred per strip, merged with Chan's update: E[x²] − E[x]² would lose ~12 digits here."""
+    g = torch.Generator().manual_seed(0)
+    x = 1e6 + torch.randn(64, 1, 8, 8, generator=g, dtype=torch.float64)
+    stats = None
+    for chunk in x.split(8):
+        stats = pk.patch_stats(chunk, 4) if stats is None else stats + pk.patch_stats(chunk, 4)
+    patches = torch.nn.functional.unfold(x, 4, stride=4).transpose(1, 2).reshape(-1, 16)
+    truth = torch.cov((patches - 1e6).T)  # the subtraction is exact: same values, no offset
+    # A float64 mean of 1e6 carries ~1e-10 absolute error, the floor for any streaming method;
+    # the one-pass formula's error is ~eps·1e12 = 1e-4.
+    torch.testing.assert_close(stats.covariance()[0], truth, rtol=0, atol=1e-9)
+    n = patches.shape[0]
+    naive = (patches.T @ patches - n * patches.mean(0)[:, None] * patches.mean(0)[None, :]) / (n - 1)
+    assert (naive - truth).abs().max() > 1e-6
+
+
+def test_fixed_land_mask_gives_the_sea_covariance():
+    """A mask fixed in time: the local covariance is the sea pixels' covariance, zero on land."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 1, 8, 8, generator=g, dtype=torch.float64)
+    land = torch.zeros(8, 8, dtype=torch.bool)
+    land[:, :3] = True  # the first 3 columns are land at every time
+    x[:, :, land] = float("nan")
+    stats = pk.patch_stats(x, 4, local=True)
+    patches = torch.nn.functional.unfold(x, 4, stride=4).permute(2, 0, 1)  # L, B, D
+    for l in range(stats.m2.shape[0]):
+        sea = ~torch.isnan(patches[l, 0])
+        cov = stats.covariance()[l]
+        if sea.any():
+            expected = torch.cov(patches[l][:, sea].T).reshape(int(sea.sum()), int(sea.sum()))
+            torch.testing.assert_close(cov[sea][:, sea], expected, rtol=1e-12, atol=1e-13)
+        assert (cov[~sea] == 0).all() and (cov[:, ~sea] == 0).all()
+        assert (stats.samples()[l][~sea] == 0).all() and (stats.samples()[l][sea] == 20).all()
+
+
+def test_errors():
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"infinite value at \(1, 0, 2, 3\) outside the mask"):
+        bad = x.clone()
+        bad[1, 0, 2, 3] = float("inf")
+        pk.patch_stats(bad, 4)
+    masked_inf = x.clone()
+    masked_inf[0, 0, 0, 0] = float("inf")
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    mask[0, 0] = False
+    pk.patch_stats(masked_inf, 4, mask=mask)  # an Inf under the mask is fine
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        pk.patch_stats(x, 4, mask=torch.ones(8, 8))
+    with pytest.raises(ValueError, match=r"mask must broadcast to x's shape \(2, 1, 8, 8\).*got \(7, 8\)"):
+        pk.patch_stats(x, 4, mask=torch.ones(7, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no images"):
+        pk.patch_stats(torch.zeros(0, 1, 8, 8), 4)
+    with pytest.raises(ValueError, match="not covered by patch_size=3, stride=2"):
+        pk.patch_stats(x, 3, 2)
+    with pytest.raises(ValueError, match="different geometry"):
+        pk.patch_stats(x, 4) + pk.patch_stats(x, 4, local=True)
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]; got 3 dims"):
+        pk.patch_stats(x[0], 4)
+
+
+def test_opcheck():
+    x = torch.randn(2, 1, 7, 7, dtype=torch.float64)
+    valid = torch.rand(2, 1, 7, 7) > 0.3
+    for v in (None, valid):
+        for local in (False, True):
+            torch.library.opcheck(torch.ops.podiff.patch_stats.default, (x, v, 3, 2, local, 1 << 20),
+                                  test_utils=("test_schema", "test_faketensor"))
