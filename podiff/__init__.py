@@ -1,7 +1,10 @@
-"""podiff — probabilistic super-resolution by diffusion in a patchwise-POD latent space.
+"""podiff — probabilistic super-resolution by diffusion in a patchwise POD latent space.
 
-The model layer (``PatchPOD``, the ViT denoiser, schedules, pipeline, metrics) is
-built on the drop-in ops of :mod:`podiff_kernels`; the ops are usable on their own.
+The model layer over ``podiff_kernels``: ``PatchPOD`` (the fixed linear latent space).
 """
 
+from .pod import PatchPOD
+
 __version__ = "0.1.0"
+
+__all__ = ["PatchPOD", "__version__"]

@@ -1,0 +1,442 @@
+"""``PatchPOD``: the fixed, linear, variance-ordered patch latent space (fit, encode, decode, save).
+
+Shapes: images ``[B, C, H, W]``; ``D = C·p·p`` values per patch; ``L`` patch locations;
+tokens ``[B, L, r]``. ``basis="shared"`` fits one ``Φ [D, r]`` over every patch;
+``basis="local"`` one ``Φ_l [D, r]`` per location (fixed grids such as SST).
+
+>>> import torch
+>>> from podiff import PatchPOD
+>>> x = torch.randn(32, 1, 30, 30)                     # 30 is not covered by p=8, s=4: padded, cropped
+>>> pod = PatchPOD(patch_size=8, stride=4, energy=0.9).fit(x, progress=False)
+>>> tokens = pod.encode(x)                             # [32, L, r], standardised
+>>> pod.decode(tokens).shape
+torch.Size([32, 1, 30, 30])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import podiff_kernels as pk
+from podiff_kernels.ops.patch_stats import DEFAULT_BUDGET, PatchStats
+
+FORMAT = "podiff.PatchPOD"
+FORMAT_VERSION = 1
+
+
+def _covered(size: int, patch: int, stride: int) -> int:
+    """The smallest size >= ``size`` that the patch grid tiles exactly."""
+    if size <= patch:
+        return patch
+    return patch + math.ceil((size - patch) / stride) * stride
+
+
+def atomic_write(path: Path, write) -> None:
+    """Calls ``write(tmp_path)``, fsyncs, then renames over ``path``: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class PatchPOD:
+    """Patch POD (PCA over image patches) with standardised tokens and analytic moments.
+
+    Args:
+        patch_size: ``p``, patch side in pixels.
+        stride: ``s`` (None means ``p``: no overlap); ``s < p`` overlaps and averages.
+        rank: number of modes ``r`` kept (``<= D``); or
+        energy: keep the fewest modes whose eigenvalue share reaches ``energy`` (0 < η <= 1);
+            for ``local``, one ``r`` with which every location reaches it (see ``report``).
+            Neither: full rank ``D``.
+        basis: ``"shared"`` (one basis) or ``"local"`` (one per location).
+        min_samples: pixels of a location with fewer valid samples are left out of the fit
+            (and reported), not used with unreliable statistics.
+        budget_bytes: extra memory for the unfolded patch strips during ``fit``.
+
+    After ``fit``: ``mean [G, D]``, ``basis [G, D, r]``, ``eigenvalues`` (``[r]`` or
+    ``[L, r]``), ``explained_variance_ratio`` (same shape), ``report`` (a dict), with
+    ``G = 1`` (shared) or ``L`` (local).
+    """
+
+    def __init__(self, patch_size: int, stride: int | None = None, rank: int | None = None,
+                 energy: float | None = None, basis: str = "shared", min_samples: int = 2,
+                 budget_bytes: int = DEFAULT_BUDGET):
+        from podiff_kernels._geometry import resolve_stride
+
+        self.patch_size, self.stride = resolve_stride(patch_size, stride)
+        if basis not in ("shared", "local"):
+            raise ValueError(f"basis must be 'shared' or 'local'; got {basis!r}")
+        if rank is not None and energy is not None:
+            raise ValueError(f"give rank or energy, not both; got rank={rank}, energy={energy}")
+        if rank is not None and (not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be a positive int; got {rank!r}")
+        if energy is not None and not (0.0 < float(energy) <= 1.0):
+            raise ValueError(f"energy must be in (0, 1]; got {energy!r}")
+        if int(min_samples) < 2:
+            raise ValueError(f"min_samples must be at least 2 (a variance needs two samples); got {min_samples}")
+        self.rank_request, self.energy = rank, (None if energy is None else float(energy))
+        self.basis_kind = basis
+        self.min_samples = int(min_samples)
+        self.budget_bytes = int(budget_bytes)
+        self._fitted = False
+        self._cast_cache: dict = {}
+
+    # ------------------------------------------------------------------ geometry
+
+    @property
+    def local(self) -> bool:
+        return self.basis_kind == "local"
+
+    def _padded_size(self, height: int, width: int) -> tuple[int, int]:
+        return _covered(height, self.patch_size, self.stride), _covered(width, self.patch_size, self.stride)
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Reflect-pads bottom/right to the covered size (replicate where reflect cannot reach)."""
+        H, W = x.shape[-2:]
+        Hp, Wp = self._padded_size(H, W)
+        if (Hp, Wp) == (H, W):
+            return x
+        pad = (0, Wp - W, 0, Hp - H)
+        mode = "reflect" if (Wp - W) < W and (Hp - H) < H else "replicate"
+        if x.dtype == torch.bool:
+            return F.pad(x.to(torch.uint8), pad, mode=mode).bool()
+        return F.pad(x, pad, mode=mode)
+
+    def _check_fitted(self) -> None:
+        if not self._fitted:
+            raise RuntimeError("this PatchPOD is not fitted yet; call fit(data) or PatchPOD.load(path)")
+
+    def _check_images(self, x: torch.Tensor, name: str = "x") -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating torch.Tensor; got {getattr(x, 'dtype', type(x))}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, C, H, W]; got {x.dim()} dims, {tuple(x.shape)}")
+        if self._fitted:
+            if x.shape[1] != self.channels:
+                raise ValueError(f"{name} has {x.shape[1]} channels; this POD was fitted on {self.channels}")
+            if self.local and tuple(x.shape[-2:]) != tuple(self.image_size):
+                raise ValueError(
+                    f"{name} is {tuple(x.shape[-2:])} pixels; a local POD works on its fitted size "
+                    f"{tuple(self.image_size)}"
+                )
+
+    # ------------------------------------------------------------------ fit
+
+    @staticmethod
+    def _batches(data, mask, batch_size: int):
+        """(x, mask) pairs from a tensor or an iterable of tensors / (x, mask) pairs."""
+        if isinstance(data, torch.Tensor):
+            for i in range(0, data.shape[0], batch_size):
+                yield data[i : i + batch_size], (mask if mask is None or mask.dim() < 4 or mask.shape[0] == 1
+                                                  else mask[i : i + batch_size])
+            return
+        if mask is not None:
+            raise ValueError("mask= applies to tensor data; for an iterable, yield (x, mask) pairs")
+        for item in data:
+            if isinstance(item, (tuple, list)):
+                if len(item) != 2:
+                    raise ValueError(f"an iterable of pairs must yield (x, mask); got {len(item)} items")
+                yield item[0], item[1]
+            else:
+                yield item, None
+
+    def fit(self, data: torch.Tensor | Iterable, mask: torch.Tensor | None = None, *,
+            batch_size: int = 64, progress: bool = True, distributed: bool | None = None) -> "PatchPOD":
+        """Fits mean, basis and eigenvalues from ``data`` in one streaming pass.
+
+        Args:
+            data: ``[N, C, H, W]`` tensor, or any iterable of such batches or ``(x, mask)``
+                pairs (a DataLoader, a generator over files). NaN marks masked pixels.
+            mask: bool, broadcastable to ``data`` (True = valid), for tensor data.
+            batch_size: images per statistics update for tensor data.
+            progress: show a progress bar (tqdm) over batches.
+            distributed: reduce the statistics over the ``torch.distributed`` default group;
+                None means "if it is initialised with more than one rank". Each rank passes
+                its own shard; every rank gets the same POD.
+
+        Returns:
+            ``self``.
+        """
+        from tqdm.auto import tqdm
+
+        total = None
+        if isinstance(data, torch.Tensor):
+            self._check_images(data, "data")
+            total = math.ceil(data.shape[0] / batch_size)
+        elif hasattr(data, "__len__"):
+            total = len(data)
+        stats: PatchStats | None = None
+        valid_any = None
+        size = channels = None
+        images = 0
+        dtype = torch.float32
+        for x, m in tqdm(self._batches(data, mask, batch_size), total=total, disable=not progress,
+                         desc="POD statistics", unit="batch"):
+            self._check_images(x, "data batch")
+            if size is None:
+                size, channels, dtype = tuple(x.shape[-2:]), x.shape[1], x.dtype
+            elif tuple(x.shape[-2:]) != size or x.shape[1] != channels:
+                raise ValueError(
+                    f"every batch must have the same [C, H, W]; got {tuple(x.shape[1:])} after {(channels, *size)}"
+                )
+            valid = ~torch.isnan(x)
+            if m is not None:
+                if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                    raise TypeError(f"mask must be a bool tensor (True = valid); got {getattr(m, 'dtype', type(m))}")
+                valid = valid & m.to(x.device)
+            any_here = valid.any(0)
+            valid_any = any_here if valid_any is None else valid_any | any_here
+            xp = self._pad(torch.where(valid, x, float("nan")))
+            part = pk.patch_stats(xp, self.patch_size, self.stride, local=self.local,
+                                  budget_bytes=self.budget_bytes)
+            stats = part if stats is None else stats.merge(part)
+            images += x.shape[0]
+        if stats is None:
+            raise ValueError("data holds no images: the POD needs at least two")
+        if distributed is None:
+            import torch.distributed as dist
+
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            import torch.distributed as dist
+
+            stats = stats.all_reduce()
+            n = torch.tensor([images], dtype=torch.float64, device=stats.m2.device)
+            dist.all_reduce(n)
+            images = int(n.item())
+            v = valid_any.to(torch.uint8)
+            dist.all_reduce(v, op=dist.ReduceOp.MAX)
+            valid_any = v.bool()
+        if images < 2:
+            raise ValueError(f"data holds {images} image(s); the POD needs at least two")
+        self.image_size, self.channels, self.dtype = size, channels, dtype
+        self.valid_pixels = valid_any.cpu()
+        self._from_stats(stats, images)
+        return self
+
+    def _from_stats(self, stats: PatchStats, images: int) -> None:
+        cov = stats.covariance()
+        samples = stats.samples()  # G, D
+        sparse = (samples > 0) & (samples < self.min_samples)
+        if bool(sparse.any()):
+            keep = (~sparse).double()
+            cov = cov * keep[:, :, None] * keep[:, None, :]
+            where = sorted({int(g) for g in sparse.nonzero()[:, 0]})
+            warnings.warn(
+                f"PatchPOD.fit: {int(sparse.sum())} patch pixels at {len(where)} location(s) had fewer than "
+                f"min_samples={self.min_samples} valid samples and were left out (see pod.report)",
+                RuntimeWarning, stacklevel=3,
+            )
+        else:
+            where = []
+        eigenvalues, vectors = pk.batched_eigh(cov)  # G, D (descending), G, D, D
+        eigenvalues = eigenvalues.clamp_min(0.0)
+        total = eigenvalues.sum(-1, keepdim=True)
+        share = torch.where(total > 0, eigenvalues.cumsum(-1) / total.clamp_min(1e-300), 1.0)
+        D = cov.shape[-1]
+        if self.rank_request is not None:
+            if self.rank_request > D:
+                raise ValueError(f"rank must be <= D = C·p·p = {D}; got rank={self.rank_request}")
+            r = self.rank_request
+        elif self.energy is not None:
+            # Smallest r per location whose share reaches η (tolerating round-off at η = 1).
+            needed = (share < self.energy - 1e-12).sum(-1) + 1
+            r = int(needed.clamp_max(D).max())
+        else:
+            r = D
+        self.rank = r
+        self.mean = stats.mean_vector() * (samples >= self.min_samples)  # G, D float64
+        self.basis = vectors[..., :r].contiguous()  # G, D, r
+        self._eigenvalues = eigenvalues[:, :r].contiguous()  # G, r
+        self._total_variance = total[:, 0]  # G
+        self.report = {
+            "images": images,
+            "rank": r,
+            "energy_reached": share[:, r - 1].tolist() if self.local else float(share[0, r - 1]),
+            "sparse_pixels": int(sparse.sum()),
+            "sparse_locations": where,
+            "empty_locations": [int(g) for g in (samples.sum(-1) == 0).nonzero()[:, 0]],
+        }
+        self._fitted = True
+        self._cast_cache = {}
+
+    # ------------------------------------------------------------------ spectra
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        """Kept eigenvalues ``λ_1 >= … >= λ_r``: ``[r]`` (shared) or ``[L, r]`` (local)."""
+        self._check_fitted()
+        return self._eigenvalues if self.local else self._eigenvalues[0]
+
+    @property
+    def explained_variance_ratio(self) -> torch.Tensor:
+        """``λ_k / total variance`` per mode, like scikit-learn's PCA: ``[r]`` or ``[L, r]``."""
+        self._check_fitted()
+        ratio = self._eigenvalues / self._total_variance[:, None].clamp_min(1e-300)
+        return ratio if self.local else ratio[0]
+
+    @property
+    def num_locations(self) -> int:
+        self._check_fitted()
+        Hp, Wp = self._padded_size(*self.image_size)
+        return ((Hp - self.patch_size) // self.stride + 1) * ((Wp - self.patch_size) // self.stride + 1)
+
+    # ------------------------------------------------------------------ encode / decode
+
+    def _operands(self, dtype: torch.dtype, device, standardized: bool):
+        """``(basis, mean)`` in the kernels' shapes, scaled by √λ for standardised tokens."""
+        key = (dtype, str(device), standardized)
+        if key not in self._cast_cache:
+            basis = self.basis
+            if standardized:
+                basis = basis * self._eigenvalues.sqrt()[:, None, :]
+            mean = self.mean
+            if not self.local:
+                basis, mean = basis[0], mean[0]
+            self._cast_cache[key] = (basis.to(device=device, dtype=dtype).contiguous(),
+                                     mean.to(device=device, dtype=dtype).contiguous())
+        return self._cast_cache[key]
+
+    def _inverse_scale(self, dtype, device) -> torch.Tensor:
+        """``1/√λ`` per mode (0 for zero-variance modes), ``[r]`` or ``[L, r]``."""
+        lam = self._eigenvalues if self.local else self._eigenvalues[0]
+        inv = torch.where(lam > 0, lam.clamp_min(1e-300).rsqrt(), 0.0)
+        return inv.to(device=device, dtype=dtype)
+
+    def encode(self, x: torch.Tensor, standardized: bool = True) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> tokens ``[B, L, r]`` (``a_k/√λ_k`` when standardised).
+
+        Masked pixels (NaN) are zero-filled before the projection; sizes the stride does not
+        cover are reflect-padded.
+        """
+        self._check_fitted()
+        self._check_images(x)
+        basis, mean = self._operands(x.dtype, x.device, standardized=False)
+        xp = self._pad(torch.nan_to_num(x, nan=0.0))
+        coeffs = pk.patch_encode(xp, basis, mean, self.patch_size, self.stride)
+        return coeffs * self._inverse_scale(x.dtype, x.device) if standardized else coeffs
+
+    def _check_tokens(self, tokens: torch.Tensor, name: str) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            raise ValueError(f"{name} must be [B, L, r]; got {getattr(tokens, 'shape', type(tokens))}")
+        if tokens.shape[-1] != self.rank or tokens.shape[1] != self.num_locations:
+            raise ValueError(
+                f"{name} must be [B, L={self.num_locations}, r={self.rank}]; got {tuple(tokens.shape)}"
+            )
+
+    def _finish(self, image: torch.Tensor, image_size, mask_invalid: bool = True) -> torch.Tensor:
+        H, W = image_size
+        image = image[..., :H, :W]
+        if mask_invalid and not bool(self.valid_pixels.all()):
+            image = image.masked_fill(~self.valid_pixels.to(image.device), float("nan"))
+        return image
+
+    def decode(self, tokens: torch.Tensor, standardized: bool = True, image_size=None) -> torch.Tensor:
+        """Tokens ``[B, L, r]`` -> images ``[B, C, H, W]``; pixels never valid in the fit data are NaN.
+
+        ``image_size`` (shared basis only) decodes a size other than the fitted one.
+        """
+        self._check_fitted()
+        image_size = tuple(image_size or self.image_size)
+        if self.local or image_size == tuple(self.image_size):
+            self._check_tokens(tokens, "tokens")
+        basis, mean = self._operands(tokens.dtype, tokens.device, standardized)
+        padded = self._padded_size(*image_size)
+        out = pk.patch_decode(tokens, basis, mean, padded, self.patch_size, self.stride)
+        return self._finish(out, image_size, mask_invalid=image_size == tuple(self.image_size))
+
+    def decode_moments(self, mean_tokens: torch.Tensor, var_or_cov: torch.Tensor,
+                       standardized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel mean and variance ``[B, C, H, W]`` from token mean ``[B, L, r]`` and
+        variance ``[B, L, r]`` (diagonal) or covariance ``[B, L, r, r]`` (block), in closed form.
+
+        Standardisation is undone inside (the basis is scaled by ``√λ``).
+        """
+        self._check_fitted()
+        self._check_tokens(mean_tokens, "mean_tokens")
+        basis, mean = self._operands(mean_tokens.dtype, mean_tokens.device, standardized)
+        padded = self._padded_size(*self.image_size)
+        pixel_mean, pixel_var = pk.decode_moments(mean_tokens, var_or_cov, basis, mean, padded,
+                                                  self.patch_size, self.stride)
+        return self._finish(pixel_mean, self.image_size), self._finish(pixel_var, self.image_size)
+
+    # ------------------------------------------------------------------ save / load
+
+    def config(self) -> dict:
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION, "patch_size": self.patch_size, "stride": self.stride,
+            "rank_request": self.rank_request, "energy": self.energy, "basis": self.basis_kind,
+            "min_samples": self.min_samples, "budget_bytes": self.budget_bytes,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes one safetensors file (tensors + JSON config in its metadata), atomically."""
+        from safetensors.torch import save_file
+
+        self._check_fitted()
+        state = dict(self.config(), rank=self.rank, image_size=list(self.image_size), channels=self.channels,
+                     dtype=str(self.dtype).removeprefix("torch."), report=self.report)
+        tensors = {"mean": self.mean, "basis": self.basis, "eigenvalues": self._eigenvalues,
+                   "total_variance": self._total_variance, "valid_pixels": self.valid_pixels.to(torch.uint8)}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"podiff": json.dumps(state)}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PatchPOD":
+        """Reads a file written by ``save``; a truncated, corrupted or foreign file is a ValueError."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no PatchPOD file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:  # safetensors raises its own error types for bad headers / sizes
+            raise ValueError(f"{path} is not a readable PatchPOD file (truncated or corrupted?): {exc}") from None
+        try:
+            state = json.loads(meta["podiff"])
+        except (KeyError, json.JSONDecodeError):
+            raise ValueError(f"{path} is a safetensors file but not a PatchPOD (no podiff metadata)") from None
+        if state.get("format") != FORMAT:
+            raise ValueError(f"{path} holds {state.get('format')!r}, not a {FORMAT}")
+        if state.get("version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} is {FORMAT} version {state.get('version')}; this podiff reads version {FORMAT_VERSION}"
+            )
+        missing = {"mean", "basis", "eigenvalues", "total_variance", "valid_pixels"} - set(tensors)
+        if missing:
+            raise ValueError(f"{path} is missing tensors {sorted(missing)}")
+        pod = cls(state["patch_size"], state["stride"], state["rank_request"], state["energy"], state["basis"],
+                  state["min_samples"], state["budget_bytes"])
+        pod.rank, pod.image_size, pod.channels = state["rank"], tuple(state["image_size"]), state["channels"]
+        pod.dtype = getattr(torch, state["dtype"])
+        pod.report = state["report"]
+        pod.mean, pod.basis = tensors["mean"], tensors["basis"]
+        pod._eigenvalues, pod._total_variance = tensors["eigenvalues"], tensors["total_variance"]
+        pod.valid_pixels = tensors["valid_pixels"].bool()
+        pod._fitted = True
+        return pod
+
+    def __repr__(self) -> str:
+        fitted = f", rank={self.rank}, image_size={self.image_size}" if self._fitted else ", unfitted"
+        return f"PatchPOD(patch_size={self.patch_size}, stride={self.stride}, basis={self.basis_kind!r}{fitted})"
