@@ -166,15 +166,26 @@ bool tql2(int n, double* W, double* d, double* e) {
   return true;
 }
 
-// One matrix: a (n×n, symmetric) -> w descending, v eigenvectors in columns.
+// The sign convention of podiff_jacobi::fix_column_sign, for a vector stored contiguously.
+void fix_row_sign(double* w, int n) {
+  int arg = 0;
+  for (int k = 1; k < n; ++k)
+    if (std::fabs(w[k]) > std::fabs(w[arg])) arg = k;
+  if (w[arg] < 0)
+    for (int k = 0; k < n; ++k) w[k] = -w[k];
+}
+
+// One matrix: a (lower triangle of n×n) -> w descending, v eigenvectors in columns.
 template <typename T>
 bool eigh_one_ql(const T* a, T* w, T* v, int n, std::vector<double>& V, std::vector<double>& Wt,
                  std::vector<double>& d, std::vector<double>& e) {
-  for (int i = 0; i < n * n; ++i) V[i] = static_cast<double>(a[i]);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) V[i * n + j] = static_cast<double>(podiff_jacobi::lower_entry(a, n, i, j));
   tred2(n, V.data(), d.data(), e.data());
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < n; ++j) Wt[j * n + i] = V[i * n + j];
   const bool ok = tql2(n, Wt.data(), d.data(), e.data());
+  for (int i = 0; i < n; ++i) fix_row_sign(Wt.data() + i * n, n);  // row i of Wt is eigenvector i
   for (int i = 0; i < n; ++i) {
     const int rank = podiff_jacobi::descending_rank(d.data(), 1, n, i);
     w[rank] = static_cast<T>(d[i]);
@@ -192,7 +203,7 @@ void eigh_one_jacobi(const IO* a, IO* w, IO* v, int n, T eps, std::vector<T>& A,
   const int m = n + (n & 1), half = m / 2, nn = n * n;
   T frob2 = T(0);
   for (int i = 0; i < nn; ++i) {
-    A[i] = static_cast<T>(a[i]);
+    A[i] = static_cast<T>(lower_entry(a, n, i / n, i % n));
     V[i] = (i / n == i % n) ? T(1) : T(0);
     frob2 += A[i] * A[i];
   }
@@ -228,6 +239,7 @@ void eigh_one_jacobi(const IO* a, IO* w, IO* v, int n, T eps, std::vector<T>& A,
         if (pp[k] >= 0 && sn[k] != T(0)) A[pp[k] * n + qq[k]] = A[qq[k] * n + pp[k]] = T(0);
     }
   }
+  for (int i = 0; i < n; ++i) fix_column_sign(V.data(), n, i);
   for (int i = 0; i < n; ++i) {
     const int rank = descending_rank(A.data(), n + 1, n, i);
     w[rank] = static_cast<IO>(A[i * n + i]);
@@ -257,9 +269,15 @@ std::vector<torch::Tensor> batched_eigh_cpu(torch::Tensor a, int64_t ql_max_n) {
     // LAPACK (syevd, through ATen) on one contiguous chunk of the batch per thread: ATen
     // runs a batch through LAPACK one matrix at a time on one core; the chunks use them all.
     at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-      auto [values, vectors] = at::linalg_eigh(a.slice(0, b0, b1));
+      auto [values, vectors] = at::linalg_eigh(a.slice(0, b0, b1));  // reads the lower triangle
       w.slice(0, b0, b1).copy_(values.flip(-1));
-      v.slice(0, b0, b1).copy_(vectors.flip(-1));
+      auto out = v.slice(0, b0, b1);
+      out.copy_(vectors.flip(-1));
+      AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "podiff_eigh_signs", [&] {
+        scalar_t* vp = out.data_ptr<scalar_t>();
+        for (int64_t b = 0; b < b1 - b0; ++b)
+          for (int col = 0; col < n; ++col) podiff_jacobi::fix_column_sign(vp + b * n * n, n, col);
+      });
     });
     return {w, v};
   }

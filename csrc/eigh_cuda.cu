@@ -55,7 +55,7 @@ __global__ void jacobi_eigh_kernel(const IO* __restrict__ a_in, IO* __restrict__
   const IO* src = a_in + batch * nn;
   T frob = T(0);
   for (int i = threadIdx.x; i < nn; i += blockDim.x) {
-    const T value = static_cast<T>(src[i]);
+    const T value = static_cast<T>(lower_entry(src, n, i / n, i % n));
     A[i] = value;
     V[i] = (i / n == i % n) ? T(1) : T(0);
     frob += value * value;
@@ -100,7 +100,9 @@ __global__ void jacobi_eigh_kernel(const IO* __restrict__ a_in, IO* __restrict__
     }
   }
 
-  // Eigenvalues descending, eigenvectors as the matching columns.
+  // Eigenvalues descending, eigenvectors as the matching columns, signs fixed.
+  for (int i = threadIdx.x; i < n; i += blockDim.x) fix_column_sign(V, n, i);
+  __syncthreads();
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const int rank = descending_rank(A, n + 1, n, i);
     w_out[batch * n + rank] = static_cast<IO>(A[i * n + i]);

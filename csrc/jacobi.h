@@ -84,6 +84,30 @@ PODIFF_HD int descending_rank(const T* d, int ld, int n, int i) {
   return rank;
 }
 
+// Entry (i, j) of the symmetric matrix whose lower triangle is stored in a (row-major):
+// like LAPACK's UPLO='L', the strict upper triangle is never read.
+template <typename T>
+PODIFF_HD T lower_entry(const T* a, int n, int i, int j) {
+  return i >= j ? a[i * n + j] : a[j * n + i];
+}
+
+// Sign convention: column `col` of v (n×n, row-major) flipped so its entry of largest
+// magnitude (the first such) is positive. Makes bases identical across backends and runs.
+template <typename T>
+PODIFF_HD void fix_column_sign(T* v, int n, int col) {
+  int arg = 0;
+  T best = T(-1);
+  for (int row = 0; row < n; ++row) {
+    const T mag = fabs(v[row * n + col]);
+    if (mag > best) {
+      best = mag;
+      arg = row;
+    }
+  }
+  if (v[arg * n + col] < T(0))
+    for (int row = 0; row < n; ++row) v[row * n + col] = -v[row * n + col];
+}
+
 // Sweep budget: cyclic Jacobi converges quadratically; 15 sweeps is ample for n <= 256
 // in double, and a stopped iteration still leaves V orthogonal (only accuracy suffers).
 constexpr int kMaxSweeps = 15;

@@ -197,14 +197,19 @@ class PatchPOD:
                 raise ValueError(
                     f"every batch must have the same [C, H, W]; got {tuple(x.shape[1:])} after {(channels, *size)}"
                 )
-            valid = ~torch.isnan(x)
-            if m is not None:
-                if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
-                    raise TypeError(f"mask must be a bool tensor (True = valid); got {getattr(m, 'dtype', type(m))}")
-                valid = valid & m.to(x.device)
-            any_here = valid.any(0)
-            valid_any = any_here if valid_any is None else valid_any | any_here
-            xp = self._pad(torch.where(valid, x, float("nan")))
+            if m is None and not bool(torch.isnan(x).any()):  # nothing masked: no copies
+                any_here, xp = None, self._pad(x)
+            else:
+                valid = ~torch.isnan(x)
+                if m is not None:
+                    if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                        raise TypeError(
+                            f"mask must be a bool tensor (True = valid); got {getattr(m, 'dtype', type(m))}"
+                        )
+                    valid = valid & m.to(x.device)
+                any_here, xp = valid.any(0), self._pad(torch.where(valid, x, float("nan")))
+            if any_here is not None:
+                valid_any = any_here if valid_any is None else valid_any | any_here
             part = pk.patch_stats(xp, self.patch_size, self.stride, local=self.local,
                                   budget_bytes=self.budget_bytes)
             stats = part if stats is None else stats.merge(part)
@@ -222,13 +227,15 @@ class PatchPOD:
             n = torch.tensor([images], dtype=torch.float64, device=stats.m2.device)
             dist.all_reduce(n)
             images = int(n.item())
-            v = valid_any.to(torch.uint8)
+            seen = valid_any if valid_any is not None else torch.ones(channels, *size, dtype=torch.bool)
+            v = seen.to(device=stats.m2.device, dtype=torch.uint8)
             dist.all_reduce(v, op=dist.ReduceOp.MAX)
             valid_any = v.bool()
         if images < 2:
             raise ValueError(f"data holds {images} image(s); the POD needs at least two")
         self.image_size, self.channels, self.dtype = size, channels, dtype
-        self.valid_pixels = valid_any.cpu()
+        self.valid_pixels = (torch.ones(channels, *size, dtype=torch.bool) if valid_any is None
+                             else valid_any.cpu())
         self._from_stats(stats, images)
         return self
 

@@ -39,10 +39,8 @@ def _smem_bytes(n: int, threads: int = 256) -> int:
 
 
 def _case(a: torch.Tensor) -> str:
-    n, batch = a.shape[-1], a.shape[0]
+    n = a.shape[-1]
     if a.device.type == "cpu":
-        if batch <= 1:
-            return "single"
         return f"n<={QL_MAX_N}" if n <= QL_MAX_N else f"n>{QL_MAX_N}"
     if n <= 32:
         return "n<=32"
@@ -60,9 +58,6 @@ dispatch.set_cpu_order(
 dispatch.set_cpu_order(
     "batched_eigh", f"n>{QL_MAX_N}", ("cpp", "torch"),
     f"LAPACK on one batch chunk per thread measured 1.2-2x faster than torch.linalg.eigh ({_MEASURED})",
-)
-dispatch.set_cpu_order(
-    "batched_eigh", "single", ("torch", "cpp"), "one matrix: nothing to split across threads, same LAPACK"
 )
 dispatch.set_gpu_order(
     "batched_eigh", "n<=32", ("torch", "cpp"),
@@ -86,13 +81,13 @@ def _eigh_cpp(a: torch.Tensor):
 
 
 def _eigh_torch(a: torch.Tensor):
-    w, v = torch.linalg.eigh(a)
-    return w.flip(-1), v.flip(-1)
+    w, v = torch.linalg.eigh(a)  # reads the lower triangle
+    return w.flip(-1), fix_signs(v.flip(-1))
 
 
 def _eigh_reference(a: torch.Tensor):
     w, v = reference.batched_eigh(a)
-    return w.to(a.dtype).to(a.device), v.to(a.dtype).to(a.device)
+    return w.to(a.dtype).to(a.device), fix_signs(v).to(a.dtype).to(a.device)
 
 
 def jacobi_eigh_cpu(a: torch.Tensor, working_double: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +99,7 @@ def jacobi_eigh_cpu(a: torch.Tensor, working_double: bool = True) -> tuple[torch
     (how a float32 kernel would behave). ``a [N, n, n]`` -> ``(w [N, n] descending,
     v [N, n, n])``, raw signs.
     """
-    return tuple(_extension.load().jacobi_eigh_cpu(_lower_symmetric(a).contiguous(), working_double))
+    return tuple(_extension.load().jacobi_eigh_cpu(a.contiguous(), working_double))
 
 
 dispatch.register("batched_eigh", "reference", _eigh_reference)
@@ -112,14 +107,9 @@ dispatch.register("batched_eigh", "torch", _eigh_torch)
 dispatch.register("batched_eigh", "cpp", _eigh_cpp)
 
 
-def _lower_symmetric(a: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose lower triangle is ``a``'s (what LAPACK's UPLO='L' reads)."""
-    low = a.tril()
-    return low + low.tril(-1).transpose(-1, -2)
-
-
 def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
-    """Flips each column of ``vectors [..., n, k]`` so its entry of largest magnitude is positive."""
+    """Flips each column of ``vectors [..., n, k]`` so its entry of largest magnitude is positive
+    (the C++/CUDA paths apply the same rule, ``fix_column_sign`` in csrc/jacobi.h, as they write)."""
     if vectors.numel() == 0:
         return vectors
     idx = vectors.abs().argmax(dim=-2, keepdim=True)
@@ -140,12 +130,13 @@ def _check(a: torch.Tensor) -> None:
 def _batched_eigh_op(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check(a)
     n = a.shape[-1]
-    flat = _lower_symmetric(a.reshape(-1, n, n)).contiguous()
-    if flat.numel() and not torch.isfinite(flat).all():
+    flat = a.reshape(-1, n, n).contiguous()
+    # One cheap reduction first; the exact (allocating) check only if it is not finite.
+    if flat.numel() and not torch.isfinite(flat.sum()) and not torch.isfinite(flat).all():
         bad = int((~torch.isfinite(flat)).flatten(1).any(1).nonzero()[0])
         raise ValueError(f"A must be finite; matrix {bad} of the flattened batch has NaN or Inf entries")
     w, v = dispatch.call("batched_eigh", a.device, a.dtype, _case(flat), flat)
-    return w.reshape(a.shape[:-1]), fix_signs(v).reshape(a.shape)
+    return w.reshape(a.shape[:-1]), v.reshape(a.shape)
 
 
 @_batched_eigh_op.register_fake

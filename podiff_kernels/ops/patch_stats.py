@@ -16,9 +16,9 @@ a fixed land mask gives exactly the covariance of the sea pixels. The state is
 then ``[G, D, D]`` (count, pair mean, m2); without masked pixels it stays compact
 (``count [G, 1, 1]``, ``mean [G, D, 1]``), and the two forms merge by broadcasting.
 
-The patch matrix is never formed whole: patches are unfolded one strip of
-location rows (and images) at a time within ``budget_bytes``, centred per strip
-and reduced with a float64 GEMM. There is no Triton kernel; on CUDA the same
+The patch matrix is never formed whole: patches are copied (one strided copy,
+straight to float64) one strip of location rows (and images) at a time within
+``budget_bytes``, centred in place and reduced with a float64 batched GEMM. There is no Triton kernel; on CUDA the same
 composed ops run (a float64 GEMM per strip).
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import dispatch
 from .._geometry import location_row_chunks, make_grid, resolve_stride, strip
@@ -41,25 +40,46 @@ DEFAULT_BUDGET = 256 << 20
 
 
 def _block_moments(X: torch.Tensor, Wv: torch.Tensor | None):
-    """``X [G, S, D]`` float64 samples (``Wv`` 0/1 validity or None) -> (count, mean, m2)."""
+    """``X [G, S, D]`` float64 samples (``Wv`` 0/1 validity or None) -> (count, mean, m2).
+
+    ``X`` is a scratch buffer of the caller's and is centred in place.
+    """
     G, S, D = X.shape
     if Wv is None:
         centre = X.mean(1, keepdim=True)  # G, 1, D
-        Y = X - centre
-        m2 = Y.transpose(1, 2) @ Y
+        Y = X.sub_(centre)
+        m2 = torch.bmm(Y.transpose(1, 2), Y)
         return X.new_full((G, 1, 1), float(S)), centre.transpose(1, 2).contiguous(), m2
     # Centre by each pixel's mean over its valid samples first: the pairwise sums below are
     # then of small numbers and lose nothing to cancellation.
     n_pix = Wv.sum(1, keepdim=True)
     centre = (X * Wv).sum(1, keepdim=True) / n_pix.clamp_min(1)  # G, 1, D
-    Y = (X - centre) * Wv
-    count = Wv.transpose(1, 2) @ Wv  # G, D, D
-    sy = Y.transpose(1, 2) @ Wv  # sy[i, j] = Σ_s w_si w_sj y_si
-    syy = Y.transpose(1, 2) @ Y
+    Y = X.sub_(centre).mul_(Wv)
+    count = torch.bmm(Wv.transpose(1, 2), Wv)  # G, D, D
+    sy = torch.bmm(Y.transpose(1, 2), Wv)  # sy[i, j] = Σ_s w_si w_sj y_si
+    syy = torch.bmm(Y.transpose(1, 2), Y)
     safe = count.clamp_min(1)
     mean = centre.transpose(1, 2) + torch.where(count > 0, sy / safe, 0.0)
     m2 = syy - torch.where(count > 0, sy * sy.transpose(1, 2) / safe, 0.0)
     return count, mean, m2
+
+
+def _gather(x: torch.Tensor, patch_size: int, stride: int, local: bool) -> torch.Tensor:
+    """Patches of ``x [B, C, h, W]`` as float64 samples ``[G, S, D]`` in one strided copy.
+
+    ``local``: ``G`` = locations, ``S`` = images; else ``G = 1`` and ``S`` = (image, location).
+    """
+    B, C = x.shape[:2]
+    view = x.unfold(2, patch_size, stride).unfold(3, patch_size, stride)  # B, C, nh, nW, p, p (no copy)
+    nh, nw = view.shape[2:4]
+    D = C * patch_size * patch_size
+    if local:
+        out = torch.empty(nh, nw, B, C, patch_size, patch_size, dtype=torch.float64, device=x.device)
+        out.copy_(view.permute(2, 3, 0, 1, 4, 5))
+        return out.view(nh * nw, B, D)
+    out = torch.empty(B, nh, nw, C, patch_size, patch_size, dtype=torch.float64, device=x.device)
+    out.copy_(view.permute(0, 2, 3, 1, 4, 5))
+    return out.view(1, B * nh * nw, D)
 
 
 def merge_moments(a, b):
@@ -86,19 +106,18 @@ def _stats_torch(x, valid, patch_size: int, stride: int, local: bool, budget_byt
     B, C, H, W = x.shape
     grid = make_grid(C, H, W, patch_size, stride)
     D, nW = grid.patch_dim, grid.n_cols
-    copies = 4 if valid is not None else 2  # float64 patches (+ validity, centred copies)
+    copies = 3 if valid is not None else 1  # float64 samples (+ validity and its product)
     per_image_row = nW * D * 8 * copies
+
+    def moments(xs, vs):
+        return _block_moments(_gather(xs, patch_size, stride, local),
+                              None if vs is None else _gather(vs, patch_size, stride, local))
+
     if local:
         # Groups are locations: all images of a strip of location rows at once.
-        rows_fit = max(1, budget_bytes // max(1, B * per_image_row))
         parts = []
-        for r0 in range(0, grid.n_rows, rows_fit):
-            r1 = min(grid.n_rows, r0 + rows_fit)
-            X = F.unfold(strip(x, grid, r0, r1), patch_size, stride=stride).double().permute(2, 0, 1)
-            Wv = None
-            if valid is not None:
-                Wv = F.unfold(strip(valid, grid, r0, r1).double(), patch_size, stride=stride).permute(2, 0, 1)
-            parts.append(_block_moments(X.contiguous(), None if Wv is None else Wv.contiguous()))
+        for r0, r1 in location_row_chunks(grid, B * per_image_row, budget_bytes):
+            parts.append(moments(strip(x, grid, r0, r1), None if valid is None else strip(valid, grid, r0, r1)))
         return tuple(torch.cat([p[k] for p in parts]) for k in range(3))
     # One group: strips of images × location rows, merged.
     images = max(1, min(B, budget_bytes // max(1, grid.n_rows * per_image_row)))
@@ -107,13 +126,7 @@ def _stats_torch(x, valid, patch_size: int, stride: int, local: bool, budget_byt
         xb = x[b0 : b0 + images]
         vb = None if valid is None else valid[b0 : b0 + images]
         for r0, r1 in location_row_chunks(grid, xb.shape[0] * per_image_row, budget_bytes):
-            X = F.unfold(strip(xb, grid, r0, r1), patch_size, stride=stride).double()
-            X = X.transpose(1, 2).reshape(1, -1, D)
-            Wv = None
-            if vb is not None:
-                Wv = F.unfold(strip(vb, grid, r0, r1).double(), patch_size, stride=stride)
-                Wv = Wv.transpose(1, 2).reshape(1, -1, D)
-            part = _block_moments(X, Wv)
+            part = moments(strip(xb, grid, r0, r1), None if vb is None else strip(vb, grid, r0, r1))
             total = part if total is None else merge_moments(total, part)
     return total
 
@@ -248,6 +261,8 @@ class PatchStats:
 
 def _valid_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
     """Validity like ``x`` (bool) from NaNs and ``mask``, or None when every pixel is valid."""
+    if mask is None and bool(torch.isfinite(x).all()):  # the common case: one pass, nothing masked
+        return None
     nan = torch.isnan(x)
     if mask is None:
         valid = ~nan if bool(nan.any()) else None
