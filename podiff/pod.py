@@ -285,6 +285,22 @@ class PatchPOD:
         self._fitted = True
         self._cast_cache = {}
 
+    @classmethod
+    def identity(cls, patch_size: int, channels: int, image_size, stride: int | None = None) -> "PatchPOD":
+        """The identity "POD" (``Φ = I``, ``r = D``, zero mean, unit eigenvalues): tokens are the
+        raw patch pixels, for pixel-space diffusion with the same model and pipeline."""
+        pod = cls(patch_size, stride)
+        D = int(channels) * pod.patch_size**2
+        pod.rank, pod.channels, pod.image_size, pod.dtype = D, int(channels), tuple(image_size), torch.float32
+        pod.mean = torch.zeros(1, D, dtype=torch.float64)
+        pod.basis = torch.eye(D, dtype=torch.float64)[None]
+        pod._eigenvalues = torch.ones(1, D, dtype=torch.float64)
+        pod._total_variance = torch.full((1,), float(D), dtype=torch.float64)
+        pod.valid_pixels = torch.ones(pod.channels, *pod.image_size, dtype=torch.bool)
+        pod.report = {"identity": True, "rank": D}
+        pod._fitted = True
+        return pod
+
     # ------------------------------------------------------------------ spectra
 
     @property

@@ -9,9 +9,12 @@ from podiff_kernels import dispatch
 
 def test_backends_report_names_every_op_and_reason():
     report = pk.backends()
-    assert set(report) >= {"patch_encode", "patch_decode", "patch_correlate", "decode_moments", "ensemble_moments"}
+    assert set(report) >= {"patch_encode", "patch_decode", "patch_correlate", "decode_moments", "ensemble_moments",
+                           "batched_eigh", "patch_stats"}
+    special = {"ensemble_moments": {"cpu/default"}, "patch_stats": {"cpu/default"},
+               "batched_eigh": {"cpu/n<=32", "cpu/n>32"}}
     for op, cases in report.items():
-        expected = {"cpu/default"} if op == "ensemble_moments" else {"cpu/shared", "cpu/local"}
+        expected = special.get(op, {"cpu/shared", "cpu/local"})
         assert expected <= set(cases), op
         for case, choice in cases.items():
             assert choice["backend"] in dispatch.BACKENDS, (op, case)

@@ -50,7 +50,7 @@ def test_disable_switch():
 def test_source_change_rebuilds_into_a_new_cache_entry(tmp_path):
     """A changed source changes the build hash: a fresh build with a one-line message, nothing stale."""
     (tmp_path / "csrc").mkdir()
-    for f in (ROOT / "csrc").glob("*.cpp"):
+    for f in (ROOT / "csrc").glob("*"):  # sources and headers
         shutil.copy2(f, tmp_path / "csrc" / f.name)
     code = (
         "import sys; from pathlib import Path; from podiff_kernels import _extension as e\n"

@@ -1,0 +1,210 @@
+"""The denoiser: a small DiT-style Vision Transformer over the ``L`` POD tokens.
+
+Input per location ``l``: the noisy token ``x_t [r]`` and the condition token ``c [r]``
+(the POD encoding of the upsampled low-resolution field). A linear embedding of
+``[x_t, c]``, a fixed 2-D sin-cos position embedding of the token grid, ``depth``
+transformer blocks with adaLN-Zero conditioning on the noise level, and a zero-initialised
+linear head to ``r`` values per token. The noise level is the diffusion time ``t`` (a
+global conditioning vector) or, with a learned per-token schedule, the log-SNR of every
+token and mode (a conditioning vector per token).
+
+>>> cfg = DenoiserConfig.preset("tiny", rank=16, grid=(8, 8))
+>>> net = PODDenoiser(cfg)
+>>> net(torch.randn(2, 64, 16), torch.randn(2, 64, 16), torch.rand(2)).shape
+torch.Size([2, 64, 16])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PRESETS = {
+    "tiny": dict(width=96, depth=4, heads=4, mlp_ratio=2.0),  # CPU demo scale
+    "small": dict(width=192, depth=6, heads=6, mlp_ratio=4.0),
+    "paper": dict(width=384, depth=12, heads=6, mlp_ratio=4.0),  # DiT-S scale
+}
+
+
+@dataclass
+class DenoiserConfig:
+    """Sizes of the denoiser. ``grid = (nH, nW)`` patch locations (``L = nH·nW``).
+
+    ``noise_input``: ``"time"`` (scalar ``t`` per sample) or ``"per_token"`` (a log-SNR per
+    token and mode ``[B, L, r]``, from a learned schedule).
+    """
+
+    rank: int
+    grid: tuple[int, int]
+    cond_rank: int | None = None
+    width: int = 96
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    noise_input: str = "time"
+
+    def __post_init__(self):
+        self.grid = tuple(int(g) for g in self.grid)
+        self.cond_rank = int(self.cond_rank or self.rank)
+        if self.width % self.heads:
+            raise ValueError(f"width must be a multiple of heads; got width={self.width}, heads={self.heads}")
+        if self.width % 4:
+            raise ValueError(f"width must be a multiple of 4 (2-D sin-cos embedding); got {self.width}")
+        if self.noise_input not in ("time", "per_token"):
+            raise ValueError(f"noise_input must be 'time' or 'per_token'; got {self.noise_input!r}")
+
+    @classmethod
+    def preset(cls, name: str, rank: int, grid, **overrides) -> "DenoiserConfig":
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
+        return cls(rank=rank, grid=grid, **{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sincos_2d(width: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding ``[nH·nW, width]`` (MAE / DiT)."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
+                            torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):
+        angle = coord[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[B, dim]`` of ``t ∈ [0, 1]`` (scaled to DDPM's 0..1000 range)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, W = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, L, W))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block; adaLN-Zero: shift, scale and gate from the conditioning."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        nn.init.zeros_(self.ada[-1].weight)
+        nn.init.zeros_(self.ada[-1].bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class PODDenoiser(nn.Module):
+    """``forward(x_t [B, L, r], cond [B, L, r_c], noise [B] | [B, L, r]) -> [B, L, r]``.
+
+    ``noise`` is ``t`` (``noise_input="time"``) or the per-token log-SNR (``"per_token"``).
+    The output is the ε- or v-prediction, as the pipeline trains it.
+    """
+
+    def __init__(self, config: DenoiserConfig):
+        super().__init__()
+        self.config = config
+        W, r = config.width, config.rank
+        self.embed = nn.Linear(r + config.cond_rank, W)
+        self.register_buffer("pos", sincos_2d(W, config.grid)[None], persistent=False)
+        if config.noise_input == "time":
+            self.noise_embed = nn.Sequential(nn.Linear(W, W), nn.SiLU(), nn.Linear(W, W))
+        else:
+            self.noise_embed = nn.Sequential(nn.Linear(r, W), nn.SiLU(), nn.Linear(W, W))
+        self.blocks = nn.ModuleList(DiTBlock(W, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(W, 2 * W))
+        self.head = nn.Linear(W, r)
+        for module in (self.final_ada[-1], self.head):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def _conditioning(self, noise: torch.Tensor, batch: int, dtype) -> torch.Tensor:
+        if self.config.noise_input == "time":
+            t = noise.reshape(-1).expand(batch) if noise.numel() in (1, batch) else noise
+            return self.noise_embed(timestep_embedding(t, self.config.width).to(dtype))[:, None]  # B, 1, W
+        # Log-SNR in about [-10, 10]: scaled to order one, clamped where it is infinite.
+        lam = noise.clamp(-20.0, 20.0) / 10.0
+        return self.noise_embed(lam.to(dtype).expand(batch, -1, -1))  # B, L, W
+
+    def forward(self, x_t: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        B, L, r = x_t.shape
+        if L != self.pos.shape[1] or r != self.config.rank or cond.shape[-1] != self.config.cond_rank:
+            raise ValueError(
+                f"x_t must be [B, L={self.pos.shape[1]}, r={self.config.rank}] and cond [B, L, {self.config.cond_rank}]; "
+                f"got {tuple(x_t.shape)} and {tuple(cond.shape)}"
+            )
+        h = self.embed(torch.cat([x_t, cond], dim=-1)) + self.pos.to(x_t.dtype)
+        c = self._conditioning(noise, B, h.dtype)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.final_ada(c).chunk(2, dim=-1)
+        return self.head(modulate(self.norm(h), shift, scale))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class MLPDenoiser(nn.Module):
+    """A plain MLP over one token (``L = 1``): the denoiser of the global-POD baseline."""
+
+    def __init__(self, config: DenoiserConfig):
+        super().__init__()
+        if config.grid != (1, 1):
+            raise ValueError(f"MLPDenoiser handles one token (grid (1, 1)); got grid {config.grid}")
+        self.config = config
+        W, r = config.width * 2, config.rank
+        self.time = nn.Sequential(nn.Linear(config.width, W), nn.SiLU())
+        layers, width_in = [], r + config.cond_rank + W
+        for _ in range(config.depth):
+            layers += [nn.Linear(width_in, W), nn.SiLU()]
+            width_in = W
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(W, r)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x_t, cond, noise):
+        B = x_t.shape[0]
+        if self.config.noise_input == "time":
+            t = noise.reshape(-1).expand(B) if noise.numel() in (1, B) else noise
+            temb = timestep_embedding(t, self.config.width).to(x_t.dtype)
+        else:
+            raise ValueError("MLPDenoiser takes noise_input='time'")
+        h = torch.cat([x_t[:, 0], cond[:, 0], self.time(temb)], dim=-1)
+        return self.head(self.body(h))[:, None]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

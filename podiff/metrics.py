@@ -1,0 +1,188 @@
+"""Deterministic and probabilistic scores, mask-aware (``mask``: bool, True = valid).
+
+Shapes: ``pred``, ``target``, ``obs`` ``[..., H, W]``; ensembles ``members [M, ...]``; the
+mask broadcasts against them. NaN in a target is treated as masked too. Every reduction
+is over the valid pixels; the ``crps_*`` functions with ``reduce=False`` return the
+per-pixel map (NaN where masked).
+
+>>> rmse(torch.zeros(4, 1, 8, 8), torch.ones(4, 1, 8, 8))
+1.0
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+LEVELS = (0.5, 0.7, 0.9, 0.95)
+
+
+def _valid(target: torch.Tensor, mask: torch.Tensor | None, *others: torch.Tensor) -> torch.Tensor:
+    valid = ~torch.isnan(target)
+    for other in others:
+        valid = valid & ~torch.isnan(other)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be bool (True = valid); got {mask.dtype}")
+        valid = valid & mask.to(target.device)
+    if not bool(valid.any()):
+        raise ValueError("no valid pixels to score (everything is masked or NaN)")
+    return valid
+
+
+def _mean(values: torch.Tensor, valid: torch.Tensor) -> float:
+    return float(values.double()[valid.expand_as(values)].mean())
+
+
+def rmse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Root-mean-square error over valid pixels."""
+    valid = _valid(target, mask, pred)
+    return math.sqrt(_mean((pred - target) ** 2, valid))
+
+
+def mae(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Mean absolute error over valid pixels."""
+    valid = _valid(target, mask, pred)
+    return _mean((pred - target).abs(), valid)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float, mask: torch.Tensor | None = None) -> float:
+    """``10 log10(data_range² / MSE)`` in dB (pooled MSE over all valid pixels)."""
+    if data_range <= 0:
+        raise ValueError(f"data_range must be positive; got {data_range}")
+    valid = _valid(target, mask, pred)
+    mse = _mean((pred - target) ** 2, valid)
+    return float("inf") if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float, mask: torch.Tensor | None = None) -> float:
+    """Mean structural similarity (Wang et al. 2004: 7×7 uniform window, K1 = 0.01, K2 = 0.03,
+    sample covariances), averaged over images and channels; masked pixels are filled with the
+    target's valid mean and windows touching them are left out of the mean."""
+    import torch.nn.functional as F
+
+    if data_range <= 0:
+        raise ValueError(f"data_range must be positive; got {data_range}")
+    valid = _valid(target, mask, pred)
+    p = pred.double().reshape(-1, 1, *pred.shape[-2:])
+    t = target.double().reshape(-1, 1, *target.shape[-2:])
+    v = valid.expand_as(target).reshape(-1, 1, *target.shape[-2:]).double()
+    fill = (torch.where(v > 0, t, 0.0).sum() / v.sum())
+    p, t = torch.where(v > 0, p, fill), torch.where(v > 0, t, fill)
+    win, n = 7, 49
+    if min(p.shape[-2:]) < win:
+        raise ValueError(f"images must be at least {win}×{win} for SSIM; got {tuple(p.shape[-2:])}")
+    pool = lambda z: F.avg_pool2d(z, win, stride=1)  # noqa: E731
+    mp, mt = pool(p), pool(t)
+    cov_norm = n / (n - 1)
+    vp, vt = cov_norm * (pool(p * p) - mp**2), cov_norm * (pool(t * t) - mt**2)
+    cpt = cov_norm * (pool(p * t) - mp * mt)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mp * mt + c1) * (2 * cpt + c2)) / ((mp**2 + mt**2 + c1) * (vp + vt + c2))
+    full = pool(v) > 1 - 1e-9  # windows with every pixel valid
+    if not bool(full.any()):
+        raise ValueError("no 7×7 window is fully valid; SSIM is undefined here")
+    return float(s[full].mean())
+
+
+def crps_ensemble(members: torch.Tensor, obs: torch.Tensor, fair: bool = False, mask: torch.Tensor | None = None,
+                  reduce: bool = True):
+    """CRPS of an ensemble ``members [M, ...]`` against ``obs [...]``.
+
+    ``E|X − y| − ½ E|X − X'|``; ``fair=True`` uses ``M(M − 1)`` for the second term (unbiased
+    for the underlying distribution, Ferro 2014). Computed from sorted members in O(M log M).
+    """
+    if members.shape[1:] != obs.shape:
+        raise ValueError(f"members must be [M, *obs.shape]; got {tuple(members.shape)} and obs {tuple(obs.shape)}")
+    M = members.shape[0]
+    if M < 2 and fair:
+        raise ValueError("the fair CRPS needs at least two members")
+    x = members.double()
+    y = obs.double()
+    skill = (x - y).abs().mean(0)
+    xs = x.sort(0).values
+    i = torch.arange(1, M + 1, dtype=torch.float64, device=x.device).view(-1, *([1] * obs.dim()))
+    spread_sum = (2 * (2 * i - M - 1) * xs).sum(0)  # Σ_ij |x_i − x_j| = 2 Σ_i (2i − M − 1) x_(i)
+    spread = spread_sum / (2 * M * (M - 1) if fair else 2 * M * M)
+    crps = skill - spread
+    valid = _valid(obs, mask, members[0])
+    if not reduce:
+        return torch.where(valid.expand_as(crps), crps, float("nan"))
+    return _mean(crps, valid)
+
+
+def crps_gaussian(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor | None = None,
+                  reduce: bool = True):
+    """Closed-form CRPS of ``N(mean, var)``: ``σ [z(2Φ(z) − 1) + 2φ(z) − 1/√π]``, ``z = (y − μ)/σ``."""
+    if (var < 0).any():
+        raise ValueError("var must be non-negative")
+    mu, sd, y = mean.double(), var.double().sqrt(), obs.double()
+    z = (y - mu) / sd.clamp_min(1e-300)
+    normal = torch.distributions.Normal(torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
+    crps = sd * (z * (2 * normal.cdf(z) - 1) + 2 * normal.log_prob(z).exp() - 1 / math.sqrt(math.pi))
+    crps = torch.where(sd > 0, crps, (y - mu).abs())
+    valid = _valid(obs, mask, mean, var)
+    if not reduce:
+        return torch.where(valid.expand_as(crps), crps, float("nan"))
+    return _mean(crps, valid)
+
+
+def coverage(members: torch.Tensor, obs: torch.Tensor, levels=LEVELS, mask: torch.Tensor | None = None) -> dict:
+    """Fraction of valid pixels whose observation lies in the ensemble's central interval of each
+    level (empirical quantiles ``(1 − level)/2`` and ``(1 + level)/2``, linear interpolation)."""
+    if members.shape[1:] != obs.shape:
+        raise ValueError(f"members must be [M, *obs.shape]; got {tuple(members.shape)} and obs {tuple(obs.shape)}")
+    valid = _valid(obs, mask, members[0])
+    x, y = members.double(), obs.double()
+    out = {}
+    for level in levels:
+        if not 0 < level < 1:
+            raise ValueError(f"levels must be in (0, 1); got {level}")
+        q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64, device=x.device)
+        lo, hi = torch.quantile(x, q, dim=0)
+        inside = ((y >= lo) & (y <= hi)).double()
+        out[float(level)] = _mean(inside, valid)
+    return out
+
+
+def coverage_gaussian(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, levels=LEVELS,
+                      mask: torch.Tensor | None = None) -> dict:
+    """Coverage of the central intervals of ``N(mean, var)`` (the analytic-variance counterpart)."""
+    valid = _valid(obs, mask, mean, var)
+    z = ((obs.double() - mean.double()) / var.double().sqrt().clamp_min(1e-300)).abs()
+    from scipy.stats import norm
+
+    return {float(level): _mean((z <= float(norm.ppf((1 + level) / 2))).double(), valid) for level in levels}
+
+
+def mace(coverage_dict: dict) -> float:
+    """Mean absolute calibration error: mean of ``|coverage − level|`` over the levels."""
+    if not coverage_dict:
+        raise ValueError("coverage_dict is empty")
+    return float(np.mean([abs(v - float(k)) for k, v in coverage_dict.items()]))
+
+
+def spread_skill_ratio(members: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """``sqrt(mean ensemble variance · (M + 1)/M) / RMSE(ensemble mean)``; 1 for a calibrated ensemble."""
+    M = members.shape[0]
+    if M < 2:
+        raise ValueError("spread needs at least two members")
+    valid = _valid(obs, mask, members[0])
+    spread = _mean(members.double().var(0), valid) * (M + 1) / M
+    skill = rmse(members.double().mean(0), obs.double(), valid)
+    return math.sqrt(spread) / skill if skill > 0 else float("inf")
+
+
+def rank_histogram(members: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Counts ``[M + 1]`` of the observation's rank among the members (ties split at random
+    positions with a fixed seed); flat for a calibrated ensemble."""
+    M = members.shape[0]
+    valid = _valid(obs, mask, members[0]).expand_as(obs)
+    x, y = members.double()[:, valid], obs.double()[valid]
+    below = (x < y).sum(0)
+    ties = (x == y).sum(0)
+    g = torch.Generator().manual_seed(0)
+    jitter = (torch.rand(ties.shape, generator=g, dtype=torch.float64) * (ties + 1)).floor().long()
+    return torch.bincount(below + jitter, minlength=M + 1)

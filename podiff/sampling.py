@@ -1,0 +1,107 @@
+"""Samplers: a diffusers-style scheduler whose ``step`` returns the previous sample.
+
+``DiffusionScheduler(schedule, prediction="v", sampler="ddim", eta=0.0)``;
+``set_timesteps(S)`` gives ``S + 1`` times from ``t_max`` down to 0, and
+``step(model_output, t, s, sample, cond=None, generator=None)`` moves ``sample`` from
+time ``t`` to the earlier time ``s``. Every coefficient comes from the schedule's log-SNR
+at ``t`` and ``s`` (per token and mode for a learned schedule), in ratios computed in log
+space (``1 − ᾱ_t/ᾱ_s = −expm1(log ᾱ_t − log ᾱ_s)``), so no step divides by a vanishing α:
+
+- v-prediction: ``x̂_0 = α_t x_t − σ_t v``, ``ε̂ = σ_t x_t + α_t v`` — stable at zero SNR.
+- ε-prediction: ``x̂_0 = (x_t − σ_t ε̂)/α_t``, used only for ``t <= t_max("epsilon")``
+  (σ/α <= 10; see ``podiff.schedules``).
+
+Samplers: ``"ddim"`` (η = ``eta``; 0 is deterministic) and ``"ancestral"`` (the DDPM
+posterior ``q(x_s | x_t, x̂_0)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .schedules import NoiseSchedule
+
+
+@dataclass
+class SchedulerOutput:
+    """``prev_sample`` at the earlier time; ``pred_original_sample`` is ``x̂_0``."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+class DiffusionScheduler:
+    """Moves samples from ``t`` to ``s < t`` given the denoiser's output (see module doc)."""
+
+    def __init__(self, schedule: NoiseSchedule, prediction: str = "v", sampler: str = "ddim", eta: float = 0.0):
+        if prediction not in ("v", "epsilon"):
+            raise ValueError(f"prediction must be 'v' or 'epsilon'; got {prediction!r}")
+        if sampler not in ("ddim", "ancestral"):
+            raise ValueError(f"sampler must be 'ddim' or 'ancestral'; got {sampler!r}")
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"eta must be in [0, 1]; got {eta}")
+        self.schedule, self.prediction, self.sampler, self.eta = schedule, prediction, sampler, float(eta)
+        self.timesteps: torch.Tensor | None = None
+
+    def set_timesteps(self, steps: int) -> torch.Tensor:
+        """``steps + 1`` times, uniform from ``t_max`` to 0."""
+        if int(steps) < 1:
+            raise ValueError(f"steps must be >= 1; got {steps}")
+        self.timesteps = torch.linspace(self.schedule.t_max(self.prediction), 0.0, int(steps) + 1)
+        return self.timesteps
+
+    def predictions(self, model_output, x_t, lam_t):
+        """``(x̂_0, ε̂)`` from the model output at log-SNR ``lam_t``."""
+        alpha, sigma = torch.sigmoid(lam_t).sqrt(), torch.sigmoid(-lam_t).sqrt()
+        if self.prediction == "v":
+            return alpha * x_t - sigma * model_output, sigma * x_t + alpha * model_output
+        return (x_t - sigma * model_output) / alpha, model_output
+
+    def step(self, model_output: torch.Tensor, t, s, sample: torch.Tensor, cond: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> SchedulerOutput:
+        """One step from time ``t`` to ``s`` (scalars or ``[B]``)."""
+        B = sample.shape[0]
+        t = torch.as_tensor(t, dtype=sample.dtype, device=sample.device).expand(B)
+        s = torch.as_tensor(s, dtype=sample.dtype, device=sample.device).expand(B)
+        lam_t = self.schedule.log_snr(t, cond).to(sample.dtype)
+        lam_s = self.schedule.log_snr(s, cond).to(sample.dtype)
+        x0, eps = self.predictions(model_output, sample, lam_t)
+        # log ᾱ = log sigmoid(λ), log(1 − ᾱ) = log sigmoid(−λ): exact at both ends.
+        log_ab_t, log_ab_s = F.logsigmoid(lam_t), F.logsigmoid(lam_s)
+        alpha_s, sigma2_s = log_ab_s.mul(0.5).exp(), torch.sigmoid(-lam_s)
+        sigma2_t = torch.sigmoid(-lam_t)
+        one_minus_ratio = -torch.expm1(log_ab_t - log_ab_s)  # 1 − ᾱ_t/ᾱ_s = σ²_{t|s}/σ²_t·(...)
+        if self.sampler == "ddim":
+            var = (self.eta**2) * torch.where(sigma2_t > 0, sigma2_s / sigma2_t, torch.zeros_like(sigma2_t))
+            var = var * one_minus_ratio
+            direction = (sigma2_s - var).clamp_min(0).sqrt()
+            prev = alpha_s * x0 + direction * eps
+        else:
+            # q(x_s | x_t, x0): mean = (α_{t|s} σ_s²/σ_t²) x_t + (α_s σ²_{t|s}/σ_t²) x0,
+            # var = σ²_{t|s} σ_s²/σ_t², with σ²_{t|s}/σ_t² = 1 − (ᾱ_t/ᾱ_s)(1 − ᾱ_s)/(1 − ᾱ_t).
+            alpha_ts = (0.5 * (log_ab_t - log_ab_s)).exp()
+            frac = torch.where(sigma2_t > 0, sigma2_s / sigma2_t, torch.zeros_like(sigma2_t))
+            cond_frac = 1 - (alpha_ts**2) * frac  # σ²_{t|s}/σ_t²
+            prev = alpha_ts * frac * sample + alpha_s * cond_frac * x0
+            var = cond_frac * sigma2_s
+        if bool((var > 0).any()):
+            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            prev = prev + var.clamp_min(0).sqrt() * noise
+        return SchedulerOutput(prev, x0)
+
+    @torch.no_grad()
+    def sample(self, denoiser, cond: torch.Tensor, steps: int, generator: torch.Generator | None = None,
+               noise_input: str = "time") -> torch.Tensor:
+        """Runs the whole chain for condition tokens ``cond [B, L, r_c]``; returns ``x_0 [B, L, r]``."""
+        times = self.set_timesteps(steps).to(cond.device)
+        r = denoiser.config.rank
+        x = torch.randn(cond.shape[0], cond.shape[1], r, generator=generator, device=cond.device, dtype=cond.dtype)
+        for t, s in zip(times[:-1], times[1:]):
+            tb = t.expand(cond.shape[0]).to(cond.dtype)
+            level = tb if noise_input == "time" else self.schedule.log_snr(tb, cond).expand(-1, -1, r)
+            out = denoiser(x, cond, level)
+            x = self.step(out, t, s, x, cond=cond, generator=generator).prev_sample
+        return x
