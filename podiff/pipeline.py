@@ -273,7 +273,7 @@ class PODiffPipeline:
             optimizer.step()
             self._update_ema()
             self.step_count += 1
-            self.history.append(float(loss))
+            self.history.append(float(loss.detach()))
             bar.update(1)
             if self.step_count % log_every == 0:
                 bar.set_postfix(loss=f"{sum(self.history[-log_every:]) / log_every:.4f}")

@@ -98,10 +98,15 @@ class DiffusionScheduler:
         """Runs the whole chain for condition tokens ``cond [B, L, r_c]``; returns ``x_0 [B, L, r]``."""
         times = self.set_timesteps(steps).to(cond.device)
         r = denoiser.config.rank
-        x = torch.randn(cond.shape[0], cond.shape[1], r, generator=generator, device=cond.device, dtype=cond.dtype)
-        for t, s in zip(times[:-1], times[1:]):
-            tb = t.expand(cond.shape[0]).to(cond.dtype)
-            level = tb if noise_input == "time" else self.schedule.log_snr(tb, cond).expand(-1, -1, r)
-            out = denoiser(x, cond, level)
-            x = self.step(out, t, s, x, cond=cond, generator=generator).prev_sample
+        schedule, self.schedule = self.schedule, self.schedule.bind(cond)  # weights once per chain
+        try:
+            x = torch.randn(cond.shape[0], cond.shape[1], r, generator=generator, device=cond.device,
+                            dtype=cond.dtype)
+            for t, s in zip(times[:-1], times[1:]):
+                tb = t.expand(cond.shape[0]).to(cond.dtype)
+                level = tb if noise_input == "time" else self.schedule.log_snr(tb, cond).expand(-1, -1, r)
+                out = denoiser(x, cond, level)
+                x = self.step(out, t, s, x, cond=cond, generator=generator).prev_sample
+        finally:
+            self.schedule = schedule
         return x

@@ -45,6 +45,10 @@ class NoiseSchedule(nn.Module):
         lam = self.log_snr(t, cond)
         return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
 
+    def bind(self, cond: torch.Tensor | None) -> "NoiseSchedule":
+        """The schedule for these condition tokens (a learned one precomputes its weights)."""
+        return self
+
     def t_max(self, prediction: str) -> float:
         """Largest usable ``t``: 1 (zero SNR) for v-prediction; SNR = ``EPS_MIN_SNR`` for ε."""
         if prediction == "v":
@@ -162,8 +166,12 @@ class LearnedSchedule(NoiseSchedule):
         exps = -(k**2) * torch.exp(-k * t) * scale
         return torch.cat([torch.zeros_like(t), (math.pi**2 / 2) * torch.cos(math.pi * t), exps], dim=-1)
 
-    def _mix(self, t: torch.Tensor, cond: torch.Tensor, order: int) -> torch.Tensor:
-        w = self.weights(cond)  # B, L, r, J
+    def bind(self, cond: torch.Tensor | None) -> "NoiseSchedule":
+        """A view with the mixture weights of ``cond`` computed once (for the sampling loop)."""
+        return _BoundLearned(self, self.weights(cond))
+
+    def _mix(self, t: torch.Tensor, cond, order: int) -> torch.Tensor:
+        w = cond.weights if isinstance(cond, _Weights) else self.weights(cond)  # B, L, r, J
         t = _as_batch_time(t).to(w.dtype)  # B, 1, 1
         return (w * self._basis(t, order)).sum(-1)  # basis B, 1, 1, J
 
@@ -193,6 +201,31 @@ class LearnedSchedule(NoiseSchedule):
 
     def _scalar_log_snr(self, t: float) -> float:  # not used: t_max is 1
         raise NotImplementedError
+
+
+class _Weights:
+    """Precomputed mixture weights standing in for the condition tokens."""
+
+    def __init__(self, weights: torch.Tensor):
+        self.weights = weights
+
+
+class _BoundLearned(NoiseSchedule):
+    learned = True
+
+    def __init__(self, schedule: LearnedSchedule, weights: torch.Tensor):
+        super().__init__()
+        self.schedule, self._w = schedule, _Weights(weights)
+        self.lambda_min, self.lambda_max = schedule.lambda_min, schedule.lambda_max
+
+    def log_snr(self, t, cond=None):
+        return self.schedule.log_snr(t, self._w)
+
+    def dlog_snr_dt(self, t, cond=None):
+        return self.schedule.dlog_snr_dt(t, self._w)
+
+    def t_max(self, prediction: str) -> float:
+        return self.schedule.t_max(prediction)
 
 
 def make_schedule(name: str, rank: int | None = None, cond_rank: int | None = None,
