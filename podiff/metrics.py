@@ -129,19 +129,36 @@ def crps_gaussian(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, mask
     return _mean(crps, valid)
 
 
+def _order_statistic(sorted_members: torch.Tensor, position: float) -> torch.Tensor:
+    """Linear interpolation between order statistics at a 0-based fractional ``position``."""
+    M = sorted_members.shape[0]
+    position = min(max(position, 0.0), M - 1.0)
+    lo = int(math.floor(position))
+    hi = min(lo + 1, M - 1)
+    frac = position - lo
+    return sorted_members[lo] * (1 - frac) + sorted_members[hi] * frac
+
+
 def coverage(members: torch.Tensor, obs: torch.Tensor, levels=LEVELS, mask: torch.Tensor | None = None) -> dict:
-    """Fraction of valid pixels whose observation lies in the ensemble's central interval of each
-    level (empirical quantiles ``(1 − level)/2`` and ``(1 + level)/2``, linear interpolation)."""
+    """Fraction of valid pixels whose observation lies in the ensemble's central interval.
+
+    The interval of ``level`` runs between the ensemble quantiles ``(1 ∓ level)/2`` taken at
+    Weibull plotting positions ``q (M + 1)`` (order statistic ``i`` sits at ``q = i/(M + 1)``),
+    so an ensemble exchangeable with the observation covers ``level`` on average — the usual
+    ``M − 1`` positions would under-cover by the factor ``(M − 1)/(M + 1)``. Intervals cannot
+    reach past the extreme members: coverage is at most ``(M − 1)/(M + 1)``.
+    """
     if members.shape[1:] != obs.shape:
         raise ValueError(f"members must be [M, *obs.shape]; got {tuple(members.shape)} and obs {tuple(obs.shape)}")
     valid = _valid(obs, mask, members[0])
-    x, y = members.double(), obs.double()
+    xs, y = members.double().sort(0).values, obs.double()
+    M = xs.shape[0]
     out = {}
     for level in levels:
         if not 0 < level < 1:
             raise ValueError(f"levels must be in (0, 1); got {level}")
-        q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64, device=x.device)
-        lo, hi = torch.quantile(x, q, dim=0)
+        lo = _order_statistic(xs, (1 - level) / 2 * (M + 1) - 1)
+        hi = _order_statistic(xs, (1 + level) / 2 * (M + 1) - 1)
         inside = ((y >= lo) & (y <= hi)).double()
         out[float(level)] = _mean(inside, valid)
     return out

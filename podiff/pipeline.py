@@ -213,12 +213,12 @@ class PODiffPipeline:
         diffusion = (weight * (eps - eps_hat) ** 2).mean()
         return diffusion + self.config.smoothness * schedule.smoothness(t, cond) / span**2
 
-    def _state(self, optimizer) -> dict:
+    def _state(self, optimizer, generator: torch.Generator) -> dict:
         return {
-            "step": self.step_count, "history": list(self.history),
+            "format": FORMAT + ".checkpoint", "step": self.step_count, "history": list(self.history),
             "denoiser": self.denoiser.state_dict(), "schedule": self.schedule.state_dict(),
             "ema": self.ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
+            "rng": torch.get_rng_state(), "generator": generator.get_state(),
         }
 
     def fit(self, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -252,9 +252,9 @@ class PODiffPipeline:
         params = list(self.denoiser.parameters()) + list(self.schedule.parameters())
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         path = Path(checkpoint) if checkpoint is not None else None
+        generator = torch.Generator().manual_seed(cfg.seed)
         if path is not None and resume and path.is_file():
-            self._restore(path, optimizer)
-        generator = torch.Generator().manual_seed(cfg.seed + self.step_count)
+            self._restore(path, optimizer, generator)
         device = x0_all.device
         use_amp = cfg.amp and device.type == "cuda"
         bar = tqdm(total=steps, initial=min(self.step_count, steps), disable=not progress, desc="train", unit="step")
@@ -278,7 +278,7 @@ class PODiffPipeline:
             if self.step_count % log_every == 0:
                 bar.set_postfix(loss=f"{sum(self.history[-log_every:]) / log_every:.4f}")
             if path is not None and (self.step_count % checkpoint_every == 0 or self.step_count == steps):
-                state = self._state(optimizer)
+                state = self._state(optimizer, generator)
                 atomic_write(path, lambda tmp: torch.save(state, tmp))
         bar.close()
         return self.history
@@ -290,9 +290,11 @@ class PODiffPipeline:
         for e, p in zip(self.ema.parameters(), live.parameters()):
             e.lerp_(p.detach(), 1 - decay)
 
-    def _restore(self, path: Path, optimizer) -> None:
+    def _restore(self, path: Path, optimizer, generator: torch.Generator) -> None:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("format") != FORMAT + ".checkpoint":
+                raise ValueError(f"not a {FORMAT} checkpoint")
             self.denoiser.load_state_dict(state["denoiser"])
             self.schedule.load_state_dict(state["schedule"])
             self.ema.load_state_dict(state["ema"])
@@ -300,6 +302,7 @@ class PODiffPipeline:
         except Exception as exc:
             raise ValueError(f"cannot resume from {path} (corrupted or from another model?): {exc}") from None
         torch.set_rng_state(state["rng"])
+        generator.set_state(state["generator"])
         self.step_count, self.history = int(state["step"]), list(state["history"])
 
     # ------------------------------------------------------------------ sampling

@@ -1,0 +1,80 @@
+"""The ViT denoiser: shapes, adaLN-Zero start (output 0), presets and parameter counts, per-token
+noise input, position embedding, errors, and torch.compile of a forward/backward pass."""
+
+import pytest
+import torch
+
+from podiff.denoiser import PRESETS, DenoiserConfig, MLPDenoiser, PODDenoiser, sincos_2d
+
+
+def test_shapes_and_zero_initial_output():
+    cfg = DenoiserConfig.preset("tiny", rank=7, grid=(3, 5), cond_rank=9)
+    net = PODDenoiser(cfg)
+    out = net(torch.randn(2, 15, 7), torch.randn(2, 15, 9), torch.rand(2))
+    assert out.shape == (2, 15, 7)
+    assert (out == 0).all()  # zero-initialised head: the first prediction is 0 (v = 0 is the prior mean)
+
+
+def test_per_token_noise_input_and_training_signal():
+    cfg = DenoiserConfig(rank=4, grid=(2, 2), width=32, depth=2, heads=2, noise_input="per_token")
+    net = PODDenoiser(cfg)
+    x, c = torch.randn(3, 4, 4), torch.randn(3, 4, 4)
+    lam = torch.randn(3, 4, 4) * 5
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    target = torch.randn(3, 4, 4)
+    first = None
+    for _ in range(30):
+        loss = (net(x, c, lam) - target).pow(2).mean()
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5 * first
+
+
+def test_presets_and_parameter_counts():
+    counts = {name: PODDenoiser(DenoiserConfig.preset(name, rank=16, grid=(8, 8))).num_parameters()
+              for name in PRESETS}
+    assert counts["tiny"] < counts["small"] < counts["paper"]
+    assert 1e5 < counts["tiny"] < 1e6 and counts["paper"] > 1e7
+    with pytest.raises(ValueError, match="preset must be one of"):
+        DenoiserConfig.preset("huge", rank=4, grid=(2, 2))
+
+
+def test_position_embedding_distinguishes_locations():
+    pos = sincos_2d(32, (4, 6))
+    assert pos.shape == (24, 32)
+    assert torch.cdist(pos, pos).fill_diagonal_(1.0).min() > 1e-3
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="width must be a multiple of heads"):
+        DenoiserConfig(rank=4, grid=(2, 2), width=30, heads=4)
+    with pytest.raises(ValueError, match="noise_input must be 'time' or 'per_token'"):
+        DenoiserConfig(rank=4, grid=(2, 2), noise_input="sigma")
+    net = PODDenoiser(DenoiserConfig(rank=4, grid=(2, 2), width=32, depth=1, heads=2))
+    with pytest.raises(ValueError, match=r"x_t must be \[B, L=4, r=4\]"):
+        net(torch.randn(1, 5, 4), torch.randn(1, 5, 4), torch.rand(1))
+
+
+def test_mlp_denoiser_for_one_token():
+    net = MLPDenoiser(DenoiserConfig(rank=20, grid=(1, 1), width=32, depth=2, heads=2))
+    assert net(torch.randn(3, 1, 20), torch.randn(3, 1, 20), torch.rand(3)).shape == (3, 1, 20)
+    with pytest.raises(ValueError, match="one token"):
+        MLPDenoiser(DenoiserConfig(rank=4, grid=(2, 2), width=32, heads=2))
+
+
+@pytest.mark.slow
+def test_forward_backward_compiles():
+    torch.manual_seed(0)
+    net = PODDenoiser(DenoiserConfig(rank=8, grid=(4, 4), width=32, depth=2, heads=2))
+    x, c, t = torch.randn(2, 16, 8), torch.randn(2, 16, 8), torch.rand(2)
+    with torch.no_grad():  # make the output non-trivial
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    eager = net(x, c, t)
+    compiled = torch.compile(net, fullgraph=True)
+    out = compiled(x, c, t)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)

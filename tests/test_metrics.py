@@ -1,0 +1,125 @@
+"""podiff.metrics against independent implementations: scikit-image (PSNR, SSIM), properscoring
+(CRPS), scipy (Gaussian intervals); masks; calibration diagnostics on known distributions."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from podiff import metrics
+
+skimage_metrics = pytest.importorskip("skimage.metrics")
+properscoring = pytest.importorskip("properscoring")
+
+
+def fields(seed=0, shape=(3, 1, 20, 24)):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(shape, generator=g, dtype=torch.float64)
+    pred = target + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)
+    return pred, target
+
+
+def test_rmse_mae_psnr_with_and_without_mask():
+    pred, target = fields()
+    assert metrics.rmse(pred, target) == pytest.approx(float(((pred - target) ** 2).mean().sqrt()), rel=1e-12)
+    assert metrics.mae(pred, target) == pytest.approx(float((pred - target).abs().mean()), rel=1e-12)
+    rng = float(target.max() - target.min())
+    expected = skimage_metrics.peak_signal_noise_ratio(target.numpy(), pred.numpy(), data_range=rng)
+    assert metrics.psnr(pred, target, rng) == pytest.approx(expected, rel=1e-10)
+    mask = torch.zeros(20, 24, dtype=torch.bool)
+    mask[5:, 3:] = True
+    sel = mask.expand_as(target)
+    assert metrics.rmse(pred, target, mask) == pytest.approx(float(((pred - target)[sel] ** 2).mean().sqrt()))
+    nan_target = target.clone()
+    nan_target[..., :5, :] = float("nan")  # NaN in the target counts as masked
+    assert metrics.mae(pred, nan_target) == pytest.approx(float((pred - target)[..., 5:, :].abs().mean()))
+
+
+def test_ssim_matches_scikit_image():
+    pred, target = fields(1, (2, 1, 32, 40))
+    rng = float(target.max() - target.min())
+    expected = np.mean([skimage_metrics.structural_similarity(t[0].numpy(), p[0].numpy(), data_range=rng,
+                                                              win_size=7) for p, t in zip(pred, target)])
+    assert metrics.ssim(pred, target, rng) == pytest.approx(expected, rel=1e-6)
+    assert metrics.ssim(target, target, rng) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("M", [2, 5, 40])
+def test_crps_ensemble_matches_properscoring(M):
+    g = torch.Generator().manual_seed(M)
+    members = torch.randn(M, 4, 6, 7, generator=g, dtype=torch.float64)
+    obs = torch.randn(4, 6, 7, generator=g, dtype=torch.float64)
+    expected = properscoring.crps_ensemble(obs.numpy(), np.moveaxis(members.numpy(), 0, -1))
+    got = metrics.crps_ensemble(members, obs, reduce=False)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+    # The fair estimator: E|X − y| − Σ|x_i − x_j| / (2M(M − 1)).
+    fair = metrics.crps_ensemble(members, obs, fair=True, reduce=False)
+    pairs = (members[:, None] - members[None]).abs().sum((0, 1))
+    manual = (members - obs).abs().mean(0) - pairs / (2 * M * (M - 1))
+    torch.testing.assert_close(fair, manual)
+
+
+def test_crps_gaussian_matches_properscoring_and_the_ensemble_limit():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(50, generator=g, dtype=torch.float64)
+    var = torch.rand(50, generator=g, dtype=torch.float64) + 0.1
+    obs = torch.randn(50, generator=g, dtype=torch.float64)
+    expected = properscoring.crps_gaussian(obs.numpy(), mean.numpy(), var.sqrt().numpy())
+    np.testing.assert_allclose(metrics.crps_gaussian(mean, var, obs, reduce=False).numpy(), expected, rtol=1e-10)
+    members = mean + var.sqrt() * torch.randn(4000, 50, generator=g, dtype=torch.float64)
+    assert metrics.crps_ensemble(members, obs, fair=True) == pytest.approx(
+        metrics.crps_gaussian(mean, var, obs), rel=0.02)
+
+
+def test_calibrated_ensemble_has_nominal_coverage_flat_ranks_and_unit_spread_skill():
+    g = torch.Generator().manual_seed(1)
+    M, n = 30, 20000
+    centre = torch.randn(n, generator=g, dtype=torch.float64)
+    members = centre + torch.randn(M, n, generator=g, dtype=torch.float64)
+    obs = centre + torch.randn(n, generator=g, dtype=torch.float64)  # exchangeable with the members
+    cov = metrics.coverage(members, obs)
+    for level, frac in cov.items():  # Weibull positions: nominal on average (n = 20000: ±0.01),
+        expected = min(level, (M - 1) / (M + 1))  # up to the extreme members' interval
+        assert abs(frac - expected) < 0.01, (level, frac)
+    assert metrics.mace(cov) < 0.015
+    assert metrics.spread_skill_ratio(members, obs) == pytest.approx(1.0, abs=0.03)
+    hist = metrics.rank_histogram(members, obs)
+    assert hist.shape == (M + 1,) and int(hist.sum()) == n
+    expected = n / (M + 1)
+    assert float(((hist - expected) ** 2 / expected).sum()) < 3 * (M + 1)  # chi-square, loose
+    narrow = centre + 0.3 * torch.randn(M, n, generator=g, dtype=torch.float64)
+    assert metrics.coverage(narrow, obs)[0.9] < 0.5 and metrics.spread_skill_ratio(narrow, obs) < 0.5
+
+
+def test_coverage_positions_by_hand():
+    members = torch.arange(1.0, 10.0)[:, None]  # M = 9 members 1..9, one pixel
+    # level 0.6: q = 0.2, 0.8 -> 0-based positions 1.0 and 7.0 -> interval [2, 8]
+    for y, inside in [(2.0, 1.0), (8.0, 1.0), (1.9, 0.0), (8.1, 0.0)]:
+        assert metrics.coverage(members, torch.tensor([y]), levels=(0.6,))[0.6] == inside
+
+
+def test_gaussian_coverage_matches_scipy_intervals():
+    g = torch.Generator().manual_seed(2)
+    mean, var = torch.zeros(100000, dtype=torch.float64), torch.full((100000,), 4.0, dtype=torch.float64)
+    obs = 2.0 * torch.randn(100000, generator=g, dtype=torch.float64)
+    cov = metrics.coverage_gaussian(mean, var, obs)
+    for level, frac in cov.items():
+        assert abs(frac - level) < 0.01
+
+
+def test_errors():
+    pred, target = fields()
+    with pytest.raises(ValueError, match="no valid pixels"):
+        metrics.rmse(pred, target, torch.zeros(20, 24, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must be bool"):
+        metrics.rmse(pred, target, torch.ones(20, 24))
+    with pytest.raises(ValueError, match="data_range must be positive"):
+        metrics.psnr(pred, target, 0.0)
+    with pytest.raises(ValueError, match=r"members must be \[M, \*obs.shape\]"):
+        metrics.crps_ensemble(torch.zeros(3, 4), torch.zeros(5))
+    with pytest.raises(ValueError, match="levels must be in"):
+        metrics.coverage(torch.zeros(3, 4), torch.zeros(4), levels=(1.5,))
+    with pytest.raises(ValueError, match="coverage_dict is empty"):
+        metrics.mace({})
+    assert math.isinf(metrics.psnr(target, target, 1.0))
