@@ -1,5 +1,9 @@
 """Baselines, so that comparisons are one call each.
 
+Every baseline has ``fit(lr, hr)`` and ``sample(lr, num_samples=...)`` returning a
+``SampleOutput`` like the pipeline's (deterministic ones: zero variance, identical members),
+and ``predict(lr)`` for the point estimate.
+
 - ``bicubic(lr, scale)``: bicubic upsampling (masked pixels filled first, NaN again after).
 - ``pod_projection(pod, lr, scale, ...)``: the upsampled input projected on the POD (what the
   POD alone can represent of it).
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 
 import podiff_kernels as pk
 
-from .pipeline import PipelineConfig, PODiffPipeline, upsample
+from .pipeline import PipelineConfig, PODiffPipeline, SampleOutput, upsample
 from .pod import PatchPOD
 
 
@@ -34,6 +38,45 @@ def bicubic(lr: torch.Tensor, scale: int) -> torch.Tensor:
     return up.masked_fill(masked, float("nan"))
 
 
+class _Deterministic:
+    """``sample`` for a point predictor: the prediction with zero variance."""
+
+    def sample(self, lr: torch.Tensor, num_samples: int = 1, steps=None, seed=None, return_samples=False,
+               **_) -> SampleOutput:
+        mean = self.predict(lr)
+        var = torch.where(torch.isnan(mean), mean, torch.zeros_like(mean))
+        samples = mean[None].expand(num_samples, *mean.shape) if return_samples else None
+        return SampleOutput(mean, var, samples)
+
+
+class BicubicBaseline(_Deterministic):
+    """Bicubic upsampling as a model (``fit`` does nothing)."""
+
+    def __init__(self, scale: int):
+        self.scale = int(scale)
+
+    def fit(self, lr=None, hr=None, **_) -> "BicubicBaseline":
+        return self
+
+    def predict(self, lr: torch.Tensor) -> torch.Tensor:
+        return bicubic(lr, self.scale)
+
+
+class PODProjectionBaseline(_Deterministic):
+    """The upsampled input projected on a pipeline's POD (``fit`` needs a fitted pipeline)."""
+
+    def __init__(self, pipeline: PODiffPipeline):
+        self.pipeline = pipeline
+
+    def fit(self, lr=None, hr=None, **_) -> "PODProjectionBaseline":
+        if self.pipeline.pod is None:
+            raise RuntimeError("PODProjectionBaseline needs a fitted pipeline (its POD and data scaling)")
+        return self
+
+    def predict(self, lr: torch.Tensor) -> torch.Tensor:
+        return pod_projection(self.pipeline, lr)
+
+
 def pod_projection(pipeline: PODiffPipeline, lr: torch.Tensor) -> torch.Tensor:
     """The bicubic-upsampled input encoded and decoded by the pipeline's POD, in data units."""
     tokens = pipeline.condition_tokens(lr)
@@ -41,7 +84,7 @@ def pod_projection(pipeline: PODiffPipeline, lr: torch.Tensor) -> torch.Tensor:
     return out * pipeline.data_scale.view(1, -1, 1, 1) + pipeline.offset.view(1, -1, 1, 1)
 
 
-class RidgeBaseline:
+class RidgeBaseline(_Deterministic):
     """Ridge regression from an upsampled ``(p + 2m)``-pixel window to the ``p×p`` HR patch.
 
     ``fit(lr, hr)`` accumulates ``XᵀX`` and ``XᵀY`` over all patches (float64, in image chunks),
