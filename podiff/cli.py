@@ -1,0 +1,331 @@
+"""The ``podiff`` command: ``demo | fit-pod | train | sample | evaluate | info``.
+
+    podiff train --data FILE --out RUN_DIR [--scale S] [--steps N] [--patch-size P] [--rank R] [--pod POD]
+    podiff sample --model RUN_DIR --data FILE --num-samples M --out PRED.npz [--split train|val|test|all]
+    podiff evaluate --pred PRED.npz --data FILE --out REPORT_DIR
+    podiff demo [--dataset sst|mri|images] [--out DIR]
+
+``--data`` is a packaged dataset (``sst``, ``mri``, ``images``) or a ``.npz`` / netCDF file.
+Errors are one line on stderr with exit status 1 (2 for bad usage). Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def _data(args):
+    from . import data
+
+    return data.load(args.data, getattr(args, "scale", None), getattr(args, "var", None))
+
+
+def _prepare_out(path: Path, overwrite: bool, resume: bool = False) -> None:
+    if path.exists() and any(path.iterdir() if path.is_dir() else [path]) and not (overwrite or resume):
+        raise CommandError(f"{path} exists and is not empty; pass --overwrite to replace it"
+                           + (" or --resume to continue" if path.is_dir() else ""))
+    if path.exists() and overwrite and not resume:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _config(args, scale: int):
+    from .pipeline import PipelineConfig
+
+    kw = dict(scale=scale, patch_size=args.patch_size, basis=args.basis, preset=args.preset, seed=args.seed,
+              schedule=args.schedule, prediction=args.prediction, sample_steps=args.sample_steps,
+              batch_size=args.batch_size, lr=args.learning_rate)
+    if args.steps is not None:
+        kw["train_steps"] = args.steps
+    if args.stride is not None:
+        kw["stride"] = args.stride
+    if args.rank is not None:
+        kw["rank"] = args.rank
+    elif args.energy is not None:
+        kw["energy"] = args.energy
+    return PipelineConfig(**kw)
+
+
+def cmd_info(args) -> int:
+    from podiff_kernels import info
+
+    print(f"podiff {__version__}, Python {platform.python_version()}, torch {torch.__version__}")
+    info.main([])
+    return 0
+
+
+def cmd_fit_pod(args) -> int:
+    from .pod import PatchPOD
+
+    ds = _data(args)
+    _, hr, _ = ds.split(args.split)
+    out = Path(args.out)
+    _prepare_out(out, args.overwrite)
+    pod = PatchPOD(args.patch_size, args.stride, rank=args.rank, energy=None if args.rank else args.energy,
+                   basis=args.basis)
+    pod.fit(hr, progress=not args.quiet)
+    pod.save(out)
+    print(f"{pod} -> {out}")
+    return 0
+
+
+def train(args, ds=None) -> "object":
+    from .pipeline import PODiffPipeline
+    from .pod import PatchPOD
+
+    ds = ds or _data(args)
+    out = Path(args.out)
+    _prepare_out(out, args.overwrite, resume=args.resume)
+    out.mkdir(parents=True, exist_ok=True)
+    lr, hr, idx = ds.split("train")
+    pod = PatchPOD.load(args.pod) if args.pod else None
+    pipe = PODiffPipeline(_config(args, ds.scale), pod=pod)
+    if pod is not None:
+        # A given POD was fitted on standardised fields of this data: scale as the pipeline would.
+        pipe.fit(lr, hr, steps=0, progress=False)
+    t0 = time.perf_counter()
+    pipe.fit(lr, hr, progress=not args.quiet, checkpoint=out / "checkpoint.pt", resume=args.resume,
+             checkpoint_every=args.checkpoint_every)
+    seconds = time.perf_counter() - t0
+    pipe.save(out / "model")
+    info = {"data": args.data, "scale": ds.scale, "train_indices": [int(idx[0]), int(idx[-1])],
+            "train_seconds": seconds, "steps": pipe.step_count, "parameters": pipe.num_parameters(),
+            "final_loss": float(np.mean(pipe.history[-50:])) if pipe.history else None}
+    (out / "train.json").write_text(json.dumps(info, indent=2))
+    if not args.quiet:
+        print(f"{pipe.describe()}\ntrained {pipe.step_count} steps in {seconds:.1f} s -> {out}")
+    return pipe
+
+
+def cmd_train(args) -> int:
+    train(args)
+    return 0
+
+
+def sample(args, ds=None, pipe=None) -> dict:
+    from .pipeline import PODiffPipeline, atomic_write
+
+    model = Path(args.model)
+    if pipe is None:
+        if not (model / "model" / "config.json").is_file() and not (model / "config.json").is_file():
+            raise CommandError(f"no trained model in {model} (expected {model / 'model' / 'config.json'})")
+        pipe = PODiffPipeline.load(model / "model" if (model / "model").is_dir() else model)
+    ds = ds or _data(args)
+    lr, hr, idx = ds.split(args.split)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CommandError(f"{out} exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    result = pipe.sample(lr, num_samples=args.num_samples, steps=args.steps, seed=args.seed,
+                         return_samples=args.members)
+    seconds = time.perf_counter() - t0
+    arrays = {"mean": result.mean.numpy(), "variance": result.variance.numpy(), "indices": idx,
+              "split": np.array(args.split), "data": np.array(str(args.data)), "model": np.array(str(model)),
+              "num_samples": np.array(args.num_samples), "seconds": np.array(seconds),
+              "steps": np.array(args.steps or pipe.config.sample_steps)}
+    if args.members:
+        arrays["members"] = result.samples.numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+    if not args.quiet:
+        print(f"sampled {args.num_samples} members × {len(idx)} samples ({args.split}) in {seconds:.1f} s -> {out}")
+    return arrays
+
+
+def cmd_sample(args) -> int:
+    sample(args)
+    return 0
+
+
+def evaluate(args, ds=None, pipe=None) -> dict:
+    from .pipeline import PODiffPipeline
+    from .report import evaluate as run_evaluation
+    from .report import write_report
+
+    pred_path = Path(args.pred)
+    if not pred_path.is_file():
+        raise CommandError(f"no prediction file at {pred_path}")
+    try:
+        pred = dict(np.load(pred_path, allow_pickle=False))
+    except Exception as exc:
+        raise CommandError(f"{pred_path} is not a readable prediction .npz: {exc}") from None
+    missing = {"mean", "variance", "indices", "split", "model"} - set(pred)
+    if missing:
+        raise CommandError(f"{pred_path} is not a podiff prediction (missing {sorted(missing)})")
+    ds = ds or _data(args)
+    split = str(pred["split"])
+    lr_test, hr_test, idx = ds.split(split)
+    if not np.array_equal(idx, pred["indices"]):
+        raise CommandError(f"{pred_path} was made on other samples of the data (split {split!r}, "
+                           f"{len(pred['indices'])} samples) than {args.data} gives ({len(idx)})")
+    if pipe is None:
+        model = Path(str(pred["model"]))
+        pipe = PODiffPipeline.load(model / "model" if (model / "model").is_dir() else model)
+    lr_train, hr_train, _ = ds.split("train")
+    mean, variance = torch.from_numpy(pred["mean"]), torch.from_numpy(pred["variance"])
+    members = torch.from_numpy(pred["members"]) if "members" in pred else None
+    out = Path(args.out)
+    _prepare_out(out, args.overwrite)
+    meta = {"data": str(args.data), "split": split, "samples": int(len(idx)), "scale": ds.scale,
+            "image_size": list(hr_test.shape[-2:]), "num_samples": int(pred["num_samples"]),
+            "sample_seconds": float(pred["seconds"]), "sample_steps": int(pred["steps"]),
+            "seed": pipe.config.seed, "model": str(pred["model"]), "parameters": pipe.num_parameters(),
+            "pod_rank": pipe.pod.rank, "versions": {"podiff": __version__, "torch": torch.__version__,
+                                                     "python": platform.python_version()}}
+    meta.update(getattr(args, "extra_meta", {}) or {})
+    result = run_evaluation(mean, variance, hr_test, lr_test, lr_train, hr_train, pipe, members, meta)
+    report = write_report(out, result, lr_test, hr_test, mean, variance, pipe.pod, ds.scale)
+    if not args.quiet:
+        m = result["model"]
+        print(f"model RMSE {m['rmse']:.4g} (bicubic {result['bicubic']['rmse']:.4g}, "
+              f"POD projection {result['pod_projection']['rmse']:.4g}, ridge {result['ridge']['rmse']:.4g}); "
+              f"CRPS {m.get('crps', float('nan')):.4g}, MACE {m.get('mace', float('nan')):.3f} -> {report}")
+    return result
+
+
+def cmd_evaluate(args) -> int:
+    evaluate(args)
+    return 0
+
+
+DEMO_DEFAULTS = {
+    "sst": dict(patch_size=4, basis="local", rank=None, energy=0.999, steps=1500, batch_size=8, num_samples=32),
+    "mri": dict(patch_size=8, basis="shared", rank=None, energy=0.995, steps=800, batch_size=16, num_samples=16),
+    "images": dict(patch_size=8, basis="shared", rank=None, energy=0.99, steps=800, batch_size=32, num_samples=16),
+}
+
+
+def cmd_demo(args) -> int:
+    out = Path(args.out)
+    _prepare_out(out, args.overwrite)
+    defaults = DEMO_DEFAULTS[args.dataset]
+    ns = argparse.Namespace(**vars(args))
+    ns.data, ns.scale, ns.var, ns.pod, ns.resume = args.dataset, 4, None, None, False
+    for key, value in defaults.items():
+        if getattr(ns, key, None) is None:
+            setattr(ns, key, value)
+    ns.overwrite = True
+    t0 = time.perf_counter()
+    ds = _data(ns)
+    ns.out = str(out / "run")
+    pipe = train(ns, ds)
+    train_seconds = time.perf_counter() - t0
+    ns.model, ns.split, ns.members, ns.out = str(out / "run"), "test", False, str(out / "prediction.npz")
+    sample(ns, ds, pipe)
+    ns.pred, ns.out = str(out / "prediction.npz"), str(out / "report")
+    ns.extra_meta = {"train_seconds": train_seconds, "total_seconds": None, "dataset": args.dataset}
+    result = evaluate(ns, ds, pipe)
+    total = time.perf_counter() - t0
+    result["meta"]["total_seconds"] = total
+    (out / "report" / "metrics.json").write_text(json.dumps(result, indent=2))
+    print(f"demo finished in {total:.0f} s; report: {out / 'report' / 'report.md'}")
+    return 0
+
+
+def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    none_if_demo = (lambda v: None) if demo else (lambda v: v)
+    p.add_argument("--patch-size", type=int, default=none_if_demo(4), help="POD patch size p")
+    p.add_argument("--stride", type=int, default=None, help="patch stride (default: p, no overlap)")
+    p.add_argument("--rank", type=int, default=None, help="POD modes r (default: by --energy)")
+    p.add_argument("--energy", type=float, default=none_if_demo(0.999), help="POD energy to keep")
+    p.add_argument("--basis", choices=("shared", "local"), default=none_if_demo("shared"))
+    p.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny")
+    p.add_argument("--schedule", choices=("cosine", "linear", "learned"), default="cosine")
+    p.add_argument("--prediction", choices=("v", "epsilon"), default="v")
+    p.add_argument("--steps", type=int, default=None, help="training steps")
+    p.add_argument("--batch-size", type=int, default=none_if_demo(32))
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--sample-steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="podiff", description="Patch-POD latent diffusion: super-resolution "
+                                     "with calibrated, closed-form uncertainty.")
+    parser.add_argument("--version", action="version", version=f"podiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, data=True):
+        if data:
+            p.add_argument("--data", required=True, help="sst | mri | images | FILE.npz | FILE.nc")
+            p.add_argument("--scale", type=int, default=None, help="downscaling factor (makes LR when absent)")
+            p.add_argument("--var", default=None, help="netCDF variable")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+    p = sub.add_parser("info", help="versions, devices, kernel backends")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("fit-pod", help="fit a patch POD and save it")
+    common(p)
+    p.add_argument("--out", required=True, help="POD file (.safetensors)")
+    p.add_argument("--split", choices=("train", "val", "test", "all"), default="train")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_fit_pod)
+
+    p = sub.add_parser("train", help="fit the POD (unless --pod) and train the denoiser")
+    common(p)
+    p.add_argument("--out", required=True, help="run folder (checkpoint, model, train.json)")
+    p.add_argument("--pod", default=None, help="a POD file from fit-pod")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample an ensemble: mean and variance (and members) to .npz")
+    common(p)
+    p.add_argument("--model", required=True, help="run folder from train")
+    p.add_argument("--out", required=True, help="prediction file (.npz)")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--split", choices=("train", "val", "test", "all"), default="test")
+    p.add_argument("--members", action="store_true", help="also store the decoded members")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="score a prediction against the truth and the baselines")
+    common(p)
+    p.add_argument("--pred", required=True, help="prediction file from sample")
+    p.add_argument("--out", required=True, help="report folder")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="end to end on packaged data: train, sample, evaluate, report")
+    common(p, data=False)
+    p.add_argument("--dataset", choices=("sst", "mri", "images"), default="sst")
+    p.add_argument("--out", default="podiff-demo", help="output folder")
+    p.add_argument("--num-samples", type=int, default=None)
+    _add_model_options(p, demo=True)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"podiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, FileNotFoundError, ValueError, RuntimeError, ImportError, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"podiff {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
