@@ -203,7 +203,7 @@ def cmd_evaluate(args) -> int:
 
 
 DEMO_DEFAULTS = {
-    "sst": dict(patch_size=4, basis="local", rank=None, energy=0.999, steps=1500, batch_size=8, num_samples=32),
+    "sst": dict(patch_size=4, basis="local", rank=None, energy=0.999, steps=600, batch_size=8, num_samples=32),
     "mri": dict(patch_size=8, basis="shared", rank=None, energy=0.995, steps=800, batch_size=16, num_samples=16),
     "images": dict(patch_size=8, basis="shared", rank=None, energy=0.99, steps=800, batch_size=32, num_samples=16),
 }
@@ -224,7 +224,8 @@ def cmd_demo(args) -> int:
     ns.out = str(out / "run")
     pipe = train(ns, ds)
     train_seconds = time.perf_counter() - t0
-    ns.model, ns.split, ns.members, ns.out = str(out / "run"), "test", False, str(out / "prediction.npz")
+    # --steps meant training steps here; the sampler uses the model's sample_steps.
+    ns.model, ns.split, ns.members, ns.out, ns.steps = str(out / "run"), "test", False, str(out / "prediction.npz"), None
     sample(ns, ds, pipe)
     ns.pred, ns.out = str(out / "prediction.npz"), str(out / "report")
     ns.extra_meta = {"train_seconds": train_seconds, "total_seconds": None, "dataset": args.dataset}

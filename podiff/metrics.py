@@ -120,8 +120,9 @@ def crps_gaussian(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, mask
         raise ValueError("var must be non-negative")
     mu, sd, y = mean.double(), var.double().sqrt(), obs.double()
     z = (y - mu) / sd.clamp_min(1e-300)
-    normal = torch.distributions.Normal(torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
-    crps = sd * (z * (2 * normal.cdf(z) - 1) + 2 * normal.log_prob(z).exp() - 1 / math.sqrt(math.pi))
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    crps = sd * (z * (2 * cdf - 1) + 2 * pdf - 1 / math.sqrt(math.pi))
     crps = torch.where(sd > 0, crps, (y - mu).abs())
     valid = _valid(obs, mask, mean, var)
     if not reduce:

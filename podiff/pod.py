@@ -30,6 +30,8 @@ import podiff_kernels as pk
 from podiff_kernels.ops.patch_stats import DEFAULT_BUDGET, PatchStats
 
 FORMAT = "podiff.PatchPOD"
+#: Relative eigenvalue floor: smaller modes are treated as exactly zero variance.
+ROUNDOFF = 1e-9
 FORMAT_VERSION = 1
 
 
@@ -255,7 +257,9 @@ class PatchPOD:
         else:
             where = []
         eigenvalues, vectors = pk.batched_eigh(cov)  # G, D (descending), G, D, D
-        eigenvalues = eigenvalues.clamp_min(0.0)
+        # Modes below ROUNDOFF × a location's leading eigenvalue are round-off (or masked pixels'
+        # null space): zero variance, so standardising never divides by them.
+        eigenvalues = torch.where(eigenvalues > ROUNDOFF * eigenvalues[:, :1].clamp_min(0), eigenvalues, 0.0)
         total = eigenvalues.sum(-1, keepdim=True)
         share = torch.where(total > 0, eigenvalues.cumsum(-1) / total.clamp_min(1e-300), 1.0)
         D = cov.shape[-1]
