@@ -131,7 +131,7 @@ def sample(args, ds=None, pipe=None) -> dict:
         raise CommandError(f"{out} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     result = pipe.sample(lr, num_samples=args.num_samples, steps=args.steps, seed=args.seed,
-                         return_samples=args.members)
+                         return_samples=args.members, progress=not args.quiet)
     seconds = time.perf_counter() - t0
     arrays = {"mean": result.mean.numpy(), "variance": result.variance.numpy(), "indices": idx,
               "split": np.array(args.split), "data": np.array(str(args.data)), "model": np.array(str(model)),

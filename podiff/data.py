@@ -150,21 +150,26 @@ def load_mri(scale: int = 4, size: int = 128, step: int = 2) -> Dataset:
 IMAGES = ("camera", "astronaut", "coffee", "chelsea", "coins", "moon", "page", "text", "rocket", "immunohistochemistry")
 
 
-def load_images(scale: int = 4, size: int = 64, names=IMAGES) -> Dataset:
-    """Non-overlapping ``size``² grey crops of scikit-image's bundled images, in [0, 1]."""
+def load_images(scale: int = 4, size: int = 64, names=IMAGES, rgb: bool = False) -> Dataset:
+    """Non-overlapping ``size``² crops of scikit-image's bundled images, in [0, 1]: grey
+    (``C = 1``), or with ``rgb`` colour (``C = 3``; grey images repeated on the three channels)."""
     skdata = _require("skimage.data", "the natural-image dataset")
     color = _require("skimage.color", "the natural-image dataset")
     crops = []
     for name in names:
         img = np.asarray(getattr(skdata, name)(), dtype=np.float64)
-        if img.ndim == 3:
-            img = color.rgb2gray(img[..., :3])
         img = img / (255.0 if img.max() > 1.0 else 1.0)
-        for y in range(0, img.shape[0] - size + 1, size):
-            for x in range(0, img.shape[1] - size + 1, size):
-                crops.append(img[y : y + size, x : x + size])
-    hr = _crop_to_scale(torch.from_numpy(np.stack(crops)).float()[:, None], scale)
-    return Dataset(hr, block_average(hr, scale), scale, "images", {"images": list(names), "order": "image, row"})
+        if rgb:
+            img = np.repeat(img[..., None], 3, axis=-1) if img.ndim == 2 else img[..., :3]
+            img = np.moveaxis(img, -1, 0)  # C, H, W
+        else:
+            img = (color.rgb2gray(img[..., :3]) if img.ndim == 3 else img)[None]
+        for y in range(0, img.shape[1] - size + 1, size):
+            for x in range(0, img.shape[2] - size + 1, size):
+                crops.append(img[:, y : y + size, x : x + size])
+    hr = _crop_to_scale(torch.from_numpy(np.stack(crops)).float(), scale)
+    return Dataset(hr, block_average(hr, scale), scale, "images",
+                   {"images": list(names), "rgb": rgb, "order": "image, row"})
 
 
 def _as_nchw(array: np.ndarray, key: str, path: Path) -> torch.Tensor:

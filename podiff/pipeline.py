@@ -309,7 +309,8 @@ class PODiffPipeline:
 
     @torch.no_grad()
     def sample_tokens(self, cond: torch.Tensor, num_samples: int, steps: int | None = None,
-                      seed: int | None = None, member_budget: int = 1 << 20, use_ema: bool = True) -> torch.Tensor:
+                      seed: int | None = None, member_budget: int = 1 << 20, use_ema: bool = True,
+                      progress: bool = False) -> torch.Tensor:
         """``M`` members for condition tokens ``[B, L, r]`` -> ``[M, B, L, r]``, in chunks of at most
         ``member_budget`` token values per call. Same seed, same samples."""
         cfg = self.config
@@ -322,15 +323,18 @@ class PODiffPipeline:
         chunk = max(1, member_budget // max(1, L * r))
         was_training = denoiser.training
         denoiser.eval()
+        from tqdm.auto import tqdm
+
+        starts = range(0, flat.shape[0], chunk)
         out = [scheduler.sample(denoiser, flat[i : i + chunk], steps, generator, self.noise_input)
-               for i in range(0, flat.shape[0], chunk)]
+               for i in tqdm(starts, disable=not progress, desc="sample", unit="chunk")]
         denoiser.train(was_training)
         return torch.cat(out).view(num_samples, B, L, r)
 
     @torch.no_grad()
     def sample(self, lr: torch.Tensor, num_samples: int = 16, steps: int | None = None, *,
                seed: int | None = None, variance: str = "block", return_samples: bool = False,
-               member_budget: int = 1 << 20) -> SampleOutput:
+               member_budget: int = 1 << 20, progress: bool = False) -> SampleOutput:
         """Ensemble super-resolution of ``lr [B, C, h, w]``.
 
         Returns ``SampleOutput`` with the pixel ``mean`` and ``variance`` ``[B, C, H, W]``
@@ -349,7 +353,7 @@ class PODiffPipeline:
             raise ValueError(f"lr must be [B, {self.offset.numel()}, {expected[0]}, {expected[1]}] (the trained size); "
                              f"got {tuple(lr.shape)}")
         cond = self.condition_tokens(lr).float()
-        tokens = self.sample_tokens(cond, int(num_samples), steps, seed, member_budget)
+        tokens = self.sample_tokens(cond, int(num_samples), steps, seed, member_budget, progress=progress)
         mean_tok, cov = pk.ensemble_moments(tokens, diagonal=variance == "diagonal")
         mean, var = self.pod.decode_moments(mean_tok, cov)
         scale = self.data_scale.view(1, -1, 1, 1).to(mean)

@@ -56,6 +56,10 @@ def test_images_from_scikit_image():
     ds = data.load_images(scale=4, size=32, names=("camera", "coins"))
     assert ds.hr.shape[1:] == (1, 32, 32) and ds.lr.shape[1:] == (1, 8, 8)
     assert float(ds.hr.min()) >= 0 and float(ds.hr.max()) <= 1
+    colour = data.load_images(scale=4, size=32, names=("astronaut", "camera"), rgb=True)
+    assert colour.hr.shape[1:] == (3, 32, 32)
+    grey_crop = colour.hr[-1]  # the camera is grey: its three channels are equal
+    assert torch.equal(grey_crop[0], grey_crop[1]) and not torch.equal(colour.hr[0, 0], colour.hr[0, 1])
 
 
 def test_npz_files(tmp_path):
