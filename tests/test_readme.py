@@ -1,0 +1,29 @@
+"""The README's Python examples run as written (training and sampling sizes shrunk, outputs in tmp)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SHRINK = [  # (as written, as run here): only sizes, paths and progress bars change
+    ("train_steps=2000", "train_steps=3"),
+    ("num_samples=32, steps=50", "num_samples=3, steps=2"),
+    ('checkpoint="run.ckpt"', 'checkpoint=str(TMP / "run.ckpt"), progress=False'),
+    ('"model/"', 'str(TMP / "model")'),
+    ("pod.fit(x)", "pod.fit(x, progress=False)"),
+    ('pod.save("pod.safetensors"); pod = PatchPOD.load("pod.safetensors")',
+     'pod.save(TMP / "pod.safetensors"); pod = PatchPOD.load(TMP / "pod.safetensors")'),
+]
+
+
+def test_readme_python_blocks_run(tmp_path):
+    pytest.importorskip("skimage")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 4
+    namespace = {"TMP": tmp_path}
+    for block in blocks:
+        for old, new in SHRINK:
+            block = block.replace(old, new)
+        exec(compile(block, str(README), "exec"), namespace)
+    assert namespace["out"].mean.shape == (100, 1, 64, 64)
