@@ -179,3 +179,11 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "eigh_cuda.o").stat().st_size > 0
+
+
+def test_compiles_fullgraph():
+    a = spectrum_matrix("spd", 6, 4, seed=2)
+    compiled = torch.compile(lambda m: pk.batched_eigh(m), fullgraph=True, backend="aot_eager")
+    w, v = compiled(a)
+    w0, v0 = pk.batched_eigh(a)
+    assert torch.equal(w, w0) and torch.equal(v, v0)

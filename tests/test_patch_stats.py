@@ -133,3 +133,12 @@ def test_opcheck():
         for local in (False, True):
             torch.library.opcheck(torch.ops.podiff.patch_stats.default, (x, v, 3, 2, local, 1 << 20),
                                   test_utils=("test_schema", "test_faketensor"))
+
+
+def test_op_compiles_fullgraph():
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    compiled = torch.compile(lambda t: torch.ops.podiff.patch_stats(t, None, 4, 2, True, 1 << 20),
+                             fullgraph=True, backend="aot_eager")
+    stats = pk.patch_stats(x, 4, 2, local=True)
+    count, mean, m2 = compiled(x)
+    assert torch.equal(m2, stats.m2) and torch.equal(mean, stats.mean) and torch.equal(count, stats.count)
