@@ -1,11 +1,13 @@
-"""The README's Python examples run as written (training and sampling sizes shrunk, outputs in tmp)."""
+"""The README's and docs/'s Python examples run as written (training and sampling sizes shrunk,
+outputs in tmp)."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 SHRINK = [  # (as written, as run here): only sizes, paths and progress bars change
     ("train_steps=2000", "train_steps=3"),
     ("num_samples=32, steps=50", "num_samples=3, steps=2"),
@@ -27,3 +29,12 @@ def test_readme_python_blocks_run(tmp_path):
             block = block.replace(old, new)
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["out"].mean.shape == (100, 1, 64, 64)
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
+def test_docs_python_blocks_run(page):
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    assert blocks, f"{page.name} has no Python example"
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), namespace)
