@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -170,10 +168,8 @@ class PODiffPipeline:
                 hr_std = hr_std.masked_fill(~mask, float("nan"))
             self.pod.fit(hr_std, progress=progress)
         r = self.pod.rank
-        nH = (self.pod._padded_size(*self.image_size)[0] - self.pod.patch_size) // self.pod.stride + 1
-        nW = (self.pod._padded_size(*self.image_size)[1] - self.pod.patch_size) // self.pod.stride + 1
         noise_input = "per_token" if cfg.schedule == "learned" else "time"
-        dcfg = DenoiserConfig.preset(cfg.preset, rank=r, grid=(nH, nW), noise_input=noise_input, **cfg.denoiser)
+        dcfg = DenoiserConfig.preset(cfg.preset, rank=r, grid=self.pod.grid, noise_input=noise_input, **cfg.denoiser)
         torch.manual_seed(cfg.seed)
         self.denoiser = (PODDenoiser if cfg.denoiser_kind == "vit" else MLPDenoiser)(dcfg)
         self.schedule = make_schedule(cfg.schedule, rank=r, prediction=cfg.prediction)
@@ -433,11 +429,4 @@ class PODiffPipeline:
                 f"prediction {self.config.prediction}, sampler {self.config.sampler}")
 
 
-def timed(fn, *args, **kwargs):
-    """``(result, seconds)`` of one call."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
-
-
-__all__ = ["PipelineConfig", "PODiffPipeline", "SampleOutput", "upsample", "math"]
+__all__ = ["PipelineConfig", "PODiffPipeline", "SampleOutput", "upsample"]

@@ -321,10 +321,16 @@ class PatchPOD:
         return ratio if self.local else ratio[0]
 
     @property
-    def num_locations(self) -> int:
+    def grid(self) -> tuple[int, int]:
+        """Patch locations ``(nH, nW)`` on the (padded) fitted image size."""
         self._check_fitted()
         Hp, Wp = self._padded_size(*self.image_size)
-        return ((Hp - self.patch_size) // self.stride + 1) * ((Wp - self.patch_size) // self.stride + 1)
+        return (Hp - self.patch_size) // self.stride + 1, (Wp - self.patch_size) // self.stride + 1
+
+    @property
+    def num_locations(self) -> int:
+        nH, nW = self.grid
+        return nH * nW
 
     # ------------------------------------------------------------------ encode / decode
 

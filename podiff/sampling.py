@@ -63,11 +63,14 @@ class DiffusionScheduler:
     def step(self, model_output: torch.Tensor, t, s, sample: torch.Tensor, cond: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> SchedulerOutput:
         """One step from time ``t`` to ``s`` (scalars or ``[B]``)."""
+        return self._step(self.schedule, model_output, t, s, sample, cond, generator)
+
+    def _step(self, schedule, model_output, t, s, sample, cond, generator) -> SchedulerOutput:
         B = sample.shape[0]
         t = torch.as_tensor(t, dtype=sample.dtype, device=sample.device).expand(B)
         s = torch.as_tensor(s, dtype=sample.dtype, device=sample.device).expand(B)
-        lam_t = self.schedule.log_snr(t, cond).to(sample.dtype)
-        lam_s = self.schedule.log_snr(s, cond).to(sample.dtype)
+        lam_t = schedule.log_snr(t, cond).to(sample.dtype)
+        lam_s = schedule.log_snr(s, cond).to(sample.dtype)
         x0, eps = self.predictions(model_output, sample, lam_t)
         # log ᾱ = log sigmoid(λ), log(1 − ᾱ) = log sigmoid(−λ): exact at both ends.
         log_ab_t, log_ab_s = F.logsigmoid(lam_t), F.logsigmoid(lam_s)
@@ -98,15 +101,11 @@ class DiffusionScheduler:
         """Runs the whole chain for condition tokens ``cond [B, L, r_c]``; returns ``x_0 [B, L, r]``."""
         times = self.set_timesteps(steps).to(cond.device)
         r = denoiser.config.rank
-        schedule, self.schedule = self.schedule, self.schedule.bind(cond)  # weights once per chain
-        try:
-            x = torch.randn(cond.shape[0], cond.shape[1], r, generator=generator, device=cond.device,
-                            dtype=cond.dtype)
-            for t, s in zip(times[:-1], times[1:]):
-                tb = t.expand(cond.shape[0]).to(cond.dtype)
-                level = tb if noise_input == "time" else self.schedule.log_snr(tb, cond).expand(-1, -1, r)
-                out = denoiser(x, cond, level)
-                x = self.step(out, t, s, x, cond=cond, generator=generator).prev_sample
-        finally:
-            self.schedule = schedule
+        bound = self.schedule.bind(cond)  # a learned schedule's weights, once per chain
+        x = torch.randn(cond.shape[0], cond.shape[1], r, generator=generator, device=cond.device, dtype=cond.dtype)
+        for t, s in zip(times[:-1], times[1:]):
+            tb = t.expand(cond.shape[0]).to(cond.dtype)
+            level = tb if noise_input == "time" else bound.log_snr(tb, cond).expand(-1, -1, r)
+            out = denoiser(x, cond, level)
+            x = self._step(bound, out, t, s, x, cond, generator).prev_sample
         return x

@@ -199,9 +199,6 @@ class LearnedSchedule(NoiseSchedule):
             )
         return 1.0
 
-    def _scalar_log_snr(self, t: float) -> float:  # not used: t_max is 1
-        raise NotImplementedError
-
 
 class _Weights:
     """Precomputed mixture weights standing in for the condition tokens."""

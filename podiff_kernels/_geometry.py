@@ -167,6 +167,13 @@ def cover_counts(grid: PatchGrid, device=None, dtype=torch.float32) -> torch.Ten
     return axis(grid.height, grid.n_rows)[:, None] * axis(grid.width, grid.n_cols)[None, :]
 
 
+def grouped_layout(basis: torch.Tensor, mean: torch.Tensor | None):
+    """``basis [G, D, r]`` and ``mean [Gm, D]`` (or None), contiguous: the C++ extension's layout."""
+    b3 = (basis if basis.dim() == 3 else basis.unsqueeze(0)).contiguous()
+    m2 = None if mean is None else (mean if mean.dim() == 2 else mean.unsqueeze(0)).contiguous()
+    return b3, m2
+
+
 def location_row_chunks(grid: PatchGrid, bytes_per_row: int, budget_bytes: int = 64 << 20):
     """Splits the ``nH`` rows of patch locations into ``(row0, row1)`` chunks within a memory budget.
 

@@ -187,3 +187,12 @@ def test_compiles_fullgraph():
     w, v = compiled(a)
     w0, v0 = pk.batched_eigh(a)
     assert torch.equal(w, w0) and torch.equal(v, v0)
+
+
+@pytest.mark.parametrize("limit", [48 * 1024, 100 * 1024, 227 * 1024])
+def test_python_shared_memory_mirror_matches_the_cuda_header(limit):
+    """Dispatch sizes the CUDA kernel without building it; its formula must equal the header's."""
+    from podiff_kernels import _extension
+
+    largest = max(n for n in range(1, 1025) if eigh_mod._smem_bytes(n) <= limit)
+    assert largest == _extension.load().cuda_eigh_max_n(limit)

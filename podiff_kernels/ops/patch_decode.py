@@ -22,6 +22,7 @@ from .._geometry import (
     check_mean,
     cover_counts,
     grid_from_basis,
+    grouped_layout,
     location_row_chunks,
     resolve_stride,
 )
@@ -128,8 +129,7 @@ def _fold_torch(coeffs, basis, mean, grid: PatchGrid, average: bool):
 
 def _fold_cpp(coeffs, basis, mean, grid: PatchGrid, average: bool):
     ext = _extension.load()
-    b3 = (basis if basis.dim() == 3 else basis.unsqueeze(0)).contiguous()
-    m2 = None if mean is None else (mean if mean.dim() == 2 else mean.unsqueeze(0)).contiguous()
+    b3, m2 = grouped_layout(basis, mean)
     return ext.patch_fold(coeffs.contiguous(), b3, m2, grid.height, grid.width, grid.patch_size, grid.stride,
                           average)
 

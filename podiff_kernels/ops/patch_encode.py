@@ -18,6 +18,7 @@ from .._geometry import (
     check_basis,
     check_float_tensors,
     check_mean,
+    grouped_layout,
     location_row_chunks,
     make_grid,
     resolve_stride,
@@ -127,8 +128,7 @@ def _encode_torch(x, basis, mean, grid: PatchGrid):
 
 def _encode_cpp(x, basis, mean, grid: PatchGrid):
     ext = _extension.load()
-    b3 = (basis if basis.dim() == 3 else basis.unsqueeze(0)).contiguous()
-    m2 = None if mean is None else (mean if mean.dim() == 2 else mean.unsqueeze(0)).contiguous()
+    b3, m2 = grouped_layout(basis, mean)
     return ext.patch_encode(x.contiguous(), b3, m2, grid.patch_size, grid.stride)
 
 
