@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 
 
 class CommandError(Exception):
@@ -85,13 +85,19 @@ def cmd_fit_pod(args) -> int:
 
 def train(args, ds=None) -> "object":
     from .pipeline import PODiffPipeline
-    from .pod import PatchPOD
+    from .pod import PatchPOD, atomic_write
 
     ds = ds or _data(args)
     out = Path(args.out)
-    _prepare_out(out, args.overwrite, resume=args.resume)
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed.rank_world()
+    if rank == 0:
+        _prepare_out(out, args.overwrite, resume=args.resume)
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     lr, hr, idx = ds.split("train")
+    if world > 1:  # each rank reads its contiguous shard; the pipeline reduces and gathers exactly
+        rows = distributed.shard(len(idx), rank, world)
+        lr, hr = lr[rows], hr[rows]
     pod = PatchPOD.load(args.pod) if args.pod else None
     pipe = PODiffPipeline(_config(args, ds.scale), pod=pod)
     if pod is not None:
@@ -101,11 +107,13 @@ def train(args, ds=None) -> "object":
     pipe.fit(lr, hr, progress=not args.quiet, checkpoint=out / "checkpoint.pt", resume=args.resume,
              checkpoint_every=args.checkpoint_every)
     seconds = time.perf_counter() - t0
+    if rank != 0:
+        return pipe
     pipe.save(out / "model")
     info = {"data": args.data, "scale": ds.scale, "train_indices": [int(idx[0]), int(idx[-1])],
             "train_seconds": seconds, "steps": pipe.step_count, "parameters": pipe.num_parameters(),
-            "final_loss": float(np.mean(pipe.history[-50:])) if pipe.history else None}
-    (out / "train.json").write_text(json.dumps(info, indent=2))
+            "world_size": world, "final_loss": float(np.mean(pipe.history[-50:])) if pipe.history else None}
+    atomic_write(out / "train.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
     if not args.quiet:
         print(f"{pipe.describe()}\ntrained {pipe.step_count} steps in {seconds:.1f} s -> {out}")
     return pipe
@@ -130,9 +138,13 @@ def sample(args, ds=None, pipe=None) -> dict:
     if out.exists() and not args.overwrite:
         raise CommandError(f"{out} exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
+    # Under torchrun each rank samples its share of the images (seeded per image and member,
+    # so the ensemble is the one-process ensemble); rank 0 writes the gathered result.
     result = pipe.sample(lr, num_samples=args.num_samples, steps=args.steps, seed=args.seed,
-                         return_samples=args.members, progress=not args.quiet)
+                         return_samples=args.members, progress=not args.quiet, image_ids=idx)
     seconds = time.perf_counter() - t0
+    if distributed.rank_world()[0] != 0:
+        return {}
     arrays = {"mean": result.mean.numpy(), "variance": result.variance.numpy(), "indices": idx,
               "split": np.array(args.split), "data": np.array(str(args.data)), "model": np.array(str(model)),
               "num_samples": np.array(args.num_samples), "seconds": np.array(seconds),
@@ -156,6 +168,9 @@ def evaluate(args, ds=None, pipe=None) -> dict:
     from .report import evaluate as run_evaluation
     from .report import write_report
 
+    distributed.barrier()  # under torchrun: rank 0 wrote the prediction; it alone evaluates
+    if distributed.rank_world()[0] != 0:
+        return {}
     pred_path = Path(args.pred)
     if not pred_path.is_file():
         raise CommandError(f"no prediction file at {pred_path}")
@@ -211,7 +226,8 @@ DEMO_DEFAULTS = {
 
 def cmd_demo(args) -> int:
     out = Path(args.out)
-    _prepare_out(out, args.overwrite)
+    if distributed.rank_world()[0] == 0:
+        _prepare_out(out, args.overwrite)
     defaults = DEMO_DEFAULTS[args.dataset]
     ns = argparse.Namespace(**vars(args))
     ns.data, ns.scale, ns.var, ns.pod, ns.resume = args.dataset, 4, None, None, False
@@ -230,6 +246,8 @@ def cmd_demo(args) -> int:
     ns.pred, ns.out = str(out / "prediction.npz"), str(out / "report")
     ns.extra_meta = {"train_seconds": train_seconds, "total_seconds": None, "dataset": args.dataset}
     result = evaluate(ns, ds, pipe)
+    if not result:  # a rank other than 0 under torchrun
+        return 0
     total = time.perf_counter() - t0
     result["meta"]["total_seconds"] = total
     (out / "report" / "metrics.json").write_text(json.dumps(result, indent=2))
@@ -318,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        distributed.init_from_env()  # under torchrun: one process group for train and sample
         return args.func(args)
     except KeyboardInterrupt:
         print(f"podiff {args.command}: interrupted", file=sys.stderr)

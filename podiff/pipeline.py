@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import podiff_kernels as pk
 
+from . import distributed as distributed_
 from .denoiser import DenoiserConfig, MLPDenoiser, PODDenoiser
 from .pod import PatchPOD, atomic_write
 from .sampling import DiffusionScheduler
@@ -121,6 +122,18 @@ def upsample(lr: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(filled, size=tuple(size), mode="bicubic", align_corners=False)
 
 
+class _TrainingModule(nn.Module):
+    """The denoiser and schedule with the training loss as ``forward`` (what DDP wraps)."""
+
+    def __init__(self, pipe: "PODiffPipeline"):
+        super().__init__()
+        self.denoiser, self.schedule = pipe.denoiser, pipe.schedule
+        self._loss = pipe.loss
+
+    def forward(self, x0, cond, t, eps):
+        return self._loss(x0, cond, denoiser=self.denoiser, schedule=self.schedule, noise=(t, eps))
+
+
 class PODiffPipeline:
     """Train, sample and save a Patch-PODiff-ViT model (see the module docstring)."""
 
@@ -148,17 +161,23 @@ class PODiffPipeline:
     def target_tokens(self, hr: torch.Tensor) -> torch.Tensor:
         return self.pod.encode(self._standardise(hr))
 
-    def _build(self, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None, progress: bool) -> None:
+    def _build(self, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None, progress: bool,
+               distributed: bool = False) -> None:
         cfg = self.config
         valid = ~torch.isnan(hr) if mask is None else (~torch.isnan(hr) & mask)
         C = hr.shape[1]
+        reduce = distributed_.all_sum if distributed else (lambda v: v)
         offsets, scales = [], []
         for c in range(C):
+            # Two passes of float64 sums, reduced over ranks: the same offset and scale as one process.
             values = hr[:, c][valid[:, c]].double()
-            if values.numel() < 2:
+            count = reduce(torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device))
+            if count < 2:
                 raise ValueError(f"hr channel {c} has fewer than two valid pixels")
-            offsets.append(values.mean())
-            scales.append(values.std().clamp_min(1e-12))
+            mean = reduce(values.sum()) / count
+            var = reduce((values - mean).pow(2).sum()) / (count - 1)
+            offsets.append(mean.cpu())
+            scales.append(var.sqrt().clamp_min(1e-12).cpu())
         self.offset, self.data_scale = torch.stack(offsets).float(), torch.stack(scales).float()
         self.image_size = tuple(hr.shape[-2:])
         if self.pod is None:
@@ -166,7 +185,7 @@ class PODiffPipeline:
             hr_std = self._standardise(hr)
             if mask is not None:
                 hr_std = hr_std.masked_fill(~mask, float("nan"))
-            self.pod.fit(hr_std, progress=progress)
+            self.pod.fit(hr_std, progress=progress, distributed=distributed)
         r = self.pod.rank
         noise_input = "per_token" if cfg.schedule == "learned" else "time"
         dcfg = DenoiserConfig.preset(cfg.preset, rank=r, grid=self.pod.grid, noise_input=noise_input, **cfg.denoiser)
@@ -181,20 +200,26 @@ class PODiffPipeline:
 
     # ------------------------------------------------------------------ training
 
+    def draw_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None, schedule=None):
+        """The training noise for tokens ``x0 [B, L, r]``: times ``t [B] ~ U(0, t_max)`` and ``ε``."""
+        schedule = schedule or self.schedule
+        t_max = schedule.t_max(self.config.prediction)
+        t = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype) * t_max
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return t, eps
+
     def loss(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
-             denoiser=None, schedule=None) -> torch.Tensor:
+             denoiser=None, schedule=None, noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The training loss for token batches ``x0, cond [B, L, r]``.
 
         Fixed schedules: mean squared error of the ε- or v-prediction, ``t ~ U(0, t_max)``.
         Learned schedule: the continuous-time diffusion loss ``E[−λ'(t) ‖ε − ε̂‖²]`` per mode
         (normalised by ``λ_max − λ_min``) plus ``smoothness · E[(∂²λ/∂t²)²]``.
+        ``noise``: ``(t [B], ε [B, L, r])`` drawn already (``draw_noise``); else drawn from ``generator``.
         """
         denoiser = denoiser or self.denoiser
         schedule = schedule or self.schedule
-        B = x0.shape[0]
-        t_max = schedule.t_max(self.config.prediction)
-        t = torch.rand(B, generator=generator, device=x0.device, dtype=x0.dtype) * t_max
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t, eps = noise if noise is not None else self.draw_noise(x0, generator, schedule)
         lam = schedule.log_snr(t, cond).to(x0.dtype)
         alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
         x_t = alpha * x0 + sigma * eps
@@ -219,47 +244,70 @@ class PODiffPipeline:
 
     def fit(self, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = None, *,
             steps: int | None = None, progress: bool = True, checkpoint: str | Path | None = None,
-            checkpoint_every: int = 200, resume: bool = True, log_every: int = 50) -> list[float]:
+            checkpoint_every: int = 200, resume: bool = True, log_every: int = 50,
+            distributed: bool | None = None) -> list[float]:
         """Fits the POD (unless given), then trains the denoiser (and a learned schedule).
 
         Args:
             lr, hr: ``[N, C, h, w]`` and ``[N, C, h·scale, w·scale]``; NaN marks masked pixels.
+                In a distributed run, this rank's contiguous shard (``distributed.shard``), in
+                rank order.
             mask: optional bool ``[..., H, W]`` for ``hr`` (True = valid).
             steps: optimiser steps (default ``config.train_steps``), counted from 0 across resumes.
             checkpoint: a file written atomically every ``checkpoint_every`` steps and at the
-                end; with ``resume`` an existing one is loaded (weights, EMA, optimiser, RNG,
-                step, loss history) and training continues from its step.
+                end (by rank 0); with ``resume`` an existing one is loaded (weights, EMA,
+                optimiser, RNG, step, loss history) and training continues from its step.
+            distributed: train with DistributedDataParallel over the default process group;
+                None means "if one is initialised with more than one rank". The global batch is
+                ``config.batch_size`` (divisible by the world size); standardisation, the POD
+                fit and the tokens are reduced or gathered exactly, and every rank draws the
+                same indices and noise, so the loss curve is the one-process curve.
 
         Returns:
-            The loss history (one value per step).
+            The loss history (one value per step; the global-batch loss when distributed).
         """
         from tqdm.auto import tqdm
 
         cfg = self.config
         _check_pair(lr, hr, cfg.scale)
-        if hr.shape[0] < 2:
-            raise ValueError(f"training needs at least two samples; got {hr.shape[0]}")
+        distributed = distributed_.is_active() if distributed is None else bool(distributed)
+        rank, world = distributed_.rank_world() if distributed else (0, 1)
+        total = int(distributed_.all_sum(torch.tensor(hr.shape[0])).item()) if distributed else hr.shape[0]
+        if total < 2:
+            raise ValueError(f"training needs at least two samples; got {total}")
         if self.denoiser is None:
-            self._build(lr, hr, mask, progress)
+            self._build(lr, hr, mask, progress and rank == 0, distributed)
         steps = cfg.train_steps if steps is None else int(steps)
         with torch.no_grad():
-            x0_all = self.target_tokens(hr).float()
-            cond_all = self.condition_tokens(lr).float()
+            x0_all = distributed_.all_gather_rows(self.target_tokens(hr).float())
+            cond_all = distributed_.all_gather_rows(self.condition_tokens(lr).float())
+        batch = min(cfg.batch_size, x0_all.shape[0])
+        rows = self._rank_rows(batch, rank, world)
         params = list(self.denoiser.parameters()) + list(self.schedule.parameters())
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         path = Path(checkpoint) if checkpoint is not None else None
         generator = torch.Generator().manual_seed(cfg.seed)
         if path is not None and resume and path.is_file():
             self._restore(path, optimizer, generator)
+        model = _TrainingModule(self)
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = x0_all.device
+            model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         device = x0_all.device
         use_amp = cfg.amp and device.type == "cuda"
-        bar = tqdm(total=steps, initial=min(self.step_count, steps), disable=not progress, desc="train", unit="step")
+        bar = tqdm(total=steps, initial=min(self.step_count, steps), disable=not progress or rank != 0,
+                   desc="train", unit="step")
         while self.step_count < steps:
-            idx = torch.randint(0, x0_all.shape[0], (min(cfg.batch_size, x0_all.shape[0]),), generator=generator)
+            # Every rank draws the global batch's indices and noise and keeps its rows.
+            idx = torch.randint(0, x0_all.shape[0], (batch,), generator=generator)
+            x0 = x0_all[idx]
+            t, eps = self.draw_noise(x0, generator)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * min(1.0, (self.step_count + 1) / max(1, cfg.warmup))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = self.loss(x0_all[idx], cond_all[idx], generator)
+                loss = model(x0[rows], cond_all[idx][rows], t[rows], eps[rows])
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {self.step_count}")
             optimizer.zero_grad(set_to_none=True)
@@ -269,15 +317,24 @@ class PODiffPipeline:
             optimizer.step()
             self._update_ema()
             self.step_count += 1
-            self.history.append(float(loss.detach()))
+            self.history.append(float(distributed_.all_sum(loss.detach().float()) / world))
             bar.update(1)
             if self.step_count % log_every == 0:
                 bar.set_postfix(loss=f"{sum(self.history[-log_every:]) / log_every:.4f}")
-            if path is not None and (self.step_count % checkpoint_every == 0 or self.step_count == steps):
+            if path is not None and rank == 0 and (self.step_count % checkpoint_every == 0 or self.step_count == steps):
                 state = self._state(optimizer, generator)
                 atomic_write(path, lambda tmp: torch.save(state, tmp))
         bar.close()
+        if distributed:
+            distributed_.barrier()
         return self.history
+
+    @staticmethod
+    def _rank_rows(batch: int, rank: int, world: int) -> slice:
+        """This rank's rows of a global batch (equal shares, so DDP's gradient mean is the batch mean)."""
+        if batch % world:
+            raise ValueError(f"batch_size must be divisible by the world size {world}; got {batch}")
+        return slice(rank * batch // world, (rank + 1) * batch // world)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -306,23 +363,35 @@ class PODiffPipeline:
     @torch.no_grad()
     def sample_tokens(self, cond: torch.Tensor, num_samples: int, steps: int | None = None,
                       seed: int | None = None, member_budget: int = 1 << 20, use_ema: bool = True,
-                      progress: bool = False) -> torch.Tensor:
+                      progress: bool = False, image_ids=None) -> torch.Tensor:
         """``M`` members for condition tokens ``[B, L, r]`` -> ``[M, B, L, r]``, in chunks of at most
-        ``member_budget`` token values per call. Same seed, same samples."""
+        ``member_budget`` token values per call.
+
+        Member ``m`` of image ``b`` draws its noise from its own generator, seeded by
+        ``(seed, image_ids[b], m)`` (``image_ids`` defaults to ``0..B-1``): the same seed gives the
+        same samples whatever the chunking, the batch or the number of ranks.
+        """
+        from tqdm.auto import tqdm
+
+        from .sampling import RowNoise, member_seed
+
         cfg = self.config
         denoiser, schedule = (self.ema[0], self.ema[1]) if use_ema else (self.denoiser, self.schedule)
         scheduler = DiffusionScheduler(schedule, cfg.prediction, cfg.sampler, cfg.eta)
         steps = cfg.sample_steps if steps is None else int(steps)
         B, L, r = cond.shape
-        generator = torch.Generator(device=cond.device).manual_seed(cfg.seed if seed is None else int(seed))
+        seed = cfg.seed if seed is None else int(seed)
+        ids = list(range(B)) if image_ids is None else [int(i) for i in image_ids]
+        if len(ids) != B:
+            raise ValueError(f"image_ids must hold one id per image ({B}); got {len(ids)}")
+        seeds = [member_seed(seed, i, m) for m in range(num_samples) for i in ids]  # member-major, like flat
         flat = cond[None].expand(num_samples, B, L, r).reshape(num_samples * B, L, r)
         chunk = max(1, member_budget // max(1, L * r))
         was_training = denoiser.training
         denoiser.eval()
-        from tqdm.auto import tqdm
-
         starts = range(0, flat.shape[0], chunk)
-        out = [scheduler.sample(denoiser, flat[i : i + chunk], steps, generator, self.noise_input)
+        out = [scheduler.sample(denoiser, flat[i : i + chunk], steps, noise_input=self.noise_input,
+                                noise=RowNoise(seeds[i : i + chunk], cond.device))
                for i in tqdm(starts, disable=not progress, desc="sample", unit="chunk")]
         denoiser.train(was_training)
         return torch.cat(out).view(num_samples, B, L, r)
@@ -330,12 +399,17 @@ class PODiffPipeline:
     @torch.no_grad()
     def sample(self, lr: torch.Tensor, num_samples: int = 16, steps: int | None = None, *,
                seed: int | None = None, variance: str = "block", return_samples: bool = False,
-               member_budget: int = 1 << 20, progress: bool = False) -> SampleOutput:
+               member_budget: int = 1 << 20, progress: bool = False, image_ids=None,
+               distributed: bool | None = None) -> SampleOutput:
         """Ensemble super-resolution of ``lr [B, C, h, w]``.
 
         Returns ``SampleOutput`` with the pixel ``mean`` and ``variance`` ``[B, C, H, W]``
         (analytic: ``variance="block"`` uses each token's r×r covariance, ``"diagonal"`` only its
         diagonal), and with ``return_samples`` the decoded members ``[M, B, C, H, W]``.
+        ``image_ids`` name the images for seeding (default ``0..B-1``; see ``sample_tokens``).
+        ``distributed`` (None: when a multi-rank group is initialised): every rank passes the
+        same ``lr``, samples its contiguous share of the images and gets the gathered result,
+        equal to the one-process result up to float rounding.
         """
         if self.denoiser is None:
             raise RuntimeError("this pipeline is not trained; call fit(lr, hr) or PODiffPipeline.load(dir)")
@@ -348,8 +422,16 @@ class PODiffPipeline:
         if tuple(lr.shape[-2:]) != expected or lr.shape[1] != self.offset.numel():
             raise ValueError(f"lr must be [B, {self.offset.numel()}, {expected[0]}, {expected[1]}] (the trained size); "
                              f"got {tuple(lr.shape)}")
+        ids = torch.arange(lr.shape[0]) if image_ids is None else torch.as_tensor(image_ids)
+        if ids.shape != (lr.shape[0],):
+            raise ValueError(f"image_ids must hold one id per image ({lr.shape[0]}); got shape {tuple(ids.shape)}")
+        distributed = distributed_.is_active() if distributed is None else bool(distributed)
+        if distributed:
+            rows = distributed_.shard(lr.shape[0], *distributed_.rank_world())
+            lr, ids = lr[rows], ids[rows]
         cond = self.condition_tokens(lr).float()
-        tokens = self.sample_tokens(cond, int(num_samples), steps, seed, member_budget, progress=progress)
+        tokens = self.sample_tokens(cond, int(num_samples), steps, seed, member_budget, progress=progress,
+                                    image_ids=ids.tolist())
         mean_tok, cov = pk.ensemble_moments(tokens, diagonal=variance == "diagonal")
         mean, var = self.pod.decode_moments(mean_tok, cov)
         scale = self.data_scale.view(1, -1, 1, 1).to(mean)
@@ -360,6 +442,12 @@ class PODiffPipeline:
             M, B = tokens.shape[:2]
             decoded = self.pod.decode(tokens.reshape(M * B, *tokens.shape[2:]))
             samples = (decoded * scale + self.offset.view(1, -1, 1, 1).to(mean)).view(M, B, *decoded.shape[1:])
+        if distributed:
+            gather = distributed_.all_gather_rows
+            mean, var = gather(mean), gather(var)
+            if return_samples:
+                samples = gather(samples.transpose(0, 1)).transpose(0, 1)
+                tokens = gather(tokens.transpose(0, 1)).transpose(0, 1)
         return SampleOutput(mean, var, samples, tokens if return_samples else None)
 
     # ------------------------------------------------------------------ save / load

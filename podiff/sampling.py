@@ -13,12 +13,18 @@ space (``1 − ᾱ_t/ᾱ_s = −expm1(log ᾱ_t − log ᾱ_s)``), so no step di
 
 Samplers: ``"ddim"`` (η = ``eta``; 0 is deterministic) and ``"ancestral"`` (the DDPM
 posterior ``q(x_s | x_t, x̂_0)``).
+
+Noise comes from one ``generator``, or from ``RowNoise``: one seeded generator per chain row
+(``member_seed(seed, image, member)``), so a member's sample does not depend on which other
+rows share its batch — the same ensemble whatever the chunking or the number of ranks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +37,35 @@ class SchedulerOutput:
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor
+
+
+def member_seed(seed: int, image: int, member: int) -> int:
+    """A well-mixed 63-bit seed for one (image, member) chain (NumPy's ``SeedSequence``)."""
+    return int(np.random.SeedSequence([int(seed), int(image), int(member)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class RowNoise:
+    """Standard normal noise for a batch of chains, row ``i`` from its own generator seeded ``seeds[i]``.
+
+    ``noise(shape, dtype)`` returns ``[len(seeds), *shape[1:]]``; each call advances every row's stream.
+    """
+
+    def __init__(self, seeds, device=None):
+        self.device = torch.device(device or "cpu")
+        self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, shape, dtype=torch.float32) -> torch.Tensor:
+        if shape[0] != len(self.generators):
+            raise ValueError(f"RowNoise has {len(self.generators)} rows; asked for shape {tuple(shape)}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+
+Noise = Callable[..., torch.Tensor]
+
+
+def _generator_noise(generator: torch.Generator | None, device) -> Noise:
+    return lambda shape, dtype: torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
 class DiffusionScheduler:
@@ -63,9 +98,10 @@ class DiffusionScheduler:
     def step(self, model_output: torch.Tensor, t, s, sample: torch.Tensor, cond: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> SchedulerOutput:
         """One step from time ``t`` to ``s`` (scalars or ``[B]``)."""
-        return self._step(self.schedule, model_output, t, s, sample, cond, generator)
+        noise = _generator_noise(generator, sample.device)
+        return self._step(self.schedule, model_output, t, s, sample, cond, noise)
 
-    def _step(self, schedule, model_output, t, s, sample, cond, generator) -> SchedulerOutput:
+    def _step(self, schedule, model_output, t, s, sample, cond, noise: Noise) -> SchedulerOutput:
         B = sample.shape[0]
         t = torch.as_tensor(t, dtype=sample.dtype, device=sample.device).expand(B)
         s = torch.as_tensor(s, dtype=sample.dtype, device=sample.device).expand(B)
@@ -91,21 +127,24 @@ class DiffusionScheduler:
             prev = alpha_ts * frac * sample + alpha_s * cond_frac * x0
             var = cond_frac * sigma2_s
         if bool((var > 0).any()):
-            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            prev = prev + var.clamp_min(0).sqrt() * noise
+            prev = prev + var.clamp_min(0).sqrt() * noise(sample.shape, sample.dtype)
         return SchedulerOutput(prev, x0)
 
     @torch.no_grad()
     def sample(self, denoiser, cond: torch.Tensor, steps: int, generator: torch.Generator | None = None,
-               noise_input: str = "time") -> torch.Tensor:
-        """Runs the whole chain for condition tokens ``cond [B, L, r_c]``; returns ``x_0 [B, L, r]``."""
+               noise_input: str = "time", noise: Noise | None = None) -> torch.Tensor:
+        """Runs the whole chain for condition tokens ``cond [B, L, r_c]``; returns ``x_0 [B, L, r]``.
+
+        Noise from ``noise(shape, dtype)`` (e.g. ``RowNoise``) when given, else from ``generator``.
+        """
         times = self.set_timesteps(steps).to(cond.device)
         r = denoiser.config.rank
         bound = self.schedule.bind(cond)  # a learned schedule's weights, once per chain
-        x = torch.randn(cond.shape[0], cond.shape[1], r, generator=generator, device=cond.device, dtype=cond.dtype)
+        noise = noise or _generator_noise(generator, cond.device)
+        x = noise((cond.shape[0], cond.shape[1], r), cond.dtype)
         for t, s in zip(times[:-1], times[1:]):
             tb = t.expand(cond.shape[0]).to(cond.dtype)
             level = tb if noise_input == "time" else bound.log_snr(tb, cond).expand(-1, -1, r)
             out = denoiser(x, cond, level)
-            x = self._step(bound, out, t, s, x, cond, generator).prev_sample
+            x = self._step(bound, out, t, s, x, cond, noise).prev_sample
         return x
