@@ -177,6 +177,10 @@ def _as_nchw(array: np.ndarray, key: str, path: Path) -> torch.Tensor:
         array = array[:, None]
     if array.ndim != 4:
         raise ValueError(f"{path}: '{key}' must be [N, C, H, W] or [N, H, W]; got shape {array.shape}")
+    if array.dtype.kind not in "fiub":
+        raise ValueError(f"{path}: '{key}' must hold numbers; got dtype {array.dtype}")
+    if array.shape[0] == 0 or array.size == 0:
+        raise ValueError(f"{path}: '{key}' holds no data; got shape {array.shape}")
     return torch.from_numpy(np.asarray(array, dtype=np.float32))
 
 

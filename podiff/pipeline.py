@@ -101,6 +101,10 @@ def _check_pair(lr: torch.Tensor, hr: torch.Tensor | None, scale: int) -> None:
             continue
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
             raise ValueError(f"{name} must be a floating [N, C, H, W] tensor; got {getattr(x, 'shape', type(x))}")
+        infinite = torch.isinf(x)
+        if bool(infinite.any()):  # NaN marks masked pixels; ±Inf is a data error
+            where = tuple(int(i) for i in infinite.nonzero()[0])
+            raise ValueError(f"{name} has an infinite value at {where}; mark masked pixels with NaN or fix the data")
     if hr is None:
         return
     if lr.shape[0] != hr.shape[0]:

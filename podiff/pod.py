@@ -131,6 +131,9 @@ class PatchPOD:
             raise TypeError(f"{name} must be a floating torch.Tensor; got {getattr(x, 'dtype', type(x))}")
         if x.dim() != 4:
             raise ValueError(f"{name} must have shape [B, C, H, W]; got {x.dim()} dims, {tuple(x.shape)}")
+        if min(x.shape[-2:]) < self.patch_size:
+            raise ValueError(f"{name} is {tuple(x.shape[-2:])} pixels, smaller than one patch "
+                             f"(patch_size={self.patch_size})")
         if self._fitted:
             if x.shape[1] != self.channels:
                 raise ValueError(f"{name} has {x.shape[1]} channels; this POD was fitted on {self.channels}")
@@ -256,11 +259,16 @@ class PatchPOD:
             )
         else:
             where = []
+        if not bool((samples > 0).any()):
+            raise ValueError(f"data holds no valid pixel: all {images} image(s) are NaN or masked")
         eigenvalues, vectors = pk.batched_eigh(cov)  # G, D (descending), G, D, D
         # Modes below ROUNDOFF × a location's leading eigenvalue are round-off (or masked pixels'
         # null space): zero variance, so standardising never divides by them.
         eigenvalues = torch.where(eigenvalues > ROUNDOFF * eigenvalues[:, :1].clamp_min(0), eigenvalues, 0.0)
         total = eigenvalues.sum(-1, keepdim=True)
+        if not bool((total > 0).any()):
+            warnings.warn("PatchPOD.fit: the data is constant (every mode has zero variance); tokens will be "
+                          "all zero and decode returns the mean", RuntimeWarning, stacklevel=3)
         share = torch.where(total > 0, eigenvalues.cumsum(-1) / total.clamp_min(1e-300), 1.0)
         D = cov.shape[-1]
         if self.rank_request is not None:
