@@ -65,12 +65,19 @@ def cases(device, dry: bool):
     coeffs = torch.randn(B, L, r, generator=g, dtype=torch.float64)
     var = torch.rand(B, L, r, generator=g, dtype=torch.float64)
     samples = torch.randn(M, B, L, r, generator=g, dtype=torch.float64)
+    cov = torch.einsum("mblk,mblj->blkj", samples, samples) / M  # SPD per token
     n_eig, batch_eig = (8, 16) if dry else (64, 4096)
     a = torch.randn(batch_eig, n_eig, n_eig, generator=g, dtype=torch.float64)
     a = a @ a.mT / n_eig
     f = lambda t: t.float().to(device)  # noqa: E731
-    xd, bd, md, cd, vd, sd, ad = map(f, (x, basis, mean, coeffs, var, samples, a))
+    xd, bd, md, cd, vd, sd, ad, covd = map(f, (x, basis, mean, coeffs, var, samples, a, cov))
     size = (H, H)
+
+    def stats_reference():  # pooled patch covariance, float64, by torch.cov on the patch matrix
+        from podiff_kernels.reference.patches import extract_patches
+
+        return torch.cov(extract_patches(x, p, s).reshape(-1, D).T)[None]
+
     return [
         ("patch_encode", lambda: pk.patch_encode(xd, bd, md, p, s),
          lambda: reference.patch_encode(x, basis, mean, p, s), (xd, bd, md), (B, L, r)),
@@ -78,6 +85,13 @@ def cases(device, dry: bool):
          lambda: reference.patch_decode(coeffs, basis, mean, size, p, s), (cd, bd, md), (B, C, H, H)),
         ("propagate_variance", lambda: pk.propagate_variance(vd, bd, size, p, s),  # dispatched as decode_moments
          lambda: reference.propagate_variance(var, basis, size, p, s), (vd, bd), (B, C, H, H)),
+        ("decode_moments", lambda: pk.decode_moments(cd, covd, bd, md, size, p, s),
+         lambda: (reference.patch_decode(coeffs, basis, mean, size, p, s),
+                  reference.propagate_variance(cov, basis, size, p, s)), (cd, covd, bd, md), (2, B, C, H, H)),
+        ("patch_correlate", lambda: pk.patch_correlate(xd, cd, p, s),
+         lambda: reference.patch_correlate(x, coeffs, p, s), (xd, cd), (D, r)),
+        ("patch_stats", lambda: pk.patch_stats(xd, p, s).covariance(),
+         stats_reference, (xd,), (D, D)),
         ("ensemble_moments", lambda: pk.ensemble_moments(sd),
          lambda: reference.ensemble_moments(samples), (sd,), (B, L, r + r * r)),
         ("batched_eigh", lambda: pk.batched_eigh(ad)[0],

@@ -131,9 +131,6 @@ class PatchPOD:
             raise TypeError(f"{name} must be a floating torch.Tensor; got {getattr(x, 'dtype', type(x))}")
         if x.dim() != 4:
             raise ValueError(f"{name} must have shape [B, C, H, W]; got {x.dim()} dims, {tuple(x.shape)}")
-        if min(x.shape[-2:]) < self.patch_size:
-            raise ValueError(f"{name} is {tuple(x.shape[-2:])} pixels, smaller than one patch "
-                             f"(patch_size={self.patch_size})")
         if self._fitted:
             if x.shape[1] != self.channels:
                 raise ValueError(f"{name} has {x.shape[1]} channels; this POD was fitted on {self.channels}")

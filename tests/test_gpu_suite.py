@@ -16,7 +16,8 @@ def test_dry_run_checks_every_op_and_reports_bandwidth(tmp_path):
     report = json.loads(out.read_text())
     assert report["dry_run"] and report["copy_bandwidth_GBps"] > 0
     names = {op["op"] for op in report["ops"]}
-    assert names == {"patch_encode", "patch_decode", "propagate_variance", "ensemble_moments", "batched_eigh"}
+    assert names == {"patch_encode", "patch_decode", "propagate_variance", "decode_moments", "patch_correlate",
+                     "patch_stats", "ensemble_moments", "batched_eigh"}
     for op in report["ops"]:
         assert op["ok"] and op["max_rel_error"] < 1e-4 and op["backend"] is not None, op
         assert op["bytes"] > 0 and op["achieved_GBps"] > 0 and op["fraction_of_copy"] > 0

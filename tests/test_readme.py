@@ -33,7 +33,10 @@ def test_readme_python_blocks_run(tmp_path):
 
 @pytest.mark.parametrize("page", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
 def test_docs_python_blocks_run(page):
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    text = page.read_text()
+    if "from diffusers import" in text:
+        pytest.importorskip("diffusers")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks, f"{page.name} has no Python example"
     namespace = {}
     for block in blocks:

@@ -1,0 +1,216 @@
+"""End-to-end cost comparison: POD-ViT vs pixel-space ViT diffusion vs the global-POD MLP.
+
+Same data, same ViT (the ``tiny`` preset: width 96, depth 4), same optimiser, steps, batch,
+sampler (DDIM, 20 steps) and ensemble size, in one run. For each method: parameters, peak
+memory of one training step and of one sampling step for a fixed batch of chains, training time
+per step, sampling time per ensemble member, and the test RMSE and CRPS of the ensemble.
+
+    python benchmarks/end_to_end.py                      # both datasets, writes benchmarks/end_to_end.md
+    python benchmarks/end_to_end.py --dataset sst --steps 50 --out /tmp/e2e.md    # quicker
+
+Methods: ``pod-vit pP`` (patch POD, energy-truncated rank), ``pixel pP`` (the identity basis:
+the same ViT on raw pixel patches, r = C·p², i.e. pixel-space diffusion with patchify P),
+``global-pod mlp`` (one basis over the whole field, an MLP denoiser). Rows marked "cost only"
+are too slow to train here; their costs are measured, their accuracy is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from podiff import data, metrics
+from podiff.baselines import global_pod_pipeline, pixel_space_pipeline
+from podiff.pipeline import PipelineConfig, PODiffPipeline
+
+#: Feasible everywhere: PatchPOD forms the D×D covariance, and a global basis has D = C·side².
+GLOBAL_POD_MAX_D = 8192
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str  # "pod", "pixel" or "global"
+    patch_size: int | None = None
+    train: bool = True  # False: cost only
+
+
+PLANS = {
+    # SST 16×432 (local POD, as in the demo); pixel p2 has 1728 tokens: cost only on 2 cores.
+    "sst": dict(load=lambda: data.load("sst", 4), basis="local", energy=0.999, steps=600, batch=8, members=32,
+                methods=[Method("pod-vit p4", "pod", 4), Method("pod-vit p8", "pod", 8),
+                         Method("pixel p8", "pixel", 8), Method("pixel p4", "pixel", 4),
+                         Method("pixel p2", "pixel", 2, train=False), Method("global-pod mlp", "global")]),
+    # 22 crops of 256² from scikit-image's images (shared POD); pixel p4 has 4096 tokens: cost only.
+    "images256": dict(load=lambda: data.load_images(4, size=256), basis="shared", energy=0.99, steps=300, batch=8,
+                      members=16,
+                      methods=[Method("pod-vit p16", "pod", 16), Method("pod-vit p8", "pod", 8),
+                               Method("pixel p16", "pixel", 16), Method("pixel p8", "pixel", 8),
+                               Method("pixel p4", "pixel", 4, train=False), Method("global-pod mlp", "global")]),
+}
+
+
+def peak_memory_mib(fn) -> float:
+    """Peak extra memory of one call: the CUDA allocator's peak, or the CPU profiler's running total."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def build(method: Method, plan: dict, image_size, channels: int, steps: int, batch: int) -> PODiffPipeline | None:
+    cfg = PipelineConfig(scale=4, patch_size=method.patch_size or 4, basis=plan["basis"], energy=plan["energy"],
+                         preset="tiny", train_steps=steps, batch_size=batch, sample_steps=20, warmup=50)
+    if method.kind == "pod":
+        return PODiffPipeline(cfg)
+    if method.kind == "pixel":
+        return pixel_space_pipeline(cfg, image_size, channels)
+    side = max(image_size)
+    if channels * side * side > GLOBAL_POD_MAX_D:
+        return None
+    return global_pod_pipeline(cfg, image_size)
+
+
+def measure(method: Method, plan: dict, ds, steps: int, members: int, chains: int = 8) -> dict:
+    lr, hr, _ = ds.split("train")
+    lr_test, hr_test, _ = ds.split("test")
+    row = {"method": method.name, "trained": method.train}
+    pipe = build(method, plan, tuple(hr.shape[-2:]), hr.shape[1], steps, plan["batch"])
+    if pipe is None:
+        side = max(hr.shape[-2:])
+        row["skipped"] = (f"global POD on a {side}² square-padded field has D = {hr.shape[1] * side * side:,}: "
+                          f"its D×D covariance does not fit (a snapshot POD would be needed)")
+        return row
+    t0 = time.perf_counter()
+    pipe.fit(lr, hr, steps=0, progress=False)  # POD fit and model construction
+    row["pod_fit_s"] = time.perf_counter() - t0
+    row.update(parameters=pipe.num_parameters(), tokens=pipe.pod.num_locations, rank=pipe.pod.rank)
+    x0 = pipe.target_tokens(hr[: plan["batch"]]).float()
+    cond = pipe.condition_tokens(lr[: plan["batch"]]).float()
+
+    def train_step():
+        loss = pipe.loss(x0, cond, torch.Generator().manual_seed(0))
+        loss.backward()
+        pipe.denoiser.zero_grad(set_to_none=True)
+
+    row["train_peak_mib"] = peak_memory_mib(train_step)
+    c = pipe.condition_tokens(lr_test[:1]).float().expand(chains, -1, -1).contiguous()
+    net = pipe.ema[0].eval()
+    t = torch.full((chains,), 0.5)
+    with torch.no_grad():
+        row["sample_peak_mib"] = peak_memory_mib(lambda: net(torch.randn_like(c[..., : pipe.pod.rank]), c, t))
+    n_train = steps if method.train else 3
+    t0 = time.perf_counter()
+    pipe.fit(lr, hr, steps=n_train, progress=False)
+    row["train_s_per_step"] = (time.perf_counter() - t0) / n_train
+    if method.train:
+        t0 = time.perf_counter()
+        out = pipe.sample(lr_test, num_samples=members, return_samples=True)
+        seconds = time.perf_counter() - t0
+        valid = torch.isfinite(hr_test)
+        row["rmse"] = metrics.rmse(out.mean, hr_test, mask=valid)
+        row["crps"] = metrics.crps_ensemble(out.samples, hr_test, mask=valid)
+        row["sample_s_per_member"] = seconds / (members * lr_test.shape[0])
+    else:  # two members of one image: the cost per member
+        t0 = time.perf_counter()
+        pipe.sample(lr_test[:1], num_samples=2)
+        row["sample_s_per_member"] = (time.perf_counter() - t0) / 2
+    return row
+
+
+def _fmt(v, spec):
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def table(name: str, rows: list[dict]) -> list[str]:
+    """Markdown rows; ratios are relative to the first POD-ViT row (higher = that method costs more)."""
+    ref = rows[0]
+    lines = [f"### {name}", "",
+             "| method | tokens × r | parameters | train peak (MiB) | sample peak (MiB) | train (ms/step) | "
+             "sample (ms/member) | RMSE | CRPS | sample time vs POD-ViT | sample memory vs POD-ViT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['method']} | — | — | — | — | — | — | — | — | — | skipped: {r['skipped']} |")
+            continue
+        note = "" if r["trained"] else " (cost only)"
+        lines.append(
+            f"| {r['method']}{note} | {r['tokens']} × {r['rank']} | {r['parameters']:,} | {r['train_peak_mib']:.1f} | "
+            f"{r['sample_peak_mib']:.1f} | {r['train_s_per_step'] * 1e3:.0f} | {r['sample_s_per_member'] * 1e3:.0f} | "
+            f"{_fmt(r.get('rmse'), '.4g')} | {_fmt(r.get('crps'), '.4g')} | "
+            f"{r['sample_s_per_member'] / ref['sample_s_per_member']:.2f}× | "
+            f"{r['sample_peak_mib'] / ref['sample_peak_mib']:.2f}× |")
+    return lines
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}; torch {torch.__version__}, Python {sys.version.split()[0]}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=[*PLANS, "all"], default="all")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the plan's)")
+    parser.add_argument("--members", type=int, default=None, help="ensemble members (default: the plan's)")
+    parser.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N samples (quick runs)")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("end_to_end.md")))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    names = list(PLANS) if args.dataset == "all" else [args.dataset]
+    lines = [f"Machine: {machine()}", "",
+             f"Reproduce: `python benchmarks/end_to_end.py {' '.join(argv or sys.argv[1:])}`".rstrip(), ""]
+    results = {}
+    for name in names:
+        plan = PLANS[name]
+        ds = plan["load"]()
+        if args.limit:
+            ds = data.Dataset(ds.hr[: args.limit], ds.lr[: args.limit], ds.scale, ds.name, ds.meta)
+        steps, members = args.steps or plan["steps"], args.members or plan["members"]
+        wanted = None if args.methods is None else set(args.methods.split(","))
+        rows = []
+        for method in plan["methods"]:
+            if wanted is not None and method.name not in wanted:
+                continue
+            print(f"[{name}] {method.name} ...", flush=True)
+            rows.append(measure(method, plan, ds, steps, members))
+            print(f"  {json.dumps(rows[-1])}", flush=True)
+        results[name] = rows
+        lines += table(f"{name}: {tuple(ds.hr.shape)}, {steps} training steps, batch {plan['batch']}, "
+                       f"{members} members, DDIM 20 steps", rows) + [""]
+    Path(args.out).write_text("\n".join(lines))
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
