@@ -184,8 +184,9 @@ class PODiffPipeline:
             scales.append(var.sqrt().clamp_min(1e-12).cpu())
         self.offset, self.data_scale = torch.stack(offsets).float(), torch.stack(scales).float()
         self.image_size = tuple(hr.shape[-2:])
-        if self.pod is None:
-            self.pod = PatchPOD(cfg.patch_size, cfg.stride, rank=cfg.rank, energy=cfg.energy, basis=cfg.basis)
+        if self.pod is None or not self.pod.fitted:  # a given unfitted POD (e.g. GlobalPOD) is fitted here
+            if self.pod is None:
+                self.pod = PatchPOD(cfg.patch_size, cfg.stride, rank=cfg.rank, energy=cfg.energy, basis=cfg.basis)
             hr_std = self._standardise(hr)
             if mask is not None:
                 hr_std = hr_std.masked_fill(~mask, float("nan"))
@@ -469,6 +470,7 @@ class PODiffPipeline:
             "denoiser": self.denoiser.config.to_dict(), "image_size": list(self.image_size),
             "offset": self.offset.tolist(), "data_scale": self.data_scale.tolist(), "step": self.step_count,
         }
+        meta["pod"] = type(self.pod).__name__
         self.pod.save(directory / "pod.safetensors")
         tensors = {f"live.{k}": v for k, v in nn.ModuleList([self.denoiser, self.schedule]).state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
@@ -493,7 +495,11 @@ class PODiffPipeline:
         if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{config_path} is {meta.get('format')!r} version {meta.get('version')}; "
                              f"this podiff reads {FORMAT} version {FORMAT_VERSION}")
-        pipe = cls(PipelineConfig(**meta["config"]), PatchPOD.load(directory / "pod.safetensors"))
+        if meta.get("pod", "PatchPOD") == "GlobalPOD":
+            from .baselines import GlobalPOD as pod_class
+        else:
+            pod_class = PatchPOD
+        pipe = cls(PipelineConfig(**meta["config"]), pod_class.load(directory / "pod.safetensors"))
         pipe.image_size = tuple(meta["image_size"])
         pipe.offset, pipe.data_scale = torch.tensor(meta["offset"]), torch.tensor(meta["data_scale"])
         dcfg = DenoiserConfig(**meta["denoiser"])

@@ -104,6 +104,10 @@ class PatchPOD:
     # ------------------------------------------------------------------ geometry
 
     @property
+    def fitted(self) -> bool:
+        return self._fitted
+
+    @property
     def local(self) -> bool:
         return self.basis_kind == "local"
 
