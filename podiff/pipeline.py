@@ -295,12 +295,11 @@ class PODiffPipeline:
         if path is not None and resume and path.is_file():
             self._restore(path, optimizer, generator)
         model = _TrainingModule(self)
+        device = x0_all.device
         if distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            device = x0_all.device
             model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        device = x0_all.device
         use_amp = cfg.amp and device.type == "cuda"
         bar = tqdm(total=steps, initial=min(self.step_count, steps), disable=not progress or rank != 0,
                    desc="train", unit="step")

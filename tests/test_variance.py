@@ -129,16 +129,20 @@ def test_near_singular_covariance_never_gives_negative_variance(backend, name):
     B, C, H, W, p, s, r = 2, 1, 13, 11, 3, 2, 5
     _, basis, _, coeffs = make_case((B, C, H, W, p, s), False, "none", r=r)
     L = coeffs.shape[1]
-    v = torch.randn(B, L, r, 1, dtype=torch.float64)
+    v = torch.randn(B, L, r, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     cov = (v @ v.transpose(-1, -2)) * 1e6 - 1e-9 * torch.eye(r, dtype=torch.float64)  # tiny negative eigenvalue
     var = pk.propagate_variance(cov.float(), basis.float(), (H, W), p, s)
     assert (var >= 0).all()
     # a basis orthogonal to v: the true variance is ~0 and round-off must not go negative
     proj = torch.eye(r, dtype=torch.float64) - v[0, 0] @ v[0, 0].t() / (v[0, 0].t() @ v[0, 0])
     flat = torch.einsum("dk,km->dm", basis, proj)
-    var = pk.propagate_variance((v[:1, :1] @ v[:1, :1].transpose(-1, -2)).expand(1, L, r, r).float() * 1e6,
-                                flat.float(), (H, W), p, s)
-    assert (var >= 0).all() and var.max() < 1e-1
+    big = (v[:1, :1] @ v[:1, :1].transpose(-1, -2)).expand(1, L, r, r).float() * 1e6
+    var = pk.propagate_variance(big, flat.float(), (H, W), p, s)
+    # What is left is float32 round-off of a 1e6-scale quadratic form: bound it on that scale,
+    # 2·eps·‖Σ‖·max‖φ_j‖² (over 200 random v the worst was 0.55·eps·‖Σ‖·max‖φ_j‖²; a fixed 0.1
+    # failed for 35 of them, so the old bound depended on the global RNG's state).
+    roundoff = 2 * torch.finfo(torch.float32).eps * float(big[0, 0].norm()) * float(flat.float().square().sum(1).max())
+    assert (var >= 0).all() and var.max() <= roundoff
 
 
 @pytest.mark.parametrize("mode", ["diagonal", "block"])
