@@ -7,11 +7,9 @@ us) is printed and, with ``--results-md PATH``, written as markdown with the mac
 
 from __future__ import annotations
 
-import platform
-import sys
-
 import pytest
 import torch
+from _measure import machine, peak_memory_mb  # noqa: F401  (re-exported for the benchmark files)
 
 _RESULTS: dict[str, dict[str, dict]] = {}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -19,38 +17,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def pytest_addoption(parser):
     parser.addoption("--results-md", default=None, help="write the ratio table as markdown to this path")
-
-
-def peak_memory_mb(fn) -> float:
-    """Peak extra memory of one call of ``fn``: CUDA allocator peak, or the CPU profiler's allocation trace."""
-    if torch.cuda.is_available() and getattr(fn, "device", "cpu") == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    current = peak = 0
-    for e in events:
-        current += e.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak / 2**20
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}; torch {torch.__version__}, Python {sys.version.split()[0]}"
 
 
 def on_device(fn):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,9 @@ import torch
 from podiff import data, metrics
 from podiff.baselines import global_pod_pipeline, pixel_space_pipeline
 from podiff.pipeline import PipelineConfig, PODiffPipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import machine, peak_memory_mb  # noqa: E402
 
 @dataclass
 class Method:
@@ -55,27 +57,6 @@ PLANS = {
 }
 
 
-def peak_memory_mib(fn) -> float:
-    """Peak extra memory of one call: the CUDA allocator's peak, or the CPU profiler's running total."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    current = peak = 0
-    for e in events:
-        current += e.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak / 2**20
-
-
 def build(method: Method, plan: dict, image_size, channels: int, steps: int, batch: int) -> PODiffPipeline:
     cfg = PipelineConfig(scale=4, patch_size=method.patch_size or 4, basis=plan["basis"], energy=plan["energy"],
                          preset="tiny", train_steps=steps, batch_size=batch, sample_steps=20, warmup=50)
@@ -86,9 +67,16 @@ def build(method: Method, plan: dict, image_size, channels: int, steps: int, bat
     return global_pod_pipeline(cfg)
 
 
+def _on(device: str, fn):
+    """Tags ``fn`` so that ``peak_memory_mb`` reads the CUDA allocator for GPU work."""
+    fn.device = device
+    return fn
+
+
 def measure(method: Method, plan: dict, ds, steps: int, members: int, chains: int = 8) -> dict:
     lr, hr, _ = ds.split("train")
     lr_test, hr_test, _ = ds.split("test")
+    device = hr.device.type
     row = {"method": method.name, "trained": method.train}
     pipe = build(method, plan, tuple(hr.shape[-2:]), hr.shape[1], steps, plan["batch"])
     t0 = time.perf_counter()
@@ -103,12 +91,13 @@ def measure(method: Method, plan: dict, ds, steps: int, members: int, chains: in
         loss.backward()
         pipe.denoiser.zero_grad(set_to_none=True)
 
-    row["train_peak_mib"] = peak_memory_mib(train_step)
+    row["train_peak_mib"] = peak_memory_mb(_on(device, train_step))
     c = pipe.condition_tokens(lr_test[:1]).float().expand(chains, -1, -1).contiguous()
     net = pipe.ema[0].eval()
     t = torch.full((chains,), 0.5)
     with torch.no_grad():
-        row["sample_peak_mib"] = peak_memory_mib(lambda: net(torch.randn_like(c[..., : pipe.pod.rank]), c, t))
+        row["sample_peak_mib"] = peak_memory_mb(_on(device, lambda: net(torch.randn_like(c[..., : pipe.pod.rank]), c,
+                                                                         t.to(c.device))))
     n_train = steps if method.train else 3
     t0 = time.perf_counter()
     pipe.fit(lr, hr, steps=n_train, progress=False)
@@ -150,17 +139,6 @@ def table(name: str, rows: list[dict]) -> list[str]:
     return lines
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}; torch {torch.__version__}, Python {sys.version.split()[0]}"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=[*PLANS, "all"], default="all")
@@ -169,17 +147,19 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N samples (quick runs)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("end_to_end.md")))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where data and models live (default: cuda when available; measured here on cpu)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     names = list(PLANS) if args.dataset == "all" else [args.dataset]
     lines = [f"Machine: {machine()}", "",
-             f"Reproduce: `python benchmarks/end_to_end.py {' '.join(argv or sys.argv[1:])}`".rstrip(), ""]
+             f"Reproduce: `{' '.join(['python benchmarks/end_to_end.py', *(argv or sys.argv[1:])])}`", ""]
     results = {}
     for name in names:
         plan = PLANS[name]
         ds = plan["load"]()
-        if args.limit:
-            ds = data.Dataset(ds.hr[: args.limit], ds.lr[: args.limit], ds.scale, ds.name, ds.meta)
+        n = args.limit or len(ds.hr)
+        ds = data.Dataset(ds.hr[:n].to(args.device), ds.lr[:n].to(args.device), ds.scale, ds.name, ds.meta)
         steps, members = args.steps or plan["steps"], args.members or plan["members"]
         wanted = None if args.methods is None else set(args.methods.split(","))
         rows = []
