@@ -277,7 +277,9 @@ class PODiffPipeline:
         _check_pair(lr, hr, cfg.scale)
         distributed = distributed_.is_active() if distributed is None else bool(distributed)
         rank, world = distributed_.rank_world() if distributed else (0, 1)
-        total = int(distributed_.all_sum(torch.tensor(hr.shape[0])).item()) if distributed else hr.shape[0]
+        # On the data's device: nccl reduces CUDA tensors only.
+        total = (int(distributed_.all_sum(torch.tensor(hr.shape[0], device=hr.device)).item()) if distributed
+                 else hr.shape[0])
         if total < 2:
             raise ValueError(f"training needs at least two samples; got {total}")
         if self.denoiser is None:
@@ -468,8 +470,8 @@ class PODiffPipeline:
             "format": FORMAT, "version": FORMAT_VERSION, "config": asdict(self.config),
             "denoiser": self.denoiser.config.to_dict(), "image_size": list(self.image_size),
             "offset": self.offset.tolist(), "data_scale": self.data_scale.tolist(), "step": self.step_count,
+            "pod": type(self.pod).__name__,
         }
-        meta["pod"] = type(self.pod).__name__
         self.pod.save(directory / "pod.safetensors")
         tensors = {f"live.{k}": v for k, v in nn.ModuleList([self.denoiser, self.schedule]).state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
