@@ -6,13 +6,16 @@
     podiff demo [--dataset sst|mri|images] [--out DIR]
 
 ``--data`` is a packaged dataset (``sst``, ``mri``, ``images``) or a ``.npz`` / netCDF file.
-Errors are one line on stderr with exit status 1 (2 for bad usage). Nothing imports this module.
+``--device auto|cpu|cuda|cuda:N`` (train, sample, demo, fit-pod; ``auto``: CUDA when torch has
+it) places all the work; data are read on the CPU and moved there, outputs come back to the CPU.
+Errors are one line on stderr with exit status 1 (2 for bad usage). The entry point is ``main``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -23,6 +26,8 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
+from .devices import CHOICES as DEVICE_CHOICES
+from .devices import resolve_device
 
 
 class CommandError(Exception):
@@ -77,7 +82,7 @@ def cmd_fit_pod(args) -> int:
     _prepare_out(out, args.overwrite)
     pod = PatchPOD(args.patch_size, args.stride, rank=args.rank, energy=None if args.rank else args.energy,
                    basis=args.basis)
-    pod.fit(hr, progress=not args.quiet)
+    pod.fit(hr.to(resolve_device(args.device)), progress=not args.quiet)
     pod.save(out)
     print(f"{pod} -> {out}")
     return 0
@@ -98,11 +103,10 @@ def train(args, ds=None) -> "object":
     if world > 1:  # each rank reads its contiguous shard; the pipeline reduces and gathers exactly
         rows = distributed.shard(len(idx), rank, world)
         lr, hr = lr[rows], hr[rows]
+    device = resolve_device(args.device)
     pod = PatchPOD.load(args.pod) if args.pod else None
-    pipe = PODiffPipeline(_config(args, ds.scale), pod=pod)
-    if pod is not None:
-        # A given POD was fitted on standardised fields of this data: scale as the pipeline would.
-        pipe.fit(lr, hr, steps=0, progress=False)
+    pipe = PODiffPipeline(_config(args, ds.scale), pod=pod, device=device)
+    lr, hr = lr.to(device), hr.to(device)
     t0 = time.perf_counter()
     pipe.fit(lr, hr, progress=not args.quiet, checkpoint=out / "checkpoint.pt", resume=args.resume,
              checkpoint_every=args.checkpoint_every)
@@ -132,6 +136,7 @@ def sample(args, ds=None, pipe=None) -> dict:
         if not (model / "model" / "config.json").is_file() and not (model / "config.json").is_file():
             raise CommandError(f"no trained model in {model} (expected {model / 'model' / 'config.json'})")
         pipe = PODiffPipeline.load(model / "model" if (model / "model").is_dir() else model)
+    pipe.to(resolve_device(args.device))
     ds = ds or _data(args)
     lr, hr, idx = ds.split(args.split)
     out = Path(args.out)
@@ -145,12 +150,12 @@ def sample(args, ds=None, pipe=None) -> dict:
     seconds = time.perf_counter() - t0
     if distributed.rank_world()[0] != 0:
         return {}
-    arrays = {"mean": result.mean.numpy(), "variance": result.variance.numpy(), "indices": idx,
+    arrays = {"mean": result.mean.cpu().numpy(), "variance": result.variance.cpu().numpy(), "indices": idx,
               "split": np.array(args.split), "data": np.array(str(args.data)), "model": np.array(str(model)),
               "num_samples": np.array(args.num_samples), "seconds": np.array(seconds),
               "steps": np.array(args.steps or pipe.config.sample_steps)}
     if args.members:
-        arrays["members"] = result.samples.numpy()
+        arrays["members"] = result.samples.cpu().numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
     if not args.quiet:
@@ -273,6 +278,10 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto: CUDA when torch has it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="podiff", description="Patch-POD latent diffusion: super-resolution "
                                      "with calibrated, closed-form uncertainty.")
@@ -295,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="POD file (.safetensors)")
     p.add_argument("--split", choices=("train", "val", "test", "all"), default="train")
     _add_model_options(p)
+    _add_device_option(p)
     p.set_defaults(func=cmd_fit_pod)
 
     p = sub.add_parser("train", help="fit the POD (unless --pod) and train the denoiser")
@@ -303,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pod", default=None, help="a POD file from fit-pod")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     _add_model_options(p)
+    _add_device_option(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample an ensemble: mean and variance (and members) to .npz")
@@ -314,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("train", "val", "test", "all"), default="test")
     p.add_argument("--members", action="store_true", help="also store the decoded members")
     p.add_argument("--seed", type=int, default=0)
+    _add_device_option(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="score a prediction against the truth and the baselines")
@@ -328,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="podiff-demo", help="output folder")
     p.add_argument("--num-samples", type=int, default=None)
     _add_model_options(p, demo=True)
+    _add_device_option(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -336,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "device"):  # before any output is written: a missing GPU is a one-line error
+            args.device = resolve_device(args.device)
         distributed.init_from_env()  # under torchrun: one process group for train and sample
+        if getattr(args, "device", None) is not None and args.device.type == "cuda" and args.device.index is None:
+            args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
         return args.func(args)
     except KeyboardInterrupt:
         print(f"podiff {args.command}: interrupted", file=sys.stderr)

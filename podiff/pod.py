@@ -126,6 +126,26 @@ class PatchPOD:
             return F.pad(x.to(torch.uint8), pad, mode=mode).bool()
         return F.pad(x, pad, mode=mode)
 
+    def _set_valid_pixels(self, valid: torch.Tensor) -> None:
+        """The fit data's valid pixels ``[C, H, W]``, and whether any is masked: a host flag, set here
+        once, so decoding reads nothing off the device."""
+        self.valid_pixels = valid
+        self._has_masked_pixels = not bool(valid.all())
+
+    @property
+    def device(self) -> torch.device:
+        """Where the fitted tensors live (the CPU after ``fit`` on CPU data or ``load``)."""
+        self._check_fitted()
+        return self.basis.device
+
+    def to(self, device) -> "PatchPOD":
+        """Moves mean, basis, eigenvalues and the valid-pixel mask (float64 masters) to ``device``."""
+        self._check_fitted()
+        for name in ("mean", "basis", "_eigenvalues", "_total_variance", "valid_pixels"):
+            setattr(self, name, getattr(self, name).to(device))
+        self._cast_cache = {}
+        return self
+
     def _check_fitted(self) -> None:
         if not self._fitted:
             raise RuntimeError("this PatchPOD is not fitted yet; call fit(data) or PatchPOD.load(path)")
@@ -240,8 +260,8 @@ class PatchPOD:
         if images < 2:
             raise ValueError(f"data holds {images} image(s); the POD needs at least two")
         self.image_size, self.channels, self.dtype = size, channels, dtype
-        self.valid_pixels = (torch.ones(channels, *size, dtype=torch.bool) if valid_any is None
-                             else valid_any.cpu())
+        self._set_valid_pixels((torch.ones(channels, *size, dtype=torch.bool) if valid_any is None
+                             else valid_any.cpu()))
         self._from_stats(stats, images)
         return self
 
@@ -309,7 +329,7 @@ class PatchPOD:
         pod.basis = torch.eye(D, dtype=torch.float64)[None]
         pod._eigenvalues = torch.ones(1, D, dtype=torch.float64)
         pod._total_variance = torch.full((1,), float(D), dtype=torch.float64)
-        pod.valid_pixels = torch.ones(pod.channels, *pod.image_size, dtype=torch.bool)
+        pod._set_valid_pixels(torch.ones(pod.channels, *pod.image_size, dtype=torch.bool))
         pod.report = {"identity": True, "rank": D}
         pod._fitted = True
         return pod
@@ -387,7 +407,7 @@ class PatchPOD:
     def _finish(self, image: torch.Tensor, image_size, mask_invalid: bool = True) -> torch.Tensor:
         H, W = image_size
         image = image[..., :H, :W]
-        if mask_invalid and not bool(self.valid_pixels.all()):
+        if mask_invalid and self._has_masked_pixels:  # a host flag: no device read inside a step
             image = image.masked_fill(~self.valid_pixels.to(image.device), float("nan"))
         return image
 
@@ -475,7 +495,7 @@ class PatchPOD:
         pod.report = state["report"]
         pod.mean, pod.basis = tensors["mean"], tensors["basis"]
         pod._eigenvalues, pod._total_variance = tensors["eigenvalues"], tensors["total_variance"]
-        pod.valid_pixels = tensors["valid_pixels"].bool()
+        pod._set_valid_pixels(tensors["valid_pixels"].bool())
         pod._fitted = True
         return pod
 

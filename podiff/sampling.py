@@ -47,25 +47,29 @@ def member_seed(seed: int, image: int, member: int) -> int:
 class RowNoise:
     """Standard normal noise for a batch of chains, row ``i`` from its own generator seeded ``seeds[i]``.
 
-    ``noise(shape, dtype)`` returns ``[len(seeds), *shape[1:]]``; each call advances every row's stream.
+    ``noise(shape, dtype)`` returns ``[len(seeds), *shape[1:]]`` on ``device``; each call advances
+    every row's stream. The generators are CPU generators and the noise is moved: the same seeds
+    give the same noise on every device (as diffusers' ``randn_tensor`` does).
     """
 
     def __init__(self, seeds, device=None):
         self.device = torch.device(device or "cpu")
-        self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def __call__(self, shape, dtype=torch.float32) -> torch.Tensor:
         if shape[0] != len(self.generators):
             raise ValueError(f"RowNoise has {len(self.generators)} rows; asked for shape {tuple(shape)}")
-        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=self.device, dtype=dtype)
-                            for g in self.generators])
+        rows = torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in self.generators])
+        return rows.to(self.device, non_blocking=True)
 
 
 Noise = Callable[..., torch.Tensor]
 
 
 def _generator_noise(generator: torch.Generator | None, device) -> Noise:
-    return lambda shape, dtype: torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    """Noise from ``generator`` on its own device, moved to ``device`` (or from ``device``'s default RNG)."""
+    source = generator.device if generator is not None else device
+    return lambda shape, dtype: torch.randn(tuple(shape), generator=generator, device=source, dtype=dtype).to(device)
 
 
 class DiffusionScheduler:
@@ -80,6 +84,11 @@ class DiffusionScheduler:
             raise ValueError(f"eta must be in [0, 1]; got {eta}")
         self.schedule, self.prediction, self.sampler, self.eta = schedule, prediction, sampler, float(eta)
         self.timesteps: torch.Tensor | None = None
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether a step adds noise: the ancestral sampler, or DDIM with η > 0."""
+        return self.sampler == "ancestral" or self.eta > 0
 
     def set_timesteps(self, steps: int) -> torch.Tensor:
         """``steps + 1`` times, uniform from ``t_max`` to 0."""
@@ -126,7 +135,7 @@ class DiffusionScheduler:
             cond_frac = 1 - (alpha_ts**2) * frac  # σ²_{t|s}/σ_t²
             prev = alpha_ts * frac * sample + alpha_s * cond_frac * x0
             var = cond_frac * sigma2_s
-        if bool((var > 0).any()):
+        if self.stochastic:  # decided by the sampler, not by reading var off the device
             prev = prev + var.clamp_min(0).sqrt() * noise(sample.shape, sample.dtype)
         return SchedulerOutput(prev, x0)
 
@@ -145,6 +154,6 @@ class DiffusionScheduler:
         for t, s in zip(times[:-1], times[1:]):
             tb = t.expand(cond.shape[0]).to(cond.dtype)
             level = tb if noise_input == "time" else bound.log_snr(tb, cond).expand(-1, -1, r)
-            out = denoiser(x, cond, level)
+            out = denoiser(x, cond, level).to(x.dtype)  # the updates stay float32 under autocast
             x = self._step(bound, out, t, s, x, cond, noise).prev_sample
         return x

@@ -53,13 +53,16 @@ class NoiseSchedule(nn.Module):
         """Largest usable ``t``: 1 (zero SNR) for v-prediction; SNR = ``EPS_MIN_SNR`` for ε."""
         if prediction == "v":
             return 1.0
-        lo, hi = 0.0, 1.0  # log-SNR decreases in t: bisect for the SNR threshold
-        target = math.log(EPS_MIN_SNR)
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lam = self._scalar_log_snr(mid)
-            lo, hi = (mid, hi) if lam > target else (lo, mid)
-        return lo
+        cache = self.__dict__.setdefault("_t_max_cache", {})  # a constant of the schedule: bisect once
+        if prediction not in cache:
+            lo, hi = 0.0, 1.0  # log-SNR decreases in t: bisect for the SNR threshold
+            target = math.log(EPS_MIN_SNR)
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                lam = self._scalar_log_snr(mid)
+                lo, hi = (mid, hi) if lam > target else (lo, mid)
+            cache[prediction] = lo
+        return cache[prediction]
 
     def _scalar_log_snr(self, t: float) -> float:
         return float(self.log_snr(torch.tensor([t], dtype=torch.float64)).flatten()[0])
@@ -229,10 +232,10 @@ def make_schedule(name: str, rank: int | None = None, cond_rank: int | None = No
                   prediction: str = "v") -> NoiseSchedule:
     """``"cosine"``, ``"linear"`` or ``"learned"`` (which needs ``rank``; for ε-prediction its
     noise end is SNR = ``EPS_MIN_SNR`` instead of e^-10)."""
-    if name == "cosine":
-        return CosineSchedule()
-    if name == "linear":
-        return LinearSchedule()
+    if name in ("cosine", "linear"):
+        schedule = CosineSchedule() if name == "cosine" else LinearSchedule()
+        schedule.t_max(prediction)  # computed here, on the host, not inside a training or sampling step
+        return schedule
     if name == "learned":
         if rank is None:
             raise ValueError("the learned schedule needs rank=r (POD modes)")

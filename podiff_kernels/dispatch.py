@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from . import _extension
-from ._triton import HAS_TRITON, IMPORT_ERROR, INTERPRETED
+from ._triton import HAS_TRITON, IMPORT_ERROR, INTERPRETED, capturing
 
 BACKENDS = ("triton", "cpp", "torch", "reference")
 _ALIASES = {"cpu": ("cpp", "torch")}
@@ -98,8 +98,8 @@ def _unusable(backend: str, entry: _OpEntry, device: torch.device, dtype: torch.
             return f"triton does not import ({IMPORT_ERROR})"
         if device.type == "cuda":
             return None
-        if device.type == "cpu" and INTERPRETED:
-            return None
+        if device.type == "cpu" and (INTERPRETED or capturing()):
+            return None  # the interpreter runs it; a capture only records the launch
         return "needs CUDA tensors (or TRITON_INTERPRET=1 set before import, for CPU tensors)"
     if backend == "cpp":
         if device.type not in entry.cpp_devices:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from podiff import distributed
 from podiff.pipeline import PipelineConfig, PODiffPipeline
+from podiff.training import rank_rows
 
 S = 4
 
@@ -118,8 +119,8 @@ def test_shard_covers_everything_once():
 
 def test_batch_not_divisible_by_world_is_refused():
     with pytest.raises(ValueError, match="batch_size must be divisible by the world size 2; got 7"):
-        PODiffPipeline._rank_rows(7, 0, 2)
-    assert PODiffPipeline._rank_rows(8, 1, 2) == slice(4, 8)
+        rank_rows(7, 0, 2)
+    assert rank_rows(8, 1, 2) == slice(4, 8)
 
 
 @pytest.mark.slow

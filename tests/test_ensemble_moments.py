@@ -9,7 +9,7 @@ from utils import assert_close
 
 
 @pytest.mark.parametrize("diagonal", [False, True], ids=["block", "diagonal"])
-@pytest.mark.parametrize("M, B, L, r", [(2, 1, 3, 5), (7, 2, 11, 3), (70, 1, 4, 20)])
+@pytest.mark.parametrize("M, B, L, r", [(2, 1, 3, 5), (7, 2, 11, 3), (70, 1, 4, 20), (5, 1, 2, 70)])  # r = 70: 2×2 tiles
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", ["torch", "triton"])
 def test_values_match_reference(backend, name, dtype, M, B, L, r, diagonal):

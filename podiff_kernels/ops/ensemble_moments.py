@@ -3,8 +3,8 @@
 ``samples [M, B, L, r] -> (mean [B, L, r], cov [B, L, r, r])`` with ``M − 1`` in the
 denominator; ``diagonal=True`` returns ``var [B, L, r]`` and never forms the r×r blocks.
 Two passes over the members (mean, then centred sums): no cancellation from
-``E[xxᵀ] − mmᵀ``. The Triton kernel gives each program one token and keeps its
-``r×r`` block on chip (``tl.dot`` of the centred member tile with itself).
+``E[xxᵀ] − mmᵀ``. The Triton kernel gives each program one token's ``(i, j)`` block of at most 64×64 modes
+and keeps it on chip (``tl.dot`` of the centred member tiles).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch
-from .._triton import HAS_TRITON, acc_dtype, block, tl, triton
+from .._triton import HAS_TRITON, launch, acc_dtype, block, tl, triton
 from ..reference import variance as reference
 
 if HAS_TRITON:
@@ -27,35 +27,51 @@ if HAS_TRITON:
         DIAGONAL: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        tok = tl.program_id(0).to(tl.int64)  # one (b, l) token per program
-        rr = tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        total = tl.zeros([BLOCK_R], dtype=ACC)
+        # Program (token, i, j) owns covariance block (i, j); (token, i, 0) also writes the mean of
+        # modes block i. The block stays on chip; large ranks tile instead of growing the block.
+        tok = tl.program_id(0).to(tl.int64)
+        bi = tl.program_id(1)
+        bj = tl.program_id(2)
+        ri = bi * BLOCK_R + tl.arange(0, BLOCK_R)
+        rj = bj * BLOCK_R + tl.arange(0, BLOCK_R)
+        i_ok = ri < R
+        j_ok = rj < R
+        total_i = tl.zeros([BLOCK_R], dtype=ACC)
+        total_j = tl.zeros([BLOCK_R], dtype=ACC)
         for m0 in range(0, M, BLOCK_M):
             mm = m0 + tl.arange(0, BLOCK_M)
-            tile = tl.load(x_ptr + mm[:, None] * sxm + tok * sxt + rr[None, :] * sxr,
-                           mask=(mm < M)[:, None] & r_ok[None, :], other=0.0).to(ACC)
-            total += tl.sum(tile, axis=0)
-        mu = total / M
-        tl.store(mean_ptr + tok * smt + rr * smr, mu.to(mean_ptr.dtype.element_ty), mask=r_ok)
+            m_ok = mm < M
+            total_i += tl.sum(tl.load(x_ptr + mm[:, None] * sxm + tok * sxt + ri[None, :] * sxr,
+                                      mask=m_ok[:, None] & i_ok[None, :], other=0.0).to(ACC), axis=0)
+            if not DIAGONAL:
+                total_j += tl.sum(tl.load(x_ptr + mm[:, None] * sxm + tok * sxt + rj[None, :] * sxr,
+                                          mask=m_ok[:, None] & j_ok[None, :], other=0.0).to(ACC), axis=0)
+        mu_i = total_i / M
+        mu_j = total_j / M
+        if bj == 0:
+            tl.store(mean_ptr + tok * smt + ri * smr, mu_i.to(mean_ptr.dtype.element_ty), mask=i_ok)
         if DIAGONAL:
             sq = tl.zeros([BLOCK_R], dtype=ACC)
         else:
             sq2 = tl.zeros([BLOCK_R, BLOCK_R], dtype=ACC)
         for m0 in range(0, M, BLOCK_M):
             mm = m0 + tl.arange(0, BLOCK_M)
-            ok = (mm < M)[:, None] & r_ok[None, :]
-            tile = tl.load(x_ptr + mm[:, None] * sxm + tok * sxt + rr[None, :] * sxr, mask=ok, other=0.0).to(ACC)
-            centred = tl.where(ok, tile - mu[None, :], 0.0)
+            m_ok = mm < M
+            ok_i = m_ok[:, None] & i_ok[None, :]
+            tile_i = tl.load(x_ptr + mm[:, None] * sxm + tok * sxt + ri[None, :] * sxr, mask=ok_i, other=0.0)
+            centred_i = tl.where(ok_i, tile_i.to(ACC) - mu_i[None, :], 0.0)
             if DIAGONAL:
-                sq += tl.sum(centred * centred, axis=0)
+                sq += tl.sum(centred_i * centred_i, axis=0)
             else:
-                sq2 += tl.dot(tl.trans(centred), centred, input_precision=PRECISION, out_dtype=ACC)
+                ok_j = m_ok[:, None] & j_ok[None, :]
+                tile_j = tl.load(x_ptr + mm[:, None] * sxm + tok * sxt + rj[None, :] * sxr, mask=ok_j, other=0.0)
+                centred_j = tl.where(ok_j, tile_j.to(ACC) - mu_j[None, :], 0.0)
+                sq2 += tl.dot(tl.trans(centred_i), centred_j, input_precision=PRECISION, out_dtype=ACC)
         if DIAGONAL:
-            tl.store(cov_ptr + tok * sct + rr * sck, (sq / (M - 1)).to(cov_ptr.dtype.element_ty), mask=r_ok)
+            tl.store(cov_ptr + tok * sct + ri * sck, (sq / (M - 1)).to(cov_ptr.dtype.element_ty), mask=i_ok)
         else:
-            ptrs = cov_ptr + tok * sct + rr[:, None] * sck + rr[None, :] * scj
-            tl.store(ptrs, (sq2 / (M - 1)).to(cov_ptr.dtype.element_ty), mask=r_ok[:, None] & r_ok[None, :])
+            ptrs = cov_ptr + tok * sct + ri[:, None] * sck + rj[None, :] * scj
+            tl.store(ptrs, (sq2 / (M - 1)).to(cov_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
 
 
 def _moments_triton(samples: torch.Tensor, diagonal: bool):
@@ -64,10 +80,14 @@ def _moments_triton(samples: torch.Tensor, diagonal: bool):
     mean = torch.empty(B * L, R, device=samples.device, dtype=samples.dtype)
     cov = torch.empty(B * L, *((R,) if diagonal else (R, R)), device=samples.device, dtype=samples.dtype)
     sc = (cov.stride(0), cov.stride(1), 0) if diagonal else cov.stride()
-    _ensemble_moments_kernel[(B * L,)](
+    # Blocks of at most 64×64 modes: a 256-mode block per program would need 512 accumulator
+    # registers a thread (pixel-space p16); larger ranks tile the covariance over the grid.
+    BR = block(R, 16, 64)
+    nb = triton.cdiv(R, BR)
+    launch(_ensemble_moments_kernel, (B * L, nb, 1 if diagonal else nb),
         x, mean, cov, M, B * L, R, *x.stride(), *mean.stride(), *sc,
         DIAGONAL=diagonal, ACC=acc_dtype(samples.dtype), PRECISION="ieee",
-        BLOCK_M=block(M, 16, 64), BLOCK_R=block(R, 16, 1 << 10),
+        BLOCK_M=block(M, 16, 64), BLOCK_R=BR, num_warps=4,
     )
     return mean.view(B, L, R), cov.view(B, L, *cov.shape[1:])
 

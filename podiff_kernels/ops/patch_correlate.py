@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import _extension, dispatch
 from .._geometry import PatchGrid, check_float_tensors, location_row_chunks, make_grid, resolve_stride, strip
-from .._triton import HAS_TRITON, acc_dtype, block, tl, triton
+from .._triton import HAS_TRITON, launch, acc_dtype, block, tl, triton
 from ..reference import patches as reference
 
 if HAS_TRITON:
@@ -69,7 +69,7 @@ def _correlate_triton(x, grad, grid: PatchGrid, local: bool):
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty(splits, G, D, R, device=x.device, dtype=acc_t)
     nblk_d = triton.cdiv(D, BD)
-    _patch_correlate_kernel[(G * nblk_d, triton.cdiv(R, BR), splits)](
+    launch(_patch_correlate_kernel, (G * nblk_d, triton.cdiv(R, BR), splits),
         x, grad, partial,
         rows, lpg, per_split, nblk_d, grid.n_cols, D, R,
         *x.stride(), *grad.stride(), *partial.stride(),

@@ -26,7 +26,7 @@ from .._geometry import (
     location_row_chunks,
     resolve_stride,
 )
-from .._triton import HAS_TRITON, acc_dtype, block, mean_strides, next_pow2, tl, triton
+from .._triton import HAS_TRITON, launch, acc_dtype, block, mean_strides, next_pow2, tl, triton
 from ..reference import patches as reference
 
 if HAS_TRITON:
@@ -84,14 +84,17 @@ def _fold_triton(coeffs, basis, mean, grid: PatchGrid, average: bool):
     sbl = basis.stride(0) if basis.dim() == 3 else 0
     sbd, sbr = basis.stride()[-2:]
     sml, smd = mean_strides(mean)
-    BP = min(256, next_pow2(H * W))
+    # A [BLOCK_PIX, BLOCK_R] tile of coefficients, basis values and their 64-bit addresses per
+    # program: about 16 values a thread at 4 warps (8 for float64) keeps it in registers; 256
+    # pixels by 32 modes used all 255 registers and spilled on every architecture (compile_check).
     BR = block(R, 16, 32)
-    _patch_decode_kernel[(B * C, triton.cdiv(H * W, BP))](
+    BP = max(16, min(next_pow2(H * W), (2048 if coeffs.element_size() <= 4 else 1024) // BR))
+    launch(_patch_decode_kernel, (B * C, triton.cdiv(H * W, BP)),
         coeffs, basis, coeffs if mean is None else mean, out,
         C, H, W, grid.n_rows, grid.n_cols, R,
         *coeffs.stride(), sbl, sbd, sbr, sml, smd, *out.stride(),
         P=grid.patch_size, S=grid.stride, NCOVER=grid.max_cover, HAS_MEAN=mean is not None,
-        AVERAGE=average, ACC=acc_dtype(coeffs.dtype), BLOCK_PIX=BP, BLOCK_R=BR,
+        AVERAGE=average, ACC=acc_dtype(coeffs.dtype), BLOCK_PIX=BP, BLOCK_R=BR, num_warps=4,
     )
     return out
 

@@ -24,7 +24,7 @@ from .._geometry import (
     resolve_stride,
     strip,
 )
-from .._triton import HAS_TRITON, acc_dtype, block, mean_strides, tl, triton
+from .._triton import HAS_TRITON, launch, acc_dtype, block, mean_strides, tl, triton
 from ..reference import patches as reference
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def _encode_triton(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | No
     BM, BD, BR = block(rows, 16, 64), block(D, 16, 32), block(R, 16, 64)
     nblk_m = triton.cdiv(rows, BM)
     sml, smd = mean_strides(mean)
-    _patch_encode_kernel[(G * nblk_m, triton.cdiv(R, BR))](
+    launch(_patch_encode_kernel, (G * nblk_m, triton.cdiv(R, BR)),
         x, b3, x if mean is None else mean, out,
         rows, lpg, nblk_m, grid.n_cols, D, R,
         *x.stride(), *(b3.stride() if G > 1 else (0, *b3.stride()[1:])), sml, smd, *out.stride(),

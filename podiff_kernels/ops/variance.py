@@ -30,7 +30,7 @@ from .._geometry import (
     location_row_chunks,
     resolve_stride,
 )
-from .._triton import HAS_TRITON, acc_dtype, block, mean_strides, tl, triton
+from .._triton import HAS_TRITON, launch, acc_dtype, block, mean_strides, tl, triton
 from ..reference import patches as ref_patches
 from ..reference import variance as reference
 from .patch_decode import fold_op
@@ -124,7 +124,11 @@ def _moments_triton(mean_coeffs, var_or_cov, basis, mean, grid: PatchGrid):
     su = mean_strides(mean)
     sv = (0, 0, 0, 0) if var_or_cov is None else (tuple(var_or_cov.stride()) + (0,))[:4]
     sb = ((basis.stride(0),) if basis.dim() == 3 else (0,)) + tuple(basis.stride()[-2:])
-    _decode_moments_kernel[(B * ncy * ncx,)](
+    cell, block_r = block(C * s * s, 16, 1 << 20), block(R, 16, 32)
+    # The block mode keeps three [CELL, BLOCK_R] tiles (φ, φ_j, φΣ) live: one warp per 512 of
+    # their elements keeps them in registers (4 warps spilled at CELL 64, BLOCK_R 32).
+    warps = min(16, max(4, cell * block_r // 512)) if mode == MODE_BLOCK else 4
+    launch(_decode_moments_kernel, (B * ncy * ncx,),
         ref if mean_coeffs is None else mean_coeffs, ref if mean is None else mean,
         ref if var_or_cov is None else var_or_cov, basis,
         out_any if out_m is None else out_m, out_any if out_v is None else out_v,
@@ -132,7 +136,7 @@ def _moments_triton(mean_coeffs, var_or_cov, basis, mean, grid: PatchGrid):
         *sm, *su, *sv, *sb, *out_any.stride(),
         P=grid.patch_size, S=s, NCOVER=grid.max_cover, MODE=mode, WITH_MEAN=mean_coeffs is not None,
         HAS_MU=mean is not None, ACC=acc_dtype(ref.dtype), PRECISION="ieee",
-        CELL=block(C * s * s, 16, 1 << 20), BLOCK_R=block(R, 16, 32),
+        CELL=cell, BLOCK_R=block_r, num_warps=warps,
     )
     return out_m, out_v
 

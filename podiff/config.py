@@ -1,0 +1,57 @@
+"""``PipelineConfig``: everything that defines a model and its training (saved with it as JSON)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PipelineConfig:
+    """Everything that defines a model and its training; saved with it as JSON.
+
+    POD: ``patch_size``, ``stride``, ``rank`` or ``energy``, ``basis``. Denoiser: ``preset``
+    (``tiny``/``small``/``paper``) with ``denoiser`` overrides (``width``, ``depth``, …);
+    ``denoiser_kind`` ``"vit"`` or ``"mlp"`` (one token only). Diffusion: ``schedule``
+    (``cosine``/``linear``/``learned``), ``prediction`` (``v``/``epsilon``), ``sampler``
+    (``ddim``/``ancestral``), ``eta``, ``sample_steps``. Training: ``train_steps``,
+    ``batch_size``, ``lr``, ``warmup``, ``ema_decay``, ``grad_clip``, ``smoothness`` (weight of
+    the learned schedule's regulariser), ``seed``, ``amp`` (bfloat16 autocast on CUDA).
+
+    The device is not part of the config: it is a runtime choice (``fit(device=...)``,
+    ``to(device)``, ``load(..., device=...)``), so a saved model loads on any device.
+    """
+
+    scale: int = 4
+    patch_size: int = 4
+    stride: int | None = None
+    rank: int | None = None
+    energy: float | None = 0.999
+    basis: str = "shared"
+    preset: str = "tiny"
+    denoiser: dict = field(default_factory=dict)
+    denoiser_kind: str = "vit"
+    schedule: str = "cosine"
+    prediction: str = "v"
+    sampler: str = "ddim"
+    eta: float = 0.0
+    sample_steps: int = 50
+    train_steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    smoothness: float = 1e-3
+    seed: int = 0
+    amp: bool = True
+
+    def __post_init__(self):
+        if int(self.scale) < 1:
+            raise ValueError(f"scale must be a positive int; got {self.scale}")
+        if self.denoiser_kind not in ("vit", "mlp"):
+            raise ValueError(f"denoiser_kind must be 'vit' or 'mlp'; got {self.denoiser_kind!r}")
+        if self.rank is not None:
+            self.energy = None
+
+
+__all__ = ["PipelineConfig"]

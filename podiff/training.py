@@ -1,0 +1,229 @@
+"""Training: the diffusion loss, the training noise and the ``Trainer`` loop.
+
+``Trainer(pipe, device=...)`` owns what only training needs: the device the step runs on,
+the optimiser, the batch/noise generator, DistributedDataParallel, bfloat16 autocast, the EMA
+update and the checkpoints. ``PODiffPipeline.fit`` makes one; the model it trains (denoiser,
+schedule, EMA copy) stays on the pipeline.
+
+The step functions hold no data-dependent Python: ``Trainer.step`` reads no value off the
+device, so it runs under ``FakeTensorMode`` on tensors of any device (the placement tests),
+and on CUDA it queues work without a host sync. The loop around it syncs once a step for
+the loss history and the NaN check.
+
+Randomness is device independent: batch indices and noise are drawn from one CPU generator
+seeded by ``config.seed`` and moved to the device, so a CUDA run sees the batches and noise
+a CPU run sees, and a resumed run continues the same streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed as distributed_
+from .pod import atomic_write
+
+CHECKPOINT_FORMAT = "podiff.PODiffPipeline.checkpoint"
+
+
+def draw_noise(shape, t_max: float, generator: torch.Generator | None, device, dtype=torch.float32):
+    """Training noise for tokens of ``shape [B, L, r]``: ``t [B] ~ U(0, t_max)`` and ``ε ~ N(0, I)``.
+
+    Drawn on the generator's device (the CPU by default) and moved to ``device``.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    t = torch.rand(shape[0], generator=generator, device=gen_device, dtype=dtype) * t_max
+    eps = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype)
+    return t.to(device), eps.to(device)
+
+
+def diffusion_loss(x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, *, denoiser,
+                   schedule, prediction: str, smoothness: float = 0.0) -> torch.Tensor:
+    """The training loss for token batches ``x0, cond [B, L, r]`` at times ``t [B]`` with noise ``eps``.
+
+    Fixed schedules: mean squared error of the ε- or v-prediction. Learned schedule: the
+    continuous-time diffusion loss ``E[−λ'(t) ‖ε − ε̂‖²]`` per mode (normalised by
+    ``λ_max − λ_min``) plus ``smoothness · E[(∂²λ/∂t²)²]``.
+    """
+    lam = schedule.log_snr(t, cond).to(x0.dtype)
+    alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+    x_t = alpha * x0 + sigma * eps
+    level = t if denoiser.config.noise_input == "time" else lam.expand_as(x0)
+    out = denoiser(x_t, cond, level).to(x0.dtype)  # float32 again under autocast
+    if not schedule.learned:
+        target = alpha * eps - sigma * x0 if prediction == "v" else eps
+        return F.mse_loss(out, target)
+    eps_hat = sigma * x_t + alpha * out if prediction == "v" else out
+    span = schedule.lambda_max - schedule.lambda_min
+    weight = -schedule.dlog_snr_dt(t, cond) / span  # >= 0, mean about 1
+    diffusion = (weight * (eps - eps_hat) ** 2).mean()
+    return diffusion + smoothness * schedule.smoothness(t, cond) / span**2
+
+
+class TrainingModule(nn.Module):
+    """The denoiser and schedule with the training loss as ``forward`` (what DDP wraps)."""
+
+    def __init__(self, denoiser: nn.Module, schedule: nn.Module, prediction: str, smoothness: float):
+        super().__init__()
+        self.denoiser, self.schedule = denoiser, schedule
+        self.prediction, self.smoothness = prediction, float(smoothness)
+
+    def forward(self, x0, cond, t, eps):
+        return diffusion_loss(x0, cond, t, eps, denoiser=self.denoiser, schedule=self.schedule,
+                              prediction=self.prediction, smoothness=self.smoothness)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on ``device`` when ``enabled``, else nothing (devices without autocast too)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def rank_rows(batch: int, rank: int, world: int) -> slice:
+    """This rank's rows of a global batch (equal shares, so DDP's gradient mean is the batch mean)."""
+    if batch % world:
+        raise ValueError(f"batch_size must be divisible by the world size {world}; got {batch}")
+    return slice(rank * batch // world, (rank + 1) * batch // world)
+
+
+class Trainer:
+    """Trains a built ``PODiffPipeline``'s denoiser (and learned schedule) on its device.
+
+    Args:
+        pipe: a pipeline after ``build`` (POD, scaling and model in place); it is moved to ``device``.
+        device: where the step runs (default: the pipeline's device).
+        amp: bfloat16 autocast; ``None`` means ``config.amp`` on CUDA and off elsewhere; ``True``
+            forces it on any device (CPU autocast exercises the same code path).
+        distributed: wrap the model in DistributedDataParallel over the default process group.
+    """
+
+    def __init__(self, pipe, *, device=None, amp: bool | None = None, distributed: bool = False):
+        cfg = pipe.config
+        self.pipe = pipe
+        self.device = torch.device(device) if device is not None else pipe.device
+        pipe.to(self.device)
+        self.amp = (cfg.amp and self.device.type == "cuda") if amp is None else bool(amp)
+        self.distributed = bool(distributed)
+        self.rank, self.world = distributed_.rank_world() if self.distributed else (0, 1)
+        self.params = list(pipe.denoiser.parameters()) + list(pipe.schedule.parameters())
+        # capturable keeps Adam's step count on the GPU: no host sync inside the step.
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0,
+                                           capturable=self.device.type == "cuda")
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        model = TrainingModule(pipe.denoiser, pipe.schedule, cfg.prediction, cfg.smoothness)
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        self.model = model
+
+    # -------------------------------------------------------------- one step (no host sync)
+
+    def batch(self, x0_all: torch.Tensor, cond_all: torch.Tensor, batch: int):
+        """The next global batch: indices and noise from the CPU generator, on the tokens' device."""
+        idx = torch.randint(0, x0_all.shape[0], (batch,), generator=self.generator).to(x0_all.device)
+        x0 = x0_all[idx]
+        t, eps = draw_noise(x0.shape, self.pipe.schedule.t_max(self.pipe.config.prediction), self.generator,
+                            x0.device, x0.dtype)
+        return x0, cond_all[idx], t, eps
+
+    def step(self, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on a batch; returns the loss as a tensor (not read off the device)."""
+        cfg = self.pipe.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (self.pipe.step_count + 1) / max(1, cfg.warmup))
+        with autocast(self.device, self.amp):
+            loss = self.model(x0, cond, t, eps)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backward(loss)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        self.update_ema()
+        return loss.detach()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        pipe = self.pipe
+        decay = min(pipe.config.ema_decay, (1 + pipe.step_count) / (10 + pipe.step_count))
+        live = nn.ModuleList([pipe.denoiser, pipe.schedule])
+        for e, p in zip(pipe.ema.parameters(), live.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+
+    # -------------------------------------------------------------- the loop
+
+    def fit(self, x0_all: torch.Tensor, cond_all: torch.Tensor, steps: int, *, progress: bool = True,
+            checkpoint: str | Path | None = None, checkpoint_every: int = 200, resume: bool = True,
+            log_every: int = 50) -> list[float]:
+        """Trains until ``pipe.step_count == steps`` on all tokens ``x0_all, cond_all [N, L, r]``."""
+        from tqdm.auto import tqdm
+
+        pipe, cfg = self.pipe, self.pipe.config
+        x0_all, cond_all = x0_all.to(self.device), cond_all.to(self.device)
+        batch = min(cfg.batch_size, x0_all.shape[0])
+        rows = rank_rows(batch, self.rank, self.world)
+        path = Path(checkpoint) if checkpoint is not None else None
+        if path is not None and resume and path.is_file():
+            self.restore(path)
+        bar = tqdm(total=steps, initial=min(pipe.step_count, steps), disable=not progress or self.rank != 0,
+                   desc="train", unit="step")
+        while pipe.step_count < steps:
+            x0, cond, t, eps = self.batch(x0_all, cond_all, batch)  # every rank draws the global batch
+            loss = self.step(x0[rows], cond[rows], t[rows], eps[rows])
+            value = float(distributed_.all_sum(loss.float()) / self.world)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss is {value} at step {pipe.step_count}")
+            pipe.step_count += 1
+            pipe.history.append(value)
+            bar.update(1)
+            if pipe.step_count % log_every == 0:
+                bar.set_postfix(loss=f"{sum(pipe.history[-log_every:]) / log_every:.4f}")
+            if path is not None and self.rank == 0 and (pipe.step_count % checkpoint_every == 0
+                                                        or pipe.step_count == steps):
+                state = self.state()
+                atomic_write(path, lambda tmp: torch.save(state, tmp))
+        bar.close()
+        if self.distributed:
+            distributed_.barrier()
+        return pipe.history
+
+    # -------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict:
+        pipe = self.pipe
+        return {
+            "format": CHECKPOINT_FORMAT, "step": pipe.step_count, "history": list(pipe.history),
+            "denoiser": pipe.denoiser.state_dict(), "schedule": pipe.schedule.state_dict(),
+            "ema": pipe.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(), "generator": self.generator.get_state(),
+        }
+
+    def restore(self, path: Path) -> None:
+        """Loads a checkpoint written on any device onto this trainer's device."""
+        pipe = self.pipe
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"not a {CHECKPOINT_FORMAT}")
+            pipe.denoiser.load_state_dict(state["denoiser"])
+            pipe.schedule.load_state_dict(state["schedule"])
+            pipe.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
+        except Exception as exc:
+            raise ValueError(f"cannot resume from {path} (corrupted or from another model?): {exc}") from None
+        torch.set_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        pipe.step_count, pipe.history = int(state["step"]), list(state["history"])
+
+
+__all__ = ["Trainer", "TrainingModule", "autocast", "diffusion_loss", "draw_noise", "rank_rows"]
