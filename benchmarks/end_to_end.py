@@ -80,7 +80,7 @@ def measure(method: Method, plan: dict, ds, steps: int, members: int, chains: in
     row = {"method": method.name, "trained": method.train}
     pipe = build(method, plan, tuple(hr.shape[-2:]), hr.shape[1], steps, plan["batch"])
     t0 = time.perf_counter()
-    pipe.fit(lr, hr, steps=0, progress=False)  # POD fit and model construction
+    pipe.to(hr.device).build(lr, hr)  # POD fit and model construction, on the data's device
     row["pod_fit_s"] = time.perf_counter() - t0
     row.update(parameters=pipe.num_parameters(), tokens=pipe.pod.num_locations, rank=pipe.pod.rank)
     x0 = pipe.target_tokens(hr[: plan["batch"]]).float()

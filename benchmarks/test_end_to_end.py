@@ -25,7 +25,7 @@ def pipelines():
     for name, (kind, p) in PROVIDERS.items():
         cfg = PipelineConfig(scale=4, patch_size=p, basis="local", rank=13, preset="tiny", batch_size=8)
         pipe = PODiffPipeline(cfg) if kind == "pod" else pixel_space_pipeline(cfg, SIZE)
-        pipe.fit(lr, hr, steps=0, progress=False)
+        pipe.build(lr, hr)
         built[name] = pipe
     return built, lr, hr
 

@@ -40,6 +40,9 @@ from pathlib import Path
 
 import torch
 
+# Triton's current default (FP fusion on), said explicitly: the same code the runtime compiles.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 
 @dataclass(frozen=True)
 class Arch:

@@ -45,6 +45,21 @@ def test_values_match_reference(backend, name, dtype, shape, local, mode):
 
 @pytest.mark.parametrize("mode", ["diagonal", "block"])
 @pytest.mark.parametrize("name", BACKENDS)
+def test_cells_wider_than_one_program(backend, name, mode):
+    """C·s·s = 3·5·5 = 75 pixels per cell > 64: the Triton kernel splits each cell over two programs."""
+    backend(name)
+    shape = (2, 3, 10, 15, 5, 5)
+    x, basis, mean, coeffs = make_case(shape, False, "shared", r=6)
+    L = 2 * 3
+    v = _var_or_cov(mode, 2, L, 6)
+    pm, pv = pk.decode_moments(coeffs, v, basis, mean, (10, 15), 5, 5)
+    assert dispatch.last_choice["decode_moments"].backend == name
+    assert_close(pm, reference.patch_decode(coeffs, basis, mean, (10, 15), 5, 5), torch.float64, f"mean[{name}]")
+    assert_close(pv, reference.propagate_variance(v, basis, (10, 15), 5, 5), torch.float64, f"var[{name}]")
+
+
+@pytest.mark.parametrize("mode", ["diagonal", "block"])
+@pytest.mark.parametrize("name", BACKENDS)
 def test_rank_above_one_block(backend, name, mode):
     """r = 20 > BLOCK_R: the Triton kernel loops over several r-blocks (and k-blocks in block mode)."""
     backend(name)

@@ -3,7 +3,7 @@
 ``samples [M, B, L, r] -> (mean [B, L, r], cov [B, L, r, r])`` with ``M − 1`` in the
 denominator; ``diagonal=True`` returns ``var [B, L, r]`` and never forms the r×r blocks.
 Two passes over the members (mean, then centred sums): no cancellation from
-``E[xxᵀ] − mmᵀ``. The Triton kernel gives each program one token's ``(i, j)`` block of at most 64×64 modes
+``E[xxᵀ] − mmᵀ``. The Triton kernel gives each program one token's ``(i, j)`` block of at most 32×32 modes
 and keeps it on chip (``tl.dot`` of the centred member tiles).
 """
 
@@ -80,14 +80,15 @@ def _moments_triton(samples: torch.Tensor, diagonal: bool):
     mean = torch.empty(B * L, R, device=samples.device, dtype=samples.dtype)
     cov = torch.empty(B * L, *((R,) if diagonal else (R, R)), device=samples.device, dtype=samples.dtype)
     sc = (cov.stride(0), cov.stride(1), 0) if diagonal else cov.stride()
-    # Blocks of at most 64×64 modes: a 256-mode block per program would need 512 accumulator
-    # registers a thread (pixel-space p16); larger ranks tile the covariance over the grid.
-    BR = block(R, 16, 64)
+    # Covariance blocks of at most 32×32 modes over at most 32 members a step: the centred tiles
+    # feed an FMA dot that holds a member slice a thread (compile_check: 64×64 blocks spilled
+    # kilobytes on sm_80); larger ranks tile the covariance over the grid.
+    BR = block(R, 16, 64 if diagonal else 32)
     nb = triton.cdiv(R, BR)
     launch(_ensemble_moments_kernel, (B * L, nb, 1 if diagonal else nb),
         x, mean, cov, M, B * L, R, *x.stride(), *mean.stride(), *sc,
         DIAGONAL=diagonal, ACC=acc_dtype(samples.dtype), PRECISION="ieee",
-        BLOCK_M=block(M, 16, 64), BLOCK_R=BR, num_warps=4,
+        BLOCK_M=block(M, 16, 32), BLOCK_R=BR, num_warps=4,
     )
     return mean.view(B, L, R), cov.view(B, L, *cov.shape[1:])
 

@@ -61,7 +61,11 @@ def _correlate_triton(x, grad, grid: PatchGrid, local: bool):
     B, L, D, R = x.shape[0], grid.num_locations, grid.patch_dim, grad.shape[2]
     G, lpg = (L, 1) if local else (1, L)
     rows = B * lpg
-    BM, BD, BR = block(rows, 16, 64), block(D, 16, 64), block(R, 16, 64)
+    # The gathered [BLOCK_D, BLOCK_M] tile carries a 64-bit address per element and the FMA dot
+    # holds BLOCK_M values a thread per row: 32-wide tiles (compile_check: 64×64 spilled on sm_80).
+    BM, BD, BR = block(rows, 16, 32), block(D, 16, 32), block(R, 16, 32)
+    odd_patch = grid.patch_size & (grid.patch_size - 1) != 0  # divisions, not shifts, in the gather
+    warps = 8 if BM * BD >= 1024 and (odd_patch or x.element_size() == 8) else 4
     # Enough splits to fill a GPU when there is one group; rows per split a multiple of BLOCK_M.
     splits = 1 if local else max(1, min(64, rows // (4 * BM)))
     per_split = triton.cdiv(triton.cdiv(rows, splits), BM) * BM
@@ -74,7 +78,7 @@ def _correlate_triton(x, grad, grid: PatchGrid, local: bool):
         rows, lpg, per_split, nblk_d, grid.n_cols, D, R,
         *x.stride(), *grad.stride(), *partial.stride(),
         P=grid.patch_size, S=grid.stride, ACC=acc_dtype(x.dtype), PRECISION="ieee",
-        BLOCK_M=BM, BLOCK_D=BD, BLOCK_R=BR,
+        BLOCK_M=BM, BLOCK_D=BD, BLOCK_R=BR, num_warps=warps,
     )
     out = partial.sum(0).to(x.dtype)
     return out if local else out[0]

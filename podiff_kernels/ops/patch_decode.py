@@ -85,10 +85,10 @@ def _fold_triton(coeffs, basis, mean, grid: PatchGrid, average: bool):
     sbd, sbr = basis.stride()[-2:]
     sml, smd = mean_strides(mean)
     # A [BLOCK_PIX, BLOCK_R] tile of coefficients, basis values and their 64-bit addresses per
-    # program: about 16 values a thread at 4 warps (8 for float64) keeps it in registers; 256
-    # pixels by 32 modes used all 255 registers and spilled on every architecture (compile_check).
+    # program: 8 values a thread at 4 warps (4 for float64). 256 pixels by 32 modes used all 255
+    # registers and spilled on every architecture; 16 a thread fits but leaves 19 % occupancy.
     BR = block(R, 16, 32)
-    BP = max(16, min(next_pow2(H * W), (2048 if coeffs.element_size() <= 4 else 1024) // BR))
+    BP = max(16, min(next_pow2(H * W), (1024 if coeffs.element_size() <= 4 else 512) // BR))
     launch(_patch_decode_kernel, (B * C, triton.cdiv(H * W, BP)),
         coeffs, basis, coeffs if mean is None else mean, out,
         C, H, W, grid.n_rows, grid.n_cols, R,

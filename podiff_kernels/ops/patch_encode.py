@@ -85,7 +85,16 @@ def _encode_triton(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | No
     lpg = L if G == 1 else 1
     rows = B * lpg
     out = torch.empty(B, L, R, device=x.device, dtype=x.dtype)
-    BM, BD, BR = block(rows, 16, 64), block(D, 16, 32), block(R, 16, 64)
+    # Tiles: the gathered [BLOCK_M, BLOCK_D] patch values come with a 64-bit address each, and the
+    # accumulator is [BLOCK_M, BLOCK_R]. float64 halves the widths; 8 warps once a tile reaches
+    # 2048 elements (compile_check: 64×32×64 at 4 warps spilled on sm_80 and sm_90).
+    # The FMA dot holds a BLOCK_D slice of each row a thread: 16 doubles at most.
+    wide = 64 if x.element_size() <= 4 else 32
+    BM, BD, BR = block(rows, 16, wide), block(D, 16, 32 if x.element_size() <= 4 else 16), block(R, 16, wide)
+    # 8 warps also for float64 at 32 rows, and for patch sizes that are not powers of two (their
+    # index arithmetic is divisions, not shifts) once the gathered tile reaches 1024 elements.
+    odd_patch = grid.patch_size & (grid.patch_size - 1) != 0
+    warps = 8 if BM * max(BD, BR) >= 2048 or (BM * BD >= 1024 and odd_patch) or (x.element_size() == 8 and BM >= 32) else 4
     nblk_m = triton.cdiv(rows, BM)
     sml, smd = mean_strides(mean)
     launch(_patch_encode_kernel, (G * nblk_m, triton.cdiv(R, BR)),
@@ -93,7 +102,7 @@ def _encode_triton(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | No
         rows, lpg, nblk_m, grid.n_cols, D, R,
         *x.stride(), *(b3.stride() if G > 1 else (0, *b3.stride()[1:])), sml, smd, *out.stride(),
         P=grid.patch_size, S=grid.stride, HAS_MEAN=mean is not None, ACC=acc_dtype(x.dtype),
-        PRECISION="ieee", BLOCK_M=BM, BLOCK_D=BD, BLOCK_R=BR,
+        PRECISION="ieee", BLOCK_M=BM, BLOCK_D=BD, BLOCK_R=BR, num_warps=warps,
     )
     return out
 

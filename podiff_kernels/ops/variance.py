@@ -56,7 +56,7 @@ if HAS_TRITON:
         b = (pid // (NCY * NCX)).to(tl.int64)
         cy = (pid // NCX) % NCY
         cx = pid % NCX
-        q = tl.arange(0, CELL)  # pixel of the cell, (c, yy, xx) order
+        q = tl.program_id(1) * CELL + tl.arange(0, CELL)  # pixel of the cell, (c, yy, xx) order
         ch = q // (S * S)
         y = cy * S + (q // S) % S
         x = cx * S + q % S
@@ -79,15 +79,9 @@ if HAS_TRITON:
                 for k0 in range(0, R, BLOCK_R):
                     kk = k0 + tl.arange(0, BLOCK_R)
                     k_ok = kk < R
-                    phi = tl.load(phi_row + kk[None, :] * sbr, mask=ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
-                    if WITH_MEAN:
-                        a = tl.load(m_ptr + b * smb + l * sml + kk * smr, mask=k_ok, other=0.0).to(ACC)
-                        acc_m += tl.sum(phi * a[None, :], axis=1)
-                    if MODE == 1:
-                        var = tl.load(v_ptr + b * svb + l * svl + kk * svk, mask=k_ok, other=0.0).to(ACC)
-                        acc_v += tl.sum(phi * phi * var[None, :], axis=1)
                     if MODE == 2:
-                        # (φ Σ)[:, kk] for this column block, then rowsum((φ Σ) ∘ φ) over it.
+                        # (φ Σ)[:, kk] for this column block first, with φ_k not yet loaded: the dot
+                        # loop is the register peak (compile_check), then rowsum((φ Σ) ∘ φ) over it.
                         t = tl.zeros([CELL, BLOCK_R], dtype=ACC)
                         for j0 in range(0, R, BLOCK_R):
                             jj = j0 + tl.arange(0, BLOCK_R)
@@ -96,6 +90,14 @@ if HAS_TRITON:
                             sig = tl.load(v_ptr + b * svb + l * svl + jj[:, None] * svk + kk[None, :] * svm,
                                           mask=j_ok[:, None] & k_ok[None, :], other=0.0)
                             t += tl.dot(phj.to(ACC), sig.to(ACC), input_precision=PRECISION, out_dtype=ACC)
+                    phi = tl.load(phi_row + kk[None, :] * sbr, mask=ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
+                    if WITH_MEAN:
+                        a = tl.load(m_ptr + b * smb + l * sml + kk * smr, mask=k_ok, other=0.0).to(ACC)
+                        acc_m += tl.sum(phi * a[None, :], axis=1)
+                    if MODE == 1:
+                        var = tl.load(v_ptr + b * svb + l * svl + kk * svk, mask=k_ok, other=0.0).to(ACC)
+                        acc_v += tl.sum(phi * phi * var[None, :], axis=1)
+                    if MODE == 2:
                         acc_v += tl.sum(t * phi, axis=1)
                 if WITH_MEAN and HAS_MU:
                     acc_m += tl.load(mu_ptr + l * sul + d * sud, mask=ok, other=0.0).to(ACC)
@@ -124,11 +126,21 @@ def _moments_triton(mean_coeffs, var_or_cov, basis, mean, grid: PatchGrid):
     su = mean_strides(mean)
     sv = (0, 0, 0, 0) if var_or_cov is None else (tuple(var_or_cov.stride()) + (0,))[:4]
     sb = ((basis.stride(0),) if basis.dim() == 3 else (0,)) + tuple(basis.stride()[-2:])
-    cell, block_r = block(C * s * s, 16, 1 << 20), block(R, 16, 32)
-    # The block mode keeps three [CELL, BLOCK_R] tiles (φ, φ_j, φΣ) live: one warp per 512 of
-    # their elements keeps them in registers (4 warps spilled at CELL 64, BLOCK_R 32).
-    warps = min(16, max(4, cell * block_r // 512)) if mode == MODE_BLOCK else 4
-    launch(_decode_moments_kernel, (B * ncy * ncx,),
+    # A program takes at most 64 pixels of a C×s×s cell (wide cells are split over grid axis 1).
+    # Block mode: φΣ is an FMA dot whose K = BLOCK_R values a thread holds per row, beside the φ,
+    # φ_j and address tiles; K = 16 at 8 warps is the widest that spills on no architecture
+    # (compile_check: K = 32 spilled at every cell size, as did 4 warps).
+    # Block mode takes smaller chunks where each pixel costs more registers: 16 pixels for patch
+    # sizes that are not powers of two (divisions, not shifts), 32 with overlap (the covering
+    # patches' loop is unrolled); both spilled at 64 (compile_check).
+    # Half-precision inputs add their float32 copies: 16 with overlap too.
+    odd_patch = grid.patch_size & (grid.patch_size - 1) != 0
+    overlap, half = grid.max_cover > 1, ref.element_size() == 2
+    chunk = 64 if mode != MODE_BLOCK else 16 if odd_patch or (overlap and half) else 32 if overlap else 64
+    cell = block(C * s * s, 16, chunk)
+    block_r = 16 if mode == MODE_BLOCK else block(R, 16, 32)
+    warps = (16 if ref.element_size() == 8 and cell >= 32 else 8) if mode == MODE_BLOCK else 4
+    launch(_decode_moments_kernel, (B * ncy * ncx, triton.cdiv(C * s * s, cell)),
         ref if mean_coeffs is None else mean_coeffs, ref if mean is None else mean,
         ref if var_or_cov is None else var_or_cov, basis,
         out_any if out_m is None else out_m, out_any if out_v is None else out_v,
