@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --install --out gpu_check.json  # from a fresh checkout: pip install first
     python benchmarks/gpu_check.py --dry-run --out dry.json        # anywhere: the same stages, CPU-sized
 
-Stages, each with its own time limit, each recorded (exit code, seconds, figures) even when
+Stages, each with its own time limit (30 + 90 + 200 + 90 + 100 s: at most 8 minutes), each recorded (exit code, seconds, figures) even when
 one fails:
 
 1. ``environment``: GPU name and memory, torch / CUDA / Triton versions, which kernel runs
@@ -66,7 +66,7 @@ def environment() -> dict:
         info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", memory_GiB=round(props.total_memory / 2**30, 1),
                     sms=props.multi_processor_count, devices=torch.cuda.device_count())
     kernels = subprocess.run([sys.executable, "-m", "podiff_kernels.info", "--json"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=30)
     try:
         info["backends"] = json.loads(kernels.stdout)
     except json.JSONDecodeError:
@@ -93,9 +93,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     stages = [environment()]
     if args.install:
-        stages.append(_run("install", [sys.executable, "-m", "pip", "install", "-q", "-e", ".[test,data]"], 300))
+        stages.append(_run("install", [sys.executable, "-m", "pip", "install", "-q", "-e", ".[test,data]"], 90))
     gpu_tests = _run("gpu_tests", [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-p", "no:cacheprovider"],
-                     240)
+                     200)
     gpu_tests["counts"] = _pytest_counts(gpu_tests["stdout_tail"])
     if args.dry_run:  # no GPU: every gpu test skips; that is the expected outcome here
         gpu_tests["ok"] = gpu_tests["returncode"] == 0 and gpu_tests["counts"].get("failed", 0) == 0
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         suite_json = Path(tmp) / "gpu_suite.json"
         suite = _run("gpu_suite", [sys.executable, "benchmarks/gpu_suite.py", "--out", str(suite_json)]
-                     + (["--dry-run"] if args.dry_run else []), 180)
+                     + (["--dry-run"] if args.dry_run else []), 90)
         if suite_json.is_file():
             suite["report"] = json.loads(suite_json.read_text())
         stages.append(suite)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
                     "--device", "cpu" if args.dry_run else "cuda"]
         if args.dry_run:
             demo_cmd += ["--steps", "5", "--num-samples", "2", "--sample-steps", "2"]
-        demo = _run("demo", demo_cmd, 300)
+        demo = _run("demo", demo_cmd, 100)
         metrics = demo_dir / "report" / "metrics.json"
         if metrics.is_file():
             result = json.loads(metrics.read_text())

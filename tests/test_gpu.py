@@ -23,7 +23,7 @@ def _cuda(*tensors):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("local", [False, True], ids=["shared", "local"])
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=SHAPE_IDS[1:4])  # overlap, 3×3 covering, none; C = 1, 3
 def test_patch_kernels_match_reference_on_cuda(shape, local, dtype, backend):
     backend("triton")
     x, basis, mean, coeffs = make_case(shape, local, "local" if local else "shared", dtype=dtype)

@@ -27,7 +27,8 @@ def test_dry_run_passes_every_stage(dry_report):
     names = [s["stage"] for s in dry_report["stages"]]
     assert names == ["environment", "gpu_tests", "gpu_suite", "demo"]
     env = dry_report["stages"][0]
-    assert env["torch"] == torch.__version__ and isinstance(env["backends"], dict) and "patch_encode" in env["backends"]
+    assert env["torch"] == torch.__version__ and isinstance(env["backends"], dict)
+    assert {"patch_encode", "decode_moments", "batched_eigh"} <= set(env["backends"]["ops"])
 
 
 def test_dry_run_collects_the_gpu_tests(dry_report):
