@@ -78,6 +78,14 @@ def _check_pair(lr: torch.Tensor, hr: torch.Tensor | None, scale: int) -> None:
                          f"got {tuple(hr.shape[-2:])}")
 
 
+def _on_device(module: nn.Module, device: torch.device) -> bool:
+    """Every parameter and buffer already on ``device`` (``cuda`` matches ``cuda:0``)."""
+    def same(d: torch.device) -> bool:
+        return d.type == device.type and (device.index is None or d.index is None or d.index == device.index)
+
+    return all(same(t.device) for t in list(module.parameters()) + list(module.buffers()))
+
+
 def upsample(lr: torch.Tensor, size) -> torch.Tensor:
     """Bicubic upsampling to ``size``; masked (NaN) pixels filled first with the image's valid mean
     so they do not spread (they stay masked through the POD's mask)."""
@@ -118,10 +126,8 @@ class PODiffPipeline:
     def to(self, device) -> "PODiffPipeline":
         """Moves the weights, EMA, schedule, POD basis and data scaling to ``device``; returns self."""
         device = torch.device(device)
-        if device == self._device:
-            return self
         for module in (self.denoiser, self.schedule, self.ema):
-            if module is not None:
+            if module is not None and not _on_device(module, device):  # moving in place is enough
                 module.to(device)
         if self.pod is not None and self.pod.fitted:
             self.pod.to(device)
@@ -149,7 +155,9 @@ class PODiffPipeline:
               progress: bool = False, distributed: bool = False) -> "PODiffPipeline":
         """Fits the data scaling and the POD (unless a fitted one was given) on ``hr``, then builds
         the denoiser, schedule and EMA copy; no training (``lr`` is only checked against ``hr``).
-        The fits run on the data's device; everything then moves to ``self.device``."""
+        The data are moved to ``self.device`` first: the fits and the model all run there."""
+        lr, hr = lr.to(self._device), hr.to(self._device)
+        mask = mask.to(self._device) if mask is not None else None
         _check_pair(lr, hr, self.config.scale)
         valid = ~torch.isnan(hr) if mask is None else (~torch.isnan(hr) & mask)
         self.offset, self.data_scale = fit_scaling(hr, valid, distributed)

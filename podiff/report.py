@@ -124,7 +124,7 @@ def _figures(folder: Path, lr, target, mean, variance, coverage: dict | None, po
         fig.savefig(folder / "spread_skill.png", dpi=110)
         plt.close(fig)
         names.append("spread_skill.png")
-    ratio = pod.explained_variance_ratio
+    ratio = pod.explained_variance_ratio.detach().cpu()  # the POD may live on a GPU
     ratio = ratio.mean(0) if ratio.dim() == 2 else ratio
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
     ax.semilogy(np.arange(1, ratio.numel() + 1), ratio.numpy(), "o-", ms=3)

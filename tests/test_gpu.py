@@ -126,3 +126,9 @@ def test_same_seed_same_ensemble_on_cuda_for_any_chunking_and_close_to_cpu():
     cpu = pipe.to("cpu").sample(lr[:3], num_samples=8, seed=7, return_samples=True, amp=False)
     cuda_fp32 = pipe.to(CUDA).sample(lr[:3], num_samples=8, seed=7, return_samples=True, amp=False)
     torch.testing.assert_close(cuda_fp32.samples.cpu(), cpu.samples, rtol=1e-3, atol=1e-3 * float(hr.std()))
+
+
+def test_build_on_a_cuda_pipeline_moves_cpu_data_there():
+    pipe, lr, hr = _tiny_pipeline()
+    pipe = PODiffPipeline(pipe.config, device=CUDA).build(lr, hr)  # CPU data: the fits run on the GPU
+    assert devices_of(pipe.offset, pipe.data_scale, pipe.pod.basis, pipe.pod.mean, pipe.denoiser, pipe.ema) == {"cuda"}

@@ -105,3 +105,10 @@ def test_cli_cuda_without_cuda_is_one_line_and_writes_nothing(command, tmp_path,
     assert code == 1
     assert len(err.splitlines()) == 1 and err.startswith(f"podiff {command}: error: device 'cuda' asked for")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_moving_a_built_pipeline_twice_is_harmless():
+    pipe = PODiffPipeline(_config()).build(*_data())
+    pipe.to("meta").to("meta")
+    assert pipe.pod.basis.device.type == "meta" and pipe.offset.device.type == "meta"
+    assert {p.device.type for p in list(pipe.denoiser.parameters()) + list(pipe.ema.parameters())} == {"meta"}
