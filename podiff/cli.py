@@ -230,6 +230,8 @@ DEMO_DEFAULTS = {
 
 
 def cmd_demo(args) -> int:
+    from .pod import atomic_write
+
     out = Path(args.out)
     if distributed.rank_world()[0] == 0:
         _prepare_out(out, args.overwrite)
@@ -255,7 +257,7 @@ def cmd_demo(args) -> int:
         return 0
     total = time.perf_counter() - t0
     result["meta"]["total_seconds"] = total
-    (out / "report" / "metrics.json").write_text(json.dumps(result, indent=2))
+    atomic_write(out / "report" / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     print(f"demo finished in {total:.0f} s; report: {out / 'report' / 'report.md'}")
     return 0
 

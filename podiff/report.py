@@ -1,8 +1,10 @@
 """Evaluation of a prediction against the truth and the baselines, and the report folder.
 
-``evaluate(pred, dataset, split, pipeline, ...)`` -> the ``metrics.json`` dict
+``evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, members=None, meta=None)``
+-> the ``metrics.json`` dict
 (``{"model": {...}, "bicubic": {...}, "pod_projection": {...}, "ridge": {...}, "meta": {...}}``);
-``write_report(folder, metrics, ...)`` writes ``metrics.json``, figures and ``report.md``.
+``write_report(folder, result, lr, target, mean, variance, pod, scale)`` writes ``metrics.json``
+(atomically), the figures and ``report.md``.
 The model's probabilistic scores use its analytic Gaussian (mean, variance): CRPS in closed
 form, central-interval coverage, MACE, spread–skill; with members, the ensemble CRPS too.
 """

@@ -84,7 +84,8 @@ def test_fit_pod_then_train_with_it(tmp_path, tiny_npz, capsys):
     pod = tmp_path / "pod.safetensors"
     code, out, err = run(capsys, "fit-pod", "--data", tiny_npz, "--scale", 4, "--out", pod, "--patch-size", 4,
                          "--rank", 5, "--quiet")
-    assert code == 0, err and pod.stat().st_size > 0
+    assert code == 0, err
+    assert pod.stat().st_size > 0
     code, _, err = run(capsys, "train", "--data", tiny_npz, "--scale", 4, "--out", tmp_path / "r", "--pod", pod,
                        *TRAIN)
     assert code == 0, err

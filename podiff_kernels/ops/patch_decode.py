@@ -195,9 +195,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    from .patch_correlate import patch_correlate_op
-    from .patch_encode import encode_op
-
+    # The adjoint pieces are the registered ops (looked up at call time: no module imports another).
+    encode_op, patch_correlate_op = torch.ops.podiff.patch_encode, torch.ops.podiff.patch_correlate
     coeffs, basis, mean = ctx.saved_tensors
     H, W, p, s, average = ctx.geometry
     if average:  # the averaging is a fixed diagonal scaling: push it onto the incoming gradient
@@ -239,6 +238,7 @@ def patch_decode(coeffs: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor |
     Example:
         >>> basis = torch.linalg.qr(torch.randn(48, 48))[0]                 # C=3, p=4, full rank
         >>> x = torch.randn(2, 3, 12, 12)
+        >>> from podiff_kernels import patch_encode
         >>> a = patch_encode(x, basis, None, 4, stride=2)
         >>> torch.allclose(patch_decode(a, basis, None, (12, 12), 4, stride=2), x, atol=1e-5)
         True

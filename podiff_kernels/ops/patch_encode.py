@@ -197,9 +197,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    from .patch_correlate import patch_correlate_op  # the adjoint pieces live with their own ops
-    from .patch_decode import fold_op
-
+    # The adjoint pieces are the registered ops (looked up at call time: no module imports another).
+    fold_op, patch_correlate_op = torch.ops.podiff.patch_decode, torch.ops.podiff.patch_correlate
     x, basis, mean = ctx.saved_tensors
     p, s = ctx.geometry
     grad = grad.contiguous()
