@@ -32,6 +32,11 @@ class PatchGrid:
         return (self.width - self.patch_size) // self.stride + 1
 
     @property
+    def odd_patch(self) -> bool:
+        """``p`` is not a power of two: the kernels' patch index arithmetic is divisions, not shifts."""
+        return self.patch_size & (self.patch_size - 1) != 0
+
+    @property
     def num_locations(self) -> int:  # L
         return self.n_rows * self.n_cols
 

@@ -64,8 +64,7 @@ def _correlate_triton(x, grad, grid: PatchGrid, local: bool):
     # The gathered [BLOCK_D, BLOCK_M] tile carries a 64-bit address per element and the FMA dot
     # holds BLOCK_M values a thread per row: 32-wide tiles (compile_check: 64×64 spilled on sm_80).
     BM, BD, BR = block(rows, 16, 32), block(D, 16, 32), block(R, 16, 32)
-    odd_patch = grid.patch_size & (grid.patch_size - 1) != 0  # divisions, not shifts, in the gather
-    warps = 8 if BM * BD >= 1024 and (odd_patch or x.element_size() == 8) else 4
+    warps = 8 if BM * BD >= 1024 and (grid.odd_patch or x.element_size() == 8) else 4
     # Enough splits to fill a GPU when there is one group; rows per split a multiple of BLOCK_M.
     splits = 1 if local else max(1, min(64, rows // (4 * BM)))
     per_split = triton.cdiv(triton.cdiv(rows, splits), BM) * BM

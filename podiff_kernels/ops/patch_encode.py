@@ -85,16 +85,15 @@ def _encode_triton(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | No
     lpg = L if G == 1 else 1
     rows = B * lpg
     out = torch.empty(B, L, R, device=x.device, dtype=x.dtype)
-    # Tiles: the gathered [BLOCK_M, BLOCK_D] patch values come with a 64-bit address each, and the
-    # accumulator is [BLOCK_M, BLOCK_R]. float64 halves the widths; 8 warps once a tile reaches
-    # 2048 elements (compile_check: 64×32×64 at 4 warps spilled on sm_80 and sm_90).
-    # The FMA dot holds a BLOCK_D slice of each row a thread: 16 doubles at most.
-    wide = 64 if x.element_size() <= 4 else 32
-    BM, BD, BR = block(rows, 16, wide), block(D, 16, 32 if x.element_size() <= 4 else 16), block(R, 16, wide)
-    # 8 warps also for float64 at 32 rows, and for patch sizes that are not powers of two (their
-    # index arithmetic is divisions, not shifts) once the gathered tile reaches 1024 elements.
-    odd_patch = grid.patch_size & (grid.patch_size - 1) != 0
-    warps = 8 if BM * max(BD, BR) >= 2048 or (BM * BD >= 1024 and odd_patch) or (x.element_size() == 8 and BM >= 32) else 4
+    # The gathered [BLOCK_M, BLOCK_D] patch values carry a 64-bit address each, the accumulator is
+    # [BLOCK_M, BLOCK_R], and the FMA dot holds a BLOCK_D slice of each row a thread. float64 halves
+    # the widths (BLOCK_D: 16 doubles); 8 warps for tiles of 2048 elements, for float64 at 32 rows
+    # and for odd patch sizes at 1024 (compile_check: 64×32×64 at 4 warps spilled on sm_80, sm_90).
+    double = x.element_size() == 8
+    wide = 32 if double else 64
+    BM, BD, BR = block(rows, 16, wide), block(D, 16, 16 if double else 32), block(R, 16, wide)
+    wide_tile = BM * max(BD, BR) >= 2048 or (BM * BD >= 1024 and grid.odd_patch)
+    warps = 8 if wide_tile or (double and BM >= 32) else 4
     nblk_m = triton.cdiv(rows, BM)
     sml, smd = mean_strides(mean)
     launch(_patch_encode_kernel, (G * nblk_m, triton.cdiv(R, BR)),

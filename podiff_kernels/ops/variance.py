@@ -126,17 +126,17 @@ def _moments_triton(mean_coeffs, var_or_cov, basis, mean, grid: PatchGrid):
     su = mean_strides(mean)
     sv = (0, 0, 0, 0) if var_or_cov is None else (tuple(var_or_cov.stride()) + (0,))[:4]
     sb = ((basis.stride(0),) if basis.dim() == 3 else (0,)) + tuple(basis.stride()[-2:])
-    # A program takes at most 64 pixels of a C×s×s cell (wide cells are split over grid axis 1).
-    # Block mode: φΣ is an FMA dot whose K = BLOCK_R values a thread holds per row, beside the φ,
-    # φ_j and address tiles; K = 16 at 8 warps is the widest that spills on no architecture
-    # (compile_check: K = 32 spilled at every cell size, as did 4 warps).
-    # Block mode takes smaller chunks where each pixel costs more registers: 16 pixels for patch
-    # sizes that are not powers of two (divisions, not shifts), 32 with overlap (the covering
-    # patches' loop is unrolled); both spilled at 64 (compile_check).
-    # Half-precision inputs add their float32 copies: 16 with overlap too.
-    odd_patch = grid.patch_size & (grid.patch_size - 1) != 0
+    # A program takes a chunk of a C×s×s cell (wide cells are split over grid axis 1): 64 pixels,
+    # and in block mode fewer where each pixel costs more registers: 32 with overlap (the covering
+    # patches' loop is unrolled), 16 for odd patch sizes or half precision with overlap. Block mode:
+    # φΣ is an FMA dot holding K = BLOCK_R values a thread per row beside the φ, φ_j and address
+    # tiles; K = 16 at 8 warps (16 for float64 cells of 32+) is what spills on no architecture
+    # (compile_check: K = 32 spilled at every cell size, as did 4 warps and 64-pixel chunks).
     overlap, half = grid.max_cover > 1, ref.element_size() == 2
-    chunk = 64 if mode != MODE_BLOCK else 16 if odd_patch or (overlap and half) else 32 if overlap else 64
+    if mode != MODE_BLOCK:
+        chunk = 64
+    else:
+        chunk = 16 if grid.odd_patch or (overlap and half) else 32 if overlap else 64
     cell = block(C * s * s, 16, chunk)
     block_r = 16 if mode == MODE_BLOCK else block(R, 16, 32)
     warps = (16 if ref.element_size() == 8 and cell >= 32 else 8) if mode == MODE_BLOCK else 4
