@@ -105,8 +105,7 @@ def train(args, ds=None) -> "object":
         lr, hr = lr[rows], hr[rows]
     device = resolve_device(args.device)
     pod = PatchPOD.load(args.pod) if args.pod else None
-    pipe = PODiffPipeline(_config(args, ds.scale), pod=pod, device=device)
-    lr, hr = lr.to(device), hr.to(device)
+    pipe = PODiffPipeline(_config(args, ds.scale), pod=pod, device=device)  # fit moves the data there
     t0 = time.perf_counter()
     pipe.fit(lr, hr, progress=not args.quiet, checkpoint=out / "checkpoint.pt", resume=args.resume,
              checkpoint_every=args.checkpoint_every)

@@ -156,9 +156,17 @@ class PODiffPipeline:
         """Fits the data scaling and the POD (unless a fitted one was given) on ``hr``, then builds
         the denoiser, schedule and EMA copy; no training (``lr`` is only checked against ``hr``).
         The data are moved to ``self.device`` first: the fits and the model all run there."""
+        lr, hr, mask = self._checked_on_device(lr, hr, mask)
+        return self._build(hr, mask, progress, distributed)
+
+    def _checked_on_device(self, lr, hr, mask):
+        """``lr, hr, mask`` on ``self.device``, checked once for ``build`` and ``fit``."""
         lr, hr = lr.to(self._device), hr.to(self._device)
         mask = mask.to(self._device) if mask is not None else None
         _check_pair(lr, hr, self.config.scale)
+        return lr, hr, mask
+
+    def _build(self, hr: torch.Tensor, mask, progress: bool, distributed: bool) -> "PODiffPipeline":
         valid = ~torch.isnan(hr) if mask is None else (~torch.isnan(hr) & mask)
         self.offset, self.data_scale = fit_scaling(hr, valid, distributed)
         self.image_size = tuple(hr.shape[-2:])
@@ -244,9 +252,7 @@ class PODiffPipeline:
         cfg = self.config
         if device is not None:
             self.to(device)
-        lr, hr = lr.to(self._device), hr.to(self._device)
-        mask = mask.to(self._device) if mask is not None else None
-        _check_pair(lr, hr, cfg.scale)
+        lr, hr, mask = self._checked_on_device(lr, hr, mask)
         distributed = distributed_.is_active() if distributed is None else bool(distributed)
         # On the data's device: nccl reduces CUDA tensors only.
         total = (int(distributed_.all_sum(torch.tensor(hr.shape[0], device=hr.device)).item()) if distributed
@@ -255,7 +261,7 @@ class PODiffPipeline:
             raise ValueError(f"training needs at least two samples; got {total}")
         if self.denoiser is None:
             rank = distributed_.rank_world()[0] if distributed else 0
-            self.build(lr, hr, mask, progress=progress and rank == 0, distributed=distributed)
+            self._build(hr, mask, progress and rank == 0, distributed)
         steps = cfg.train_steps if steps is None else int(steps)
         if steps < 0:
             raise ValueError(f"steps must be >= 0; got {steps}")

@@ -132,12 +132,6 @@ class PatchPOD:
         self.valid_pixels = valid
         self._has_masked_pixels = not bool(valid.all())
 
-    @property
-    def device(self) -> torch.device:
-        """Where the fitted tensors live (the CPU after ``fit`` on CPU data or ``load``)."""
-        self._check_fitted()
-        return self.basis.device
-
     def to(self, device) -> "PatchPOD":
         """Moves mean, basis, eigenvalues and the valid-pixel mask (float64 masters) to ``device``."""
         self._check_fitted()

@@ -130,8 +130,7 @@ class Trainer:
         """The next global batch: indices and noise from the CPU generator, on the tokens' device."""
         idx = torch.randint(0, x0_all.shape[0], (batch,), generator=self.generator).to(x0_all.device)
         x0 = x0_all[idx]
-        t, eps = draw_noise(x0.shape, self.pipe.schedule.t_max(self.pipe.config.prediction), self.generator,
-                            x0.device, x0.dtype)
+        t, eps = self.pipe.draw_noise(x0, self.generator)
         return x0, cond_all[idx], t, eps
 
     def step(self, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
