@@ -142,9 +142,11 @@ class PODiffPipeline:
         return standardise(x, self.offset, self.data_scale)
 
     def condition_tokens(self, lr: torch.Tensor) -> torch.Tensor:
-        """``lr [B, C, h, w]`` -> standardised condition tokens ``[B, L, r]``."""
+        """``lr [B, C, h, w]`` -> standardised condition tokens ``[B, L, r]``: the bicubic-upsampled
+        field, masked where the high-resolution fields are (so a coastal patch is encoded from its
+        ocean pixels only, as its target is)."""
         up = upsample(self._standardise(lr), self.image_size)
-        return self.pod.encode(up)
+        return self.pod.encode(up.masked_fill(~self.pod.valid_pixels.to(up.device), float("nan")))
 
     def target_tokens(self, hr: torch.Tensor) -> torch.Tensor:
         return self.pod.encode(self._standardise(hr))

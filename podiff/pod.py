@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import podiff_kernels as pk
+from podiff_kernels.ops.patch_encode_masked import DEFAULT_GAP_WEIGHT
 from podiff_kernels.ops.patch_stats import DEFAULT_BUDGET, PatchStats
 
 FORMAT = "podiff.PatchPOD"
@@ -71,7 +72,10 @@ class PatchPOD:
         basis: ``"shared"`` (one basis) or ``"local"`` (one per location).
         min_samples: pixels of a location with fewer valid samples are left out of the fit
             (and reported), not used with unreliable statistics.
-        budget_bytes: extra memory for the unfolded patch strips during ``fit``.
+        budget_bytes: extra memory for the unfolded patch strips during ``fit`` (and the most a
+            fixed mask's precomputed projector may take).
+        gap_weight: regularisation of the least-squares encode of partly masked patches (the
+            masked pixels' pull towards the mean; see ``podiff_kernels.patch_encode_masked``).
 
     After ``fit``: ``mean [G, D]``, ``basis [G, D, r]``, ``eigenvalues`` (``[r]`` or
     ``[L, r]``), ``explained_variance_ratio`` (same shape), ``report`` (a dict), with
@@ -80,7 +84,7 @@ class PatchPOD:
 
     def __init__(self, patch_size: int, stride: int | None = None, rank: int | None = None,
                  energy: float | None = None, basis: str = "shared", min_samples: int = 2,
-                 budget_bytes: int = DEFAULT_BUDGET):
+                 budget_bytes: int = DEFAULT_BUDGET, gap_weight: float = DEFAULT_GAP_WEIGHT):
         from podiff_kernels._geometry import resolve_stride
 
         self.patch_size, self.stride = resolve_stride(patch_size, stride)
@@ -98,6 +102,9 @@ class PatchPOD:
         self.basis_kind = basis
         self.min_samples = int(min_samples)
         self.budget_bytes = int(budget_bytes)
+        if not float(gap_weight) >= 0.0:
+            raise ValueError(f"gap_weight must be >= 0; got {gap_weight!r}")
+        self.gap_weight = float(gap_weight)
         self._fitted = False
         self._cast_cache: dict = {}
 
@@ -377,17 +384,70 @@ class PatchPOD:
         inv = torch.where(lam > 0, lam.clamp_min(1e-300).rsqrt(), 0.0)
         return inv.to(device=device, dtype=dtype)
 
-    def encode(self, x: torch.Tensor, standardized: bool = True) -> torch.Tensor:
+    def gaps(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[str, torch.Tensor | None]:
+        """How ``encode`` treats the masked pixels of ``x`` (reads the data once):
+
+        - ``"none"``: nothing masked; the plain projection.
+        - ``"fixed"``: every image is masked exactly where the fit data never had a value (a
+          coastline): the least-squares projector of each location is constant, precomputed
+          once (``masked_projector``) and applied by the plain local-basis encode.
+        - ``"per-image"``: other gaps (clouds): each patch's ``r×r`` least-squares system is
+          solved (``patch_encode(..., mask=)``); also returned is the padded valid mask.
+
+        Tensors without data (``meta``, ``FakeTensorMode``) cannot be read: the fit's mask is
+        assumed for them.
+        """
+        xp = self._pad(x)
+        valid = ~torch.isnan(xp)
+        if mask is not None:
+            valid = valid & self._pad(mask.to(device=x.device).expand(x.shape[0], *x.shape[1:]))
+        fixed = tuple(x.shape[-2:]) == tuple(self.image_size)
+        try:
+            if bool(valid.all()):
+                return "none", None
+            if fixed and bool((valid == self._pad(self.valid_pixels[None].to(x.device))).all()):
+                return "fixed", None
+        except RuntimeError:  # meta / fake tensors: no values to read
+            return ("fixed" if self._has_masked_pixels and fixed else "none"), None
+        return "per-image", valid
+
+    def _projector(self, dtype, device) -> torch.Tensor | None:
+        """The fixed mask's per-location analysis basis ``[L, D, r]`` (cached), or None when it
+        would take more than ``budget_bytes`` (the per-patch solve is used then)."""
+        key = ("projector", dtype, str(device))
+        if key not in self._cast_cache:
+            D = self.channels * self.patch_size**2
+            if self.num_locations * D * self.rank * 8 > self.budget_bytes:
+                return None
+            mask = self._pad(self.valid_pixels[None].to(self.basis.device))
+            basis = self.basis if self.local else self.basis[0]
+            analysis = pk.masked_projector(mask, basis, self.patch_size, self.stride, self.gap_weight)
+            self._cast_cache[key] = analysis.to(device=device, dtype=dtype).contiguous()
+        return self._cast_cache[key]
+
+    def encode(self, x: torch.Tensor, standardized: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> tokens ``[B, L, r]`` (``a_k/√λ_k`` when standardised).
 
-        Masked pixels (NaN) are zero-filled before the projection; sizes the stride does not
-        cover are reflect-padded.
+        Masked pixels (NaN in ``x``, or False in the optional bool ``mask``) are left out: each
+        patch's coefficients are the least-squares fit on its valid pixels (gappy POD,
+        regularised by ``gap_weight``; see ``gaps`` for how). Sizes the stride does not cover
+        are reflect-padded.
         """
         self._check_fitted()
         self._check_images(x)
         basis, mean = self._operands(x.dtype, x.device, standardized=False)
-        xp = self._pad(torch.nan_to_num(x, nan=0.0))
-        coeffs = pk.patch_encode(xp, basis, mean, self.patch_size, self.stride)
+        how, valid = self.gaps(x, mask)
+        xp = self._pad(x)
+        projector = self._projector(x.dtype, x.device) if how == "fixed" else None
+        if how == "fixed" and projector is None:
+            how, valid = "per-image", ~torch.isnan(xp)
+        if how == "none":
+            coeffs = pk.patch_encode(xp, basis, mean, self.patch_size, self.stride)
+        elif how == "fixed":
+            coeffs = pk.patch_encode(torch.nan_to_num(xp, nan=0.0), projector, mean, self.patch_size, self.stride)
+        else:
+            coeffs = pk.patch_encode(xp, basis, mean, self.patch_size, self.stride, mask=valid,
+                                     gap_weight=self.gap_weight)
         return coeffs * self._inverse_scale(x.dtype, x.device) if standardized else coeffs
 
     def _check_tokens(self, tokens: torch.Tensor, name: str) -> None:
@@ -440,7 +500,7 @@ class PatchPOD:
         return {
             "format": FORMAT, "version": FORMAT_VERSION, "patch_size": self.patch_size, "stride": self.stride,
             "rank_request": self.rank_request, "energy": self.energy, "basis": self.basis_kind,
-            "min_samples": self.min_samples, "budget_bytes": self.budget_bytes,
+            "min_samples": self.min_samples, "budget_bytes": self.budget_bytes, "gap_weight": self.gap_weight,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -483,7 +543,7 @@ class PatchPOD:
         if missing:
             raise ValueError(f"{path} is missing tensors {sorted(missing)}")
         pod = cls(state["patch_size"], state["stride"], state["rank_request"], state["energy"], state["basis"],
-                  state["min_samples"], state["budget_bytes"])
+                  state["min_samples"], state["budget_bytes"], state.get("gap_weight", DEFAULT_GAP_WEIGHT))
         pod.rank, pod.image_size, pod.channels = state["rank"], tuple(state["image_size"]), state["channels"]
         pod.dtype = getattr(torch, state["dtype"])
         pod.report = state["report"]

@@ -21,6 +21,8 @@ from .ops import (
     patch_decode,
     PatchStats,
     patch_encode,
+    patch_encode_masked,
+    masked_projector,
     patch_stats,
     propagate_variance,
 )
@@ -29,6 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "patch_encode",
+    "patch_encode_masked",
+    "masked_projector",
     "patch_decode",
     "patch_correlate",
     "propagate_variance",

@@ -109,6 +109,7 @@ def _case_launches(g: Geometry, dtype: torch.dtype, local: bool, with_mean: bool
     """Calls every op with a Triton kernel (and the backward passes) for one case."""
     import podiff_kernels as pk
     from podiff_kernels._geometry import make_grid
+    from podiff_kernels.ops.patch_encode_masked import MAX_TRITON_RANK
 
     grid = make_grid(g.channels, g.height, g.width, g.patch, g.stride)
     L, D, r = grid.num_locations, grid.patch_dim, min(g.rank, grid.patch_dim)
@@ -117,6 +118,9 @@ def _case_launches(g: Geometry, dtype: torch.dtype, local: bool, with_mean: bool
     mean = torch.zeros((L, D) if local else (D,), dtype=dtype) if with_mean else None
     coeffs = pk.patch_encode(x, basis, mean, g.patch, g.stride)
     coeffs.sum().backward()  # patch_decode (sum, the adjoint) and patch_correlate
+    if r <= MAX_TRITON_RANK:  # wider ranks dispatch to the torch solve
+        gaps = torch.ones(1, g.channels, g.height, g.width, dtype=torch.bool)
+        pk.patch_encode(x.detach(), basis.detach(), mean, g.patch, g.stride, mask=gaps)  # gappy POD
     tokens = torch.zeros(g.batch, L, r, dtype=dtype, requires_grad=True)
     pk.patch_decode(tokens, basis, mean, (g.height, g.width), g.patch, g.stride).sum().backward()
     samples = torch.zeros(members, g.batch, L, r, dtype=dtype)

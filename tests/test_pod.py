@@ -242,3 +242,52 @@ def test_distributed_fit_matches_one_process(tmp_path):
     order = torch.cat([torch.arange(0, 24, 2), torch.arange(1, 24, 2)])
     expected = pk.patch_stats(x[order], 4, 2, mask=mixed_mask)
     torch.testing.assert_close(got["cov"], expected.covariance(), rtol=1e-10, atol=1e-12)
+
+
+def _coastal(valid: torch.Tensor, p: int) -> torch.Tensor:
+    """Valid pixels of patches that hold a masked pixel: ``[N, C, H, W]`` bool."""
+    land = F.avg_pool2d((~valid).double(), p) > 0
+    return F.interpolate(land.double(), scale_factor=p, mode="nearest").bool() & valid
+
+
+def test_shared_basis_round_trips_coastal_patches_like_open_ocean_ones():
+    """The packaged SST (land NaN), a shared p4 basis fitted on 29 months, the last 12 months
+    round-tripped: the coast is a fixed mask, so each coastal patch is fitted on its ocean pixels
+    by the precomputed projector; the old zero-filled projection erred by tens of kelvin there."""
+    from podiff.data import load_sst
+
+    hr = load_sst(4).hr.double()
+    pod = PatchPOD(4, energy=0.999).fit(hr[:29], progress=False)
+    test = hr[42:]
+    assert pod.gaps(test)[0] == "fixed"
+    valid = ~torch.isnan(test)
+    coast = _coastal(valid, 4)
+    ocean = valid & ~coast
+    err = pod.decode(pod.encode(test)) - test
+    rmse = lambda where: float(err[where].pow(2).mean().sqrt())  # noqa: E731
+    assert coast.sum() > 0.1 * valid.sum()
+    assert rmse(coast) < 1.5 * rmse(ocean), (rmse(coast), rmse(ocean))
+    basis, mean = pod._operands(test.dtype, test.device, standardized=False)
+    zero_filled = pk.patch_encode(torch.nan_to_num(test), basis, mean, 4, 4)
+    old = pod.decode(zero_filled, standardized=False) - test
+    assert float(old[coast].pow(2).mean().sqrt()) > 50 * rmse(coast)
+
+
+def test_per_image_gaps_are_solved_per_patch_and_agree_with_the_fixed_projector():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 1, 16, 16, generator=g, dtype=torch.float64)
+    land = torch.zeros(1, 16, 16, dtype=torch.bool)
+    land[:, :5, :3] = True
+    pod = PatchPOD(4, rank=6).fit(x.masked_fill(land, float("nan")), progress=False)
+    fixed = x.masked_fill(land, float("nan"))
+    assert pod.gaps(fixed)[0] == "fixed"
+    clouds = fixed.clone()
+    clouds[0, 0, 8:10, 8:11] = float("nan")
+    how, valid = pod.gaps(clouds)
+    assert how == "per-image" and not bool(valid[0, 0, 8, 8]) and bool(valid[1, 0, 8, 8])
+    a, b = pod.encode(fixed), pod.encode(clouds)
+    assert torch.allclose(a[1:], b[1:], atol=1e-10)  # the per-patch solve equals the projector
+    assert not torch.allclose(a[0], b[0])  # image 0's cloudy patches are fitted on fewer pixels
+    explicit = pod.encode(fixed, mask=~torch.isnan(clouds))
+    assert torch.allclose(explicit, b, atol=1e-12)
+    assert pod.gaps(x)[0] == "none"

@@ -226,7 +226,8 @@ encode_op = torch.ops.podiff.patch_encode
 
 
 def patch_encode(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None,
-                 patch_size: int, stride: int | None = None) -> torch.Tensor:
+                 patch_size: int, stride: int | None = None, *, mask: torch.Tensor | None = None,
+                 gap_weight: float = 1e-3) -> torch.Tensor:
     """Projects every ``p×p`` patch of ``x`` onto a POD basis, without forming the patch matrix.
 
     Args:
@@ -236,6 +237,10 @@ def patch_encode(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None
         mean: ``[D]`` or ``[L, D]`` subtracted before projecting, or ``None``.
         patch_size: ``p``.
         stride: ``s`` (``None``: ``p``, no overlap); ``1 <= s <= p``.
+
+        mask: bool ``[B, C, H, W]`` or ``[1, C, H, W]`` (True = valid): the coefficients of each
+            patch are then the least-squares fit on its valid pixels (gappy POD,
+            ``patch_encode_masked``, which ``gap_weight`` regularises); masked values are not read.
 
     Returns:
         coeffs ``[B, L, r]`` with ``coeffs[b, l] = Φ_lᵀ (x_{b,l} − μ_l)``; differentiable in
@@ -248,4 +253,6 @@ def patch_encode(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None
         torch.Size([2, 25, 8])
     """
     p, s = resolve_stride(patch_size, stride)
+    if mask is not None:  # the registered gappy op, looked up at call time (no import between op files)
+        return torch.ops.podiff.patch_encode_masked(x, mask, basis, mean, p, s, float(gap_weight))
     return encode_op(x, basis, mean, p, s)

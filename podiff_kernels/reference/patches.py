@@ -53,3 +53,19 @@ def patch_correlate(x, grad, patch_size, stride=None, local=False):
     stride = patch_size if stride is None else stride
     patches = extract_patches(x, patch_size, stride)
     return torch.einsum("bld,blr->ldr" if local else "bld,blr->dr", patches, grad)
+
+
+def patch_encode_masked(x, mask, basis, mean, patch_size, stride=None, gap_weight=1e-3):
+    """Gappy POD (Everson & Sirovich 1995): per patch, the weighted least-squares coefficients
+    ``c = (Φᵀ W Φ)⁻¹ Φᵀ V (x − μ)`` with ``V`` the valid pixels and ``W = V + gap_weight·(I − V)``
+    (masked pixels pulled towards the mean with weight ``gap_weight``): ``[B, L, r]``."""
+    stride = patch_size if stride is None else stride
+    valid = extract_patches(mask.expand(x.shape[0], *mask.shape[1:]).to(x.dtype), patch_size, stride)  # B, L, D
+    patches = extract_patches(torch.where(mask, x, 0.0), patch_size, stride)
+    centred = patches - mean if mean is not None else patches
+    centred = torch.where(valid > 0, centred, 0.0)
+    weight = valid + gap_weight * (1 - valid)
+    phi = _basis_per_location(basis, patches.shape[1])  # L, D, r
+    gram = torch.einsum("bld,ldr,lds->blrs", weight, phi, phi)
+    rhs = torch.einsum("bld,ldr->blr", centred, phi)
+    return torch.linalg.solve_ex(gram, rhs.unsqueeze(-1))[0].squeeze(-1)
