@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,7 @@ def _config(args, scale: int):
 
     kw = dict(scale=scale, patch_size=args.patch_size, basis=args.basis, preset=args.preset, seed=args.seed,
               schedule=args.schedule, prediction=args.prediction, sample_steps=args.sample_steps,
-              batch_size=args.batch_size, lr=args.learning_rate)
+              batch_size=args.batch_size, lr=args.learning_rate, residual=args.residual)
     if args.steps is not None:
         kw["train_steps"] = args.steps
     if args.stride is not None:
@@ -81,8 +83,12 @@ def cmd_fit_pod(args) -> int:
     out = Path(args.out)
     _prepare_out(out, args.overwrite)
     pod = PatchPOD(args.patch_size, args.stride, rank=args.rank, energy=None if args.rank else args.energy,
-                   basis=args.basis)
-    pod.fit(hr.to(resolve_device(args.device)), progress=not args.quiet)
+                   basis="shared" if args.basis == "auto" else args.basis)  # auto needs validation fields
+    # Standardised as the pipeline standardises its fields before fitting its own POD.
+    from .standardise import fit_scaling, standardise
+
+    hr = hr.to(resolve_device(args.device))
+    pod.fit(standardise(hr, *fit_scaling(hr, ~torch.isnan(hr))), progress=not args.quiet)
     pod.save(out)
     print(f"{pod} -> {out}")
     return 0
@@ -99,27 +105,125 @@ def train(args, ds=None) -> "object":
         _prepare_out(out, args.overwrite, resume=args.resume)
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    lr, hr, idx = ds.split("train")
+    lr, hr, idx = ds.split(args.split)
+    n_val = getattr(args, "val_count", None)
+    if n_val is None:
+        n_val = math.ceil(args.val_fraction * len(idx)) if args.val_fraction > 0 else 0
+    if len(idx) - n_val < 2:
+        raise CommandError(f"--split {args.split} holds {len(idx)} fields; holding out {n_val} for validation "
+                           f"leaves {len(idx) - n_val} to train on (at least 2 needed; lower --val-fraction)")
+    train_idx, val_idx = idx[: len(idx) - n_val], idx[len(idx) - n_val :]
+    lr_val, hr_val = lr[len(train_idx) :], hr[len(train_idx) :]
+    lr, hr = lr[: len(train_idx)], hr[: len(train_idx)]
+    if rank == 0 and not args.quiet:
+        held = (f"validating on the last {n_val} (fields {int(val_idx[0])}-{int(val_idx[-1])}, --val-fraction "
+                f"{args.val_fraction})" if n_val else "no validation (--val-fraction 0)")
+        print(f"training on {len(train_idx)} of the {len(ds)} fields of {args.data} (--split {args.split}), {held}")
     if world > 1:  # each rank reads its contiguous shard; the pipeline reduces and gathers exactly
-        rows = distributed.shard(len(idx), rank, world)
+        rows = distributed.shard(len(train_idx), rank, world)
         lr, hr = lr[rows], hr[rows]
     device = resolve_device(args.device)
+    if args.pod and args.residual != "none":
+        raise CommandError("--pod gives a POD of the fields themselves; use it with --residual none "
+                           "(a residual model fits its POD to what the ridge misses)")
     pod = PatchPOD.load(args.pod) if args.pod else None
     pipe = PODiffPipeline(_config(args, ds.scale), pod=pod, device=device)  # fit moves the data there
     t0 = time.perf_counter()
     pipe.fit(lr, hr, progress=not args.quiet, checkpoint=out / "checkpoint.pt", resume=args.resume,
-             checkpoint_every=args.checkpoint_every)
+             checkpoint_every=args.checkpoint_every, validation=(lr_val, hr_val) if n_val else None,
+             eval_every=args.eval_every, patience=args.patience or None)
     seconds = time.perf_counter() - t0
     if rank != 0:
         return pipe
+    if pipe.pod_choice is not None and not args.quiet:
+        from .pod_selection import describe
+
+        print(describe(pipe.pod_choice))
     pipe.save(out / "model")
-    info = {"data": args.data, "scale": ds.scale, "train_indices": [int(idx[0]), int(idx[-1])],
-            "train_seconds": seconds, "steps": pipe.step_count, "parameters": pipe.num_parameters(),
-            "world_size": world, "final_loss": float(np.mean(pipe.history[-50:])) if pipe.history else None}
+    baseline_info = train_baselines(pipe, args, lr, hr, (lr_val, hr_val) if n_val else None, out / "model")
+    scores = validation_scores(pipe, lr_val, hr_val, ds.scale, args.seed, out / "model") if n_val else None
+    info = {"data": args.data, "scale": ds.scale, "split": args.split,
+            "train_indices": [int(train_idx[0]), int(train_idx[-1])],
+            "val_indices": [int(val_idx[0]), int(val_idx[-1])] if n_val else None,
+            "train_seconds": seconds, "steps": pipe.step_count, "best_step": pipe.best_step,
+            "parameters": pipe.num_parameters(), "world_size": world,
+            "final_loss": float(np.mean(pipe.history[-50:])) if pipe.history else None,
+            "val_loss": [list(v) for v in pipe.val_history], "pod": pipe.pod_choice, "validation": scores,
+            "residual": pipe.config.residual, "mean_model": pipe.mean_model.choice if pipe.mean_model else None,
+            "baselines": baseline_info}
     atomic_write(out / "train.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
     if not args.quiet:
-        print(f"{pipe.describe()}\ntrained {pipe.step_count} steps in {seconds:.1f} s -> {out}")
+        best = f", best validation loss at step {pipe.best_step}" if pipe.best_step is not None else ""
+        print(f"{pipe.describe()}\ntrained {pipe.step_count} steps in {seconds:.1f} s{best} -> {out}")
+        if scores:
+            print(f"validation: RMSE {scores['rmse']:.4g} (bicubic {scores['bicubic_rmse']:.4g}), "
+                  f"CRPS {scores['crps']:.4g}, {scores['members']} members")
+    if scores and scores["rmse"] > scores["bicubic_rmse"]:
+        warnings.warn(f"the model's validation RMSE {scores['rmse']:.4g} is worse than bicubic's "
+                      f"{scores['bicubic_rmse']:.4g}: more fields, a lower --rank or more --steps may help",
+                      RuntimeWarning, stacklevel=2)
+        print(f"warning: validation RMSE {scores['rmse']:.4g} is worse than bicubic {scores['bicubic_rmse']:.4g}",
+              file=sys.stderr)
     return pipe
+
+
+def train_baselines(pipe, args, lr, hr, validation, model_dir: Path) -> dict:
+    """The baselines every report compares with, fitted on the model's training fields and tuned
+    on its validation fields, saved in ``model_dir/baselines``: the tuned ridge (a residual
+    model's own ``μ``) and, unless ``--no-regression-baseline``, the regression ViT."""
+    from .regression import RegressionBaseline
+    from .ridge import RidgeBaseline
+
+    folder = model_dir / "baselines"
+    info: dict = {}
+    t0 = time.perf_counter()
+    if pipe.mean_model is not None:
+        ridge = pipe.mean_model.ridge
+    elif validation is not None:
+        ridge, _ = RidgeBaseline.tuned(pipe.config.scale, lr.cpu(), hr.cpu(), *(t.cpu() for t in validation))
+    else:
+        ridge = RidgeBaseline(pipe.config.scale).fit(lr.cpu(), hr.cpu())
+    ridge.save(folder / "ridge.safetensors", {"tuned_on_validation": validation is not None})
+    info["ridge"] = {"describe": ridge.describe(), "seconds": time.perf_counter() - t0,
+                     "tuned_on_validation": validation is not None}
+    if getattr(args, "regression_baseline", True):
+        t0 = time.perf_counter()
+        reg = RegressionBaseline(pipe).fit(lr, hr, validation, steps=pipe.config.train_steps,
+                                           eval_every=args.eval_every, patience=args.patience or None,
+                                           progress=not args.quiet)
+        reg.save(folder / "regression.safetensors")
+        info["regression"] = {"steps": reg.steps, "best_step": reg.best_step, "seconds": time.perf_counter() - t0}
+    return info
+
+
+def load_baselines(pipe, model_dir: Path) -> dict:
+    """``{"ridge": RidgeBaseline, "regression": RegressionBaseline}``, those that ``train`` saved."""
+    from .regression import RegressionBaseline
+    from .ridge import RidgeBaseline
+
+    found = {}
+    folder = model_dir / "baselines"
+    if (folder / "ridge.safetensors").is_file():
+        found["ridge"] = RidgeBaseline.load(folder / "ridge.safetensors")[0]
+    if (folder / "regression.safetensors").is_file():
+        found["regression"] = RegressionBaseline.load(folder / "regression.safetensors", pipe)
+    return found
+
+
+def validation_scores(pipe, lr_val, hr_val, scale: int, seed: int, model_dir: Path | None = None,
+                      members: int = 8) -> dict:
+    """A cheap check of the trained model on the validation fields: ensemble-mean RMSE and CRPS of
+    ``members`` members beside the RMSE of bicubic and of the saved baselines."""
+    from . import metrics
+    from .baselines import bicubic
+
+    out = pipe.sample(lr_val, num_samples=members, seed=seed, return_samples=True)
+    samples, mean = out.samples.cpu(), out.mean.cpu()
+    scores = {"rmse": metrics.rmse(mean, hr_val), "crps": metrics.crps_ensemble(samples, hr_val, fair=True),
+              "bicubic_rmse": metrics.rmse(bicubic(lr_val, scale), hr_val), "members": members}
+    for name, baseline in (load_baselines(pipe, model_dir) if model_dir else {}).items():
+        scores[f"{name}_rmse"] = metrics.rmse(baseline.predict(lr_val).cpu(), hr_val)
+    return scores
 
 
 def cmd_train(args) -> int:
@@ -194,7 +298,12 @@ def evaluate(args, ds=None, pipe=None) -> dict:
     if pipe is None:
         model = Path(str(pred["model"]))
         pipe = PODiffPipeline.load(model / "model" if (model / "model").is_dir() else model)
-    lr_train, hr_train, _ = ds.split("train")
+    model_dir = Path(str(pred["model"]))
+    model_dir = model_dir / "model" if (model_dir / "model").is_dir() else model_dir
+    baselines = load_baselines(pipe, model_dir)
+    lr_train = hr_train = None
+    if "ridge" not in baselines:  # a run from before the saved baselines: fit one on this file's train split
+        lr_train, hr_train, _ = ds.split("train")
     mean, variance = torch.from_numpy(pred["mean"]), torch.from_numpy(pred["variance"])
     members = torch.from_numpy(pred["members"]) if "members" in pred else None
     out = Path(args.out)
@@ -206,12 +315,16 @@ def evaluate(args, ds=None, pipe=None) -> dict:
             "pod_rank": pipe.pod.rank, "versions": {"podiff": __version__, "torch": torch.__version__,
                                                      "python": platform.python_version()}}
     meta.update(getattr(args, "extra_meta", {}) or {})
-    result = run_evaluation(mean, variance, hr_test, lr_test, lr_train, hr_train, pipe, members, meta)
+    meta["baselines"] = {name: ("saved with the model: fitted on its training fields" + (
+        ", tuned on its validation fields" if name == "ridge" else "")) for name in baselines}
+    result = run_evaluation(mean, variance, hr_test, lr_test, lr_train, hr_train, pipe, members, meta,
+                            baselines=baselines)
     report = write_report(out, result, lr_test, hr_test, mean, variance, pipe.pod, ds.scale)
     if not args.quiet:
         m = result["model"]
-        print(f"model RMSE {m['rmse']:.4g} (bicubic {result['bicubic']['rmse']:.4g}, "
-              f"POD projection {result['pod_projection']['rmse']:.4g}, ridge {result['ridge']['rmse']:.4g}); "
+        others = ", ".join(f"{name} {result[name]['rmse']:.4g}" for name in ("bicubic", "pod_projection", "ridge",
+                                                                             "regression") if name in result)
+        print(f"model RMSE {m['rmse']:.4g} ({others}); "
               f"CRPS {m.get('crps', float('nan')):.4g}, MACE {m.get('mace', float('nan')):.3f} -> {report}")
     return result
 
@@ -243,6 +356,10 @@ def cmd_demo(args) -> int:
     ns.overwrite = True
     t0 = time.perf_counter()
     ds = _data(ns)
+    # Train on the train split and validate on the val split; the test split stays unseen.
+    from .data import split_indices
+
+    ns.split, ns.val_count = "train+val", len(split_indices(len(ds), "val"))
     ns.out = str(out / "run")
     pipe = train(ns, ds)
     train_seconds = time.perf_counter() - t0
@@ -261,21 +378,68 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1); got {text}")
+    return value
+
+
+def _energy(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]; got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"must be > 0; got {text}")
+    return value
+
+
 def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     none_if_demo = (lambda v: None) if demo else (lambda v: v)
-    p.add_argument("--patch-size", type=int, default=none_if_demo(4), help="POD patch size p")
-    p.add_argument("--stride", type=int, default=None, help="patch stride (default: p, no overlap)")
-    p.add_argument("--rank", type=int, default=None, help="POD modes r (default: by --energy)")
-    p.add_argument("--energy", type=float, default=none_if_demo(0.999), help="POD energy to keep")
-    p.add_argument("--basis", choices=("shared", "local"), default=none_if_demo("shared"))
+    p.add_argument("--patch-size", type=_positive_int, default=none_if_demo(4), help="POD patch size p")
+    p.add_argument("--stride", type=_positive_int, default=None, help="patch stride (default: p, no overlap)")
+    p.add_argument("--rank", type=_positive_int, default=None, help="POD modes r (default: by --energy)")
+    p.add_argument("--energy", type=_energy, default=none_if_demo(0.999),
+                   help="POD energy to keep (of the validation fields' variance when validating)")
+    p.add_argument("--basis", choices=("auto", "shared", "local"), default=none_if_demo("auto"),
+                   help="POD basis; auto: shared or local, whichever reaches --energy of the validation "
+                        "fields' variance with fewer modes (also chooses r unless --rank)")
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny")
+    p.add_argument("--residual", choices=("ridge", "none"), default="ridge",
+                   help="ridge (default): diffuse what a ridge regression tuned on the validation fields "
+                        "misses (CorrDiff-style); none: diffuse the field itself")
     p.add_argument("--schedule", choices=("cosine", "linear", "learned"), default="cosine")
     p.add_argument("--prediction", choices=("v", "epsilon"), default="v")
-    p.add_argument("--steps", type=int, default=None, help="training steps")
-    p.add_argument("--batch-size", type=int, default=none_if_demo(32))
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--sample-steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--steps", type=_nonnegative_int, default=None,
+                   help="most training steps (default 2000); validation stops training earlier")
+    p.add_argument("--val-fraction", type=_fraction, default=0.15,
+                   help="last fraction of the training fields held out for validation (default 0.15; 0: none)")
+    p.add_argument("--eval-every", type=_positive_int, default=50, help="steps between validation losses")
+    p.add_argument("--patience", type=_nonnegative_int, default=8,
+                   help="stop after this many validations without improvement (0: never stop early)")
+    p.add_argument("--batch-size", type=_positive_int, default=none_if_demo(32))
+    p.add_argument("--learning-rate", type=_positive_float, default=1e-3)
+    p.add_argument("--sample-steps", type=_positive_int, default=20, help="sampler steps")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=200)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -292,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, data=True):
         if data:
             p.add_argument("--data", required=True, help="sst | mri | images | FILE.npz | FILE.nc")
-            p.add_argument("--scale", type=int, default=None, help="downscaling factor (makes LR when absent)")
+            p.add_argument("--scale", type=_positive_int, default=None, help="downscaling factor (makes LR when absent)")
             p.add_argument("--var", default=None, help="netCDF variable")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -312,7 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--out", required=True, help="run folder (checkpoint, model, train.json)")
     p.add_argument("--pod", default=None, help="a POD file from fit-pod")
+    p.add_argument("--split", choices=("all", "train", "val", "test", "train+val"), default="all",
+                   help="fields of the file to use (default all; the last --val-fraction of them validate)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--no-regression-baseline", dest="regression_baseline", action="store_false",
+                   help="skip training the regression ViT baseline (the ridge baseline is always fitted)")
     _add_model_options(p)
     _add_device_option(p)
     p.set_defaults(func=cmd_train)
@@ -321,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--model", required=True, help="run folder from train")
     p.add_argument("--out", required=True, help="prediction file (.npz)")
-    p.add_argument("--num-samples", type=int, default=16)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--num-samples", type=_positive_int, default=16)
+    p.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--split", choices=("train", "val", "test", "all"), default="test")
     p.add_argument("--members", action="store_true", help="also store the decoded members")
     p.add_argument("--seed", type=int, default=0)
@@ -339,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, data=False)
     p.add_argument("--dataset", choices=("sst", "mri", "images"), default="sst")
     p.add_argument("--out", default="podiff-demo", help="output folder")
-    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--num-samples", type=_positive_int, default=None)
     _add_model_options(p, demo=True)
     _add_device_option(p)
     p.set_defaults(func=cmd_demo)

@@ -9,13 +9,17 @@ from dataclasses import dataclass, field
 class PipelineConfig:
     """Everything that defines a model and its training; saved with it as JSON.
 
-    POD: ``patch_size``, ``stride``, ``rank`` or ``energy``, ``basis``. Denoiser: ``preset``
+    POD: ``patch_size``, ``stride``, ``rank`` or ``energy``, ``basis`` (``shared``, ``local`` or
+    ``auto``: with validation fields, the basis and rank that reach ``energy`` of the held-out
+    variance with the fewest modes, ``pod_selection``; without, shared and ``energy`` of the
+    training eigenvalues). Denoiser: ``preset``
     (``tiny``/``small``/``paper``) with ``denoiser`` overrides (``width``, ``depth``, …);
     ``denoiser_kind`` ``"vit"`` or ``"mlp"`` (one token only). Diffusion: ``schedule``
     (``cosine``/``linear``/``learned``), ``prediction`` (``v``/``epsilon``), ``sampler``
     (``ddim``/``ancestral``), ``eta``, ``sample_steps``. Training: ``train_steps``,
     ``batch_size``, ``lr``, ``warmup``, ``ema_decay``, ``grad_clip``, ``smoothness`` (weight of
-    the learned schedule's regulariser), ``seed``, ``amp`` (bfloat16 autocast on CUDA).
+    the learned schedule's regulariser), ``seed``, ``amp`` (bfloat16 autocast on CUDA). ``residual``: ``"none"`` (diffuse the field) or
+    ``"ridge"`` (diffuse what a tuned ridge regression misses; ``podiff.residual``).
 
     The device is not part of the config: it is a runtime choice (``fit(device=...)``,
     ``to(device)``, ``load(..., device=...)``), so a saved model loads on any device.
@@ -26,7 +30,7 @@ class PipelineConfig:
     stride: int | None = None
     rank: int | None = None
     energy: float | None = 0.999
-    basis: str = "shared"
+    basis: str = "auto"
     preset: str = "tiny"
     denoiser: dict = field(default_factory=dict)
     denoiser_kind: str = "vit"
@@ -44,12 +48,17 @@ class PipelineConfig:
     smoothness: float = 1e-3
     seed: int = 0
     amp: bool = True
+    residual: str = "none"
 
     def __post_init__(self):
         if int(self.scale) < 1:
             raise ValueError(f"scale must be a positive int; got {self.scale}")
         if self.denoiser_kind not in ("vit", "mlp"):
             raise ValueError(f"denoiser_kind must be 'vit' or 'mlp'; got {self.denoiser_kind!r}")
+        if self.residual not in ("none", "ridge"):
+            raise ValueError(f"residual must be 'none' or 'ridge'; got {self.residual!r}")
+        if self.basis not in ("auto", "shared", "local"):
+            raise ValueError(f"basis must be 'auto', 'shared' or 'local'; got {self.basis!r}")
         if self.rank is not None:
             self.energy = None
 

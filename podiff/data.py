@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SPLITS = ("train", "val", "test", "all")
+SPLITS = ("train", "val", "test", "all", "train+val")
 
 
 class MissingDependency(ImportError):
@@ -71,7 +71,8 @@ def split_indices(n: int, split: str, fractions=(0.7, 0.15, 0.15)) -> np.ndarray
     n_train = n - n_val - n_test
     if n_train < 1:
         raise ValueError(f"{n} samples are too few to split into train/val/test")
-    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n),
+              "train+val": (0, n_train + n_val)}
     lo, hi = bounds[split]
     return np.arange(lo, hi)
 

@@ -32,9 +32,12 @@ def save_pipeline(pipe, directory: str | Path) -> None:
         "format": FORMAT, "version": FORMAT_VERSION, "config": asdict(pipe.config),
         "denoiser": pipe.denoiser.config.to_dict(), "image_size": list(pipe.image_size),
         "offset": pipe.offset.tolist(), "data_scale": pipe.data_scale.tolist(), "step": pipe.step_count,
+        "best_step": pipe.best_step, "pod_choice": pipe.pod_choice, "val_history": [list(v) for v in pipe.val_history],
         "pod": type(pipe.pod).__name__,
     }
     pipe.pod.save(directory / "pod.safetensors")
+    if pipe.mean_model is not None:
+        pipe.mean_model.save(directory / "mean_model.safetensors")
     tensors = {f"live.{k}": v for k, v in nn.ModuleList([pipe.denoiser, pipe.schedule]).state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in pipe.ema.state_dict().items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -76,6 +79,13 @@ def load_pipeline(cls, directory: str | Path, device=None):
         raise ValueError(f"{directory / 'weights.safetensors'} is unreadable or does not match the config: "
                          f"{exc}") from None
     pipe.step_count = int(meta.get("step", 0))
+    pipe.best_step = meta.get("best_step")
+    pipe.val_history = [(int(a), float(b)) for a, b in meta.get("val_history", [])]
+    pipe.pod_choice = meta.get("pod_choice")
+    if pipe.config.residual != "none":
+        from .residual import MeanModel
+
+        pipe.mean_model = MeanModel.load(directory / "mean_model.safetensors")
     return pipe.to(device if device is not None else "cpu")
 
 

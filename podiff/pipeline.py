@@ -25,7 +25,7 @@ the same noise; their results agree to float rounding, not bit for bit.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import math
 from pathlib import Path
 
 import torch
@@ -39,21 +39,13 @@ from .config import PipelineConfig
 from .denoiser import DenoiserConfig, MLPDenoiser, PODDenoiser
 from .persistence import load_pipeline, save_pipeline
 from .pod import PatchPOD, atomic_write  # noqa: F401  (atomic_write: re-exported for callers)
+from .pod_selection import select_pod
+from .residual import MeanModel
+from .sample_output import SampleOutput
 from .sampling import DiffusionScheduler, RowNoise, member_seed
 from .schedules import make_schedule
 from .standardise import fit_scaling, standardise, unstandardise
 from .training import Trainer, autocast, diffusion_loss, draw_noise
-
-
-@dataclass
-class SampleOutput:
-    """``mean`` and ``variance`` ``[B, C, H, W]`` (data units; NaN on masked pixels);
-    ``samples`` ``[M, B, C, H, W]`` when requested; ``tokens`` ``[M, B, L, r]`` likewise."""
-
-    mean: torch.Tensor
-    variance: torch.Tensor
-    samples: torch.Tensor | None = None
-    tokens: torch.Tensor | None = None
 
 
 def _check_pair(lr: torch.Tensor, hr: torch.Tensor | None, scale: int) -> None:
@@ -76,6 +68,23 @@ def _check_pair(lr: torch.Tensor, hr: torch.Tensor | None, scale: int) -> None:
     if tuple(hr.shape[-2:]) != expected:
         raise ValueError(f"hr must be scale={scale} times lr's size {tuple(lr.shape[-2:])} = {expected}; "
                          f"got {tuple(hr.shape[-2:])}")
+
+
+def _hold_out(lr, hr, mask, validation):
+    """``validation`` as a fraction: the last ``ceil(fraction·N)`` fields become ``(lr_val, hr_val)``."""
+    if validation is None or isinstance(validation, (tuple, list)):
+        return lr, hr, mask, validation
+    fraction = float(validation)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation must be (lr_val, hr_val) or a fraction in (0, 1); got {validation!r}")
+    n_val = max(1, math.ceil(fraction * hr.shape[0]))
+    if hr.shape[0] - n_val < 2:
+        raise ValueError(f"validation={fraction} of {hr.shape[0]} fields leaves {hr.shape[0] - n_val} to train on; "
+                         f"training needs at least two")
+    keep = hr.shape[0] - n_val
+    if mask is not None and mask.dim() == 4 and mask.shape[0] == hr.shape[0]:
+        mask = mask[:keep]
+    return lr[:keep], hr[:keep], mask, (lr[keep:], hr[keep:])
 
 
 def _on_device(module: nn.Module, device: torch.device) -> bool:
@@ -114,6 +123,10 @@ class PODiffPipeline:
         self.offset = self.data_scale = None  # per channel, [C]
         self.image_size: tuple[int, int] | None = None
         self.history: list[float] = []
+        self.val_history: list[tuple[int, float]] = []  # (step, EMA validation loss)
+        self.best_step: int | None = None
+        self.pod_choice: dict | None = None  # how the POD was chosen (pod_selection), when it was
+        self.mean_model: MeanModel | None = None  # residual="ridge": μ(lr), the diffusion models x − μ
         self.step_count = 0
         self._device = torch.device(device if device is not None else "cpu")
 
@@ -133,6 +146,8 @@ class PODiffPipeline:
             self.pod.to(device)
         if self.offset is not None:
             self.offset, self.data_scale = self.offset.to(device), self.data_scale.to(device)
+        if self.mean_model is not None and self.mean_model.cond_mean is not None:
+            self.mean_model.to(device)
         self._device = device
         return self
 
@@ -141,14 +156,29 @@ class PODiffPipeline:
     def _standardise(self, x: torch.Tensor) -> torch.Tensor:
         return standardise(x, self.offset, self.data_scale)
 
-    def condition_tokens(self, lr: torch.Tensor) -> torch.Tensor:
+    def condition_tokens(self, lr: torch.Tensor, prediction: torch.Tensor | None = None) -> torch.Tensor:
         """``lr [B, C, h, w]`` -> standardised condition tokens ``[B, L, r]``: the bicubic-upsampled
         field, masked where the high-resolution fields are (so a coastal patch is encoded from its
         ocean pixels only, as its target is)."""
+        if self.mean_model is not None:  # residual: μ(lr)'s anomaly, unit RMS per mode
+            prediction = self.mean_model.predict(lr) if prediction is None else prediction
+            return self._condition_coefficients(prediction) / self.mean_model.cond_scale.to(lr)
         up = upsample(self._standardise(lr), self.image_size)
         return self.pod.encode(up.masked_fill(~self.pod.valid_pixels.to(up.device), float("nan")))
 
-    def target_tokens(self, hr: torch.Tensor) -> torch.Tensor:
+    def _condition_coefficients(self, prediction: torch.Tensor) -> torch.Tensor:
+        field = self.mean_model.condition_field(prediction) / self.data_scale.view(1, -1, 1, 1).to(prediction)
+        field = field.masked_fill(~self.pod.valid_pixels.to(field.device), float("nan"))
+        return self.pod.encode(field, standardized=False)
+
+    def target_tokens(self, hr: torch.Tensor, lr: torch.Tensor | None = None,
+                      prediction: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardised tokens of ``hr`` (of its residual ``hr − μ(lr)`` when residual; ``lr`` or
+        ``μ``'s ``prediction`` needed then)."""
+        if self.mean_model is not None:
+            if lr is None and prediction is None:
+                raise ValueError("a residual pipeline's target tokens need lr (the target is hr − μ(lr))")
+            hr = hr - (self.mean_model.predict(lr) if prediction is None else prediction)
         return self.pod.encode(self._standardise(hr))
 
     # ------------------------------------------------------------------ building
@@ -159,7 +189,29 @@ class PODiffPipeline:
         the denoiser, schedule and EMA copy; no training (``lr`` is only checked against ``hr``).
         The data are moved to ``self.device`` first: the fits and the model all run there."""
         lr, hr, mask = self._checked_on_device(lr, hr, mask)
-        return self._build(hr, mask, progress, distributed)
+        hr_fit, _, prediction = self._fit_mean_model(lr, hr, None)
+        self._build(hr_fit, mask, progress, distributed)
+        return self._fit_condition(prediction)
+
+    def _fit_mean_model(self, lr, hr, validation):
+        """``residual="ridge"``: fits ``μ`` (tuned on ``validation``) and returns the residual fields
+        ``(hr − μ_oof(lr), hr_val − μ(lr_val), μ_oof(lr))`` with ``μ_oof`` the out-of-fold
+        predictions of the training fields; otherwise ``(hr, hr_val, None)``."""
+        hr_val = None if validation is None else validation[1]
+        if self.config.residual == "none":
+            return hr, hr_val, None
+        cpu = None if validation is None else tuple(t.cpu() for t in validation)
+        self.mean_model = MeanModel.fit(self.config.scale, lr.cpu(), hr.cpu(), cpu)
+        prediction = self.mean_model.out_of_fold(lr, hr)
+        if validation is not None:
+            hr_val = validation[1].to(hr.device) - self.mean_model.predict(validation[0].to(hr.device))
+        return hr - prediction, hr_val, prediction
+
+    def _fit_condition(self, prediction) -> "PODiffPipeline":
+        if self.mean_model is not None:
+            self.mean_model.fit_condition(prediction, self._condition_coefficients)
+            self.mean_model.to(self._device)
+        return self
 
     def _checked_on_device(self, lr, hr, mask):
         """``lr, hr, mask`` on ``self.device``, checked once for ``build`` and ``fit``."""
@@ -168,18 +220,27 @@ class PODiffPipeline:
         _check_pair(lr, hr, self.config.scale)
         return lr, hr, mask
 
-    def _build(self, hr: torch.Tensor, mask, progress: bool, distributed: bool) -> "PODiffPipeline":
+    def _build(self, hr: torch.Tensor, mask, progress: bool, distributed: bool,
+               hr_val: torch.Tensor | None = None) -> "PODiffPipeline":
         valid = ~torch.isnan(hr) if mask is None else (~torch.isnan(hr) & mask)
         self.offset, self.data_scale = fit_scaling(hr, valid, distributed)
         self.image_size = tuple(hr.shape[-2:])
         cfg = self.config
         if self.pod is None or not self.pod.fitted:  # a given unfitted POD (e.g. GlobalPOD) is fitted here
-            if self.pod is None:
-                self.pod = PatchPOD(cfg.patch_size, cfg.stride, rank=cfg.rank, energy=cfg.energy, basis=cfg.basis)
             hr_std = self._standardise(hr)
             if mask is not None:
                 hr_std = hr_std.masked_fill(~mask, float("nan"))
-            self.pod.fit(hr_std, progress=progress, distributed=distributed)
+            if self.pod is None and hr_val is not None and not distributed and (cfg.basis == "auto"
+                                                                                 or cfg.rank is None):
+                # Basis and rank by held-out reconstruction (pod_selection); printed by the command.
+                self.pod, self.pod_choice = select_pod(hr_std, self._standardise(hr_val.to(hr.device)),
+                                                       cfg.patch_size, cfg.stride, energy=cfg.energy or 0.999,
+                                                       basis=cfg.basis, rank=cfg.rank)
+            else:
+                if self.pod is None:
+                    basis = "shared" if cfg.basis == "auto" else cfg.basis
+                    self.pod = PatchPOD(cfg.patch_size, cfg.stride, rank=cfg.rank, energy=cfg.energy, basis=basis)
+                self.pod.fit(hr_std, progress=progress, distributed=distributed)
         self.build_model()
         return self.to(self._device)
 
@@ -227,7 +288,9 @@ class PODiffPipeline:
     def fit(self, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = None, *,
             steps: int | None = None, progress: bool = True, checkpoint: str | Path | None = None,
             checkpoint_every: int = 200, resume: bool = True, log_every: int = 50,
-            distributed: bool | None = None, device=None, amp: bool | None = None) -> list[float]:
+            distributed: bool | None = None, device=None, amp: bool | None = None,
+            validation: tuple[torch.Tensor, torch.Tensor] | float | None = None, eval_every: int = 50,
+            patience: int | None = 8) -> list[float]:
         """Builds the pipeline (scaling, POD, model) unless built, then trains it with a ``Trainer``.
 
         Args:
@@ -247,6 +310,12 @@ class PODiffPipeline:
                 same indices and noise, so the loss curve is the one-process curve.
             device: where to train (default: ``self.device``); the pipeline stays there.
             amp: bfloat16 autocast (None: ``config.amp`` on CUDA, off elsewhere).
+            validation: ``(lr_val, hr_val)``, or a fraction: the last ``ceil(fraction·N)`` fields
+                of ``lr, hr`` are held out (nothing of them enters the scaling, the POD or the
+                training). The EMA model's validation loss is evaluated every ``eval_every``
+                steps; training stops when it has not improved for ``patience`` evaluations
+                (``steps`` is then an upper bound) and the best weights are kept
+                (``best_step``, ``val_history``).
 
         Returns:
             The loss history (one value per step; the global-batch loss when distributed).
@@ -255,6 +324,7 @@ class PODiffPipeline:
         if device is not None:
             self.to(device)
         lr, hr, mask = self._checked_on_device(lr, hr, mask)
+        lr, hr, mask, validation = _hold_out(lr, hr, mask, validation)
         distributed = distributed_.is_active() if distributed is None else bool(distributed)
         # On the data's device: nccl reduces CUDA tensors only.
         total = (int(distributed_.all_sum(torch.tensor(hr.shape[0], device=hr.device)).item()) if distributed
@@ -263,16 +333,30 @@ class PODiffPipeline:
             raise ValueError(f"training needs at least two samples; got {total}")
         if self.denoiser is None:
             rank = distributed_.rank_world()[0] if distributed else 0
-            self._build(hr, mask, progress and rank == 0, distributed)
+            if distributed and cfg.residual != "none":
+                raise ValueError("residual training is not distributed yet; train it in one process")
+            hr_fit, hr_val_fit, prediction = self._fit_mean_model(lr, hr, validation)
+            self._build(hr_fit, mask, progress and rank == 0, distributed, hr_val=hr_val_fit)
+            self._fit_condition(prediction)
+        elif self.mean_model is not None:  # built or resumed: the same out-of-fold predictions again
+            prediction = self.mean_model.out_of_fold(lr, hr)
+        else:
+            prediction = None
         steps = cfg.train_steps if steps is None else int(steps)
         if steps < 0:
             raise ValueError(f"steps must be >= 0; got {steps}")
         with torch.no_grad():
-            x0_all = distributed_.all_gather_rows(self.target_tokens(hr).float())
-            cond_all = distributed_.all_gather_rows(self.condition_tokens(lr).float())
+            x0_all = distributed_.all_gather_rows(self.target_tokens(hr, lr, prediction).float())
+            cond_all = distributed_.all_gather_rows(self.condition_tokens(lr, prediction).float())
+            val_tokens = None
+            if validation is not None:
+                lr_val, hr_val = (t.to(self._device) for t in validation)
+                _check_pair(lr_val, hr_val, cfg.scale)
+                val_tokens = (self.target_tokens(hr_val, lr_val).float(), self.condition_tokens(lr_val).float())
         trainer = Trainer(self, amp=amp, distributed=distributed)
         return trainer.fit(x0_all, cond_all, steps, progress=progress, checkpoint=checkpoint,
-                           checkpoint_every=checkpoint_every, resume=resume, log_every=log_every)
+                           checkpoint_every=checkpoint_every, resume=resume, log_every=log_every,
+                           validation=val_tokens, eval_every=eval_every, patience=patience)
 
     # ------------------------------------------------------------------ sampling
 
@@ -372,6 +456,11 @@ class PODiffPipeline:
         cond = self.condition_tokens(lr.to(self._device)).float()
         out = self.ensemble(cond, num_samples, steps, seed=seed, variance=variance, return_samples=return_samples,
                             member_budget=member_budget, progress=progress, image_ids=ids.tolist(), amp=amp)
+        if self.mean_model is not None:  # the ensemble of residuals plus μ(lr): the variance is the residual's
+            prediction = self.mean_model.predict(lr.to(self._device)).to(out.mean)
+            out.mean = out.mean + prediction
+            if out.samples is not None:
+                out.samples = out.samples + prediction
         if distributed:
             gather = distributed_.all_gather_rows
             out.mean, out.variance = gather(out.mean), gather(out.variance)
@@ -398,7 +487,8 @@ class PODiffPipeline:
     def describe(self) -> str:
         return (f"PODiffPipeline: POD {self.pod}, denoiser {type(self.denoiser).__name__} "
                 f"{self.num_parameters():,} parameters, schedule {self.config.schedule}, "
-                f"prediction {self.config.prediction}, sampler {self.config.sampler}, device {self.device}")
+                f"prediction {self.config.prediction}, sampler {self.config.sampler}, device {self.device}"
+                + (f", residual over {self.mean_model.ridge.describe()}" if self.mean_model is not None else ""))
 
 
 __all__ = ["PipelineConfig", "PODiffPipeline", "SampleOutput", "Trainer", "upsample"]

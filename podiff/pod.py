@@ -15,6 +15,7 @@ torch.Size([32, 1, 30, 30])
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -333,6 +334,19 @@ class PatchPOD:
         pod._set_valid_pixels(torch.ones(pod.channels, *pod.image_size, dtype=torch.bool))
         pod.report = {"identity": True, "rank": D}
         pod._fitted = True
+        return pod
+
+    def truncated(self, rank: int) -> "PatchPOD":
+        """A copy that keeps the leading ``rank`` modes (the mean, mask and fit report are shared)."""
+        self._check_fitted()
+        if not 1 <= int(rank) <= self.rank:
+            raise ValueError(f"rank must be in [1, {self.rank}]; got {rank}")
+        pod = copy.copy(self)
+        pod.rank, pod.rank_request, pod.energy = int(rank), int(rank), None
+        pod.basis = self.basis[..., :rank].contiguous()
+        pod._eigenvalues = self._eigenvalues[:, :rank].contiguous()
+        pod.report = dict(self.report, rank=int(rank))
+        pod._cast_cache = {}
         return pod
 
     # ------------------------------------------------------------------ spectra

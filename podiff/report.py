@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import baselines, metrics
+from . import baselines as baselines_
+from . import metrics
 from .pod import atomic_write
 
 
@@ -53,14 +54,21 @@ def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | Non
     return out
 
 
-def evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, members=None, meta=None) -> dict:
-    """Scores of the model and the baselines on the same pixels."""
+def evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, members=None, meta=None,
+             baselines: dict | None = None) -> dict:
+    """Scores of the model and the baselines on the same pixels.
+
+    ``baselines``: fitted ``{"ridge": ..., "regression": ...}`` (saved with the model by ``podiff
+    train``); without a ridge, one is fitted on ``lr_train, hr_train`` with default settings."""
     result = {"model": score(mean, target, variance, members)}
     scale = pipeline.config.scale
-    result["bicubic"] = score(baselines.bicubic(lr_test, scale), target)
-    result["pod_projection"] = score(baselines.PODProjectionBaseline(pipeline).fit().predict(lr_test), target)
-    ridge = baselines.RidgeBaseline(scale, patch_size=pipeline.pod.patch_size).fit(lr_train, hr_train)
-    result["ridge"] = score(ridge.predict(lr_test), target)
+    result["bicubic"] = score(baselines_.bicubic(lr_test, scale), target)
+    result["pod_projection"] = score(baselines_.PODProjectionBaseline(pipeline).fit().predict(lr_test).cpu(), target)
+    fitted = dict(baselines or {})
+    if "ridge" not in fitted:
+        fitted["ridge"] = baselines_.RidgeBaseline(scale).fit(lr_train, hr_train)
+    for name, model in fitted.items():
+        result[name] = score(model.predict(lr_test).cpu().to(target.dtype), target)
     result["meta"] = dict(meta or {})
     return result
 
@@ -151,7 +159,9 @@ def write_report(folder: str | Path, result: dict, lr, target, mean, variance, p
     atomic_write(folder / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     figures = _figures(folder, lr, target, mean, variance, result["model"].get("coverage"), pod, scale)
     rows = ["| method | RMSE | MAE | SSIM | CRPS | MACE | spread/skill |", "|---|---|---|---|---|---|---|"]
-    for name in ("model", "bicubic", "pod_projection", "ridge"):
+    for name in ("model", "bicubic", "pod_projection", "ridge", "regression"):
+        if name not in result:
+            continue
         m = result.get(name, {})
         rows.append(f"| {name} | " + " | ".join(_fmt(m[k]) if k in m else "—" for k in
                                                   ("rmse", "mae", "ssim", "crps", "mace", "spread_skill")) + " |")

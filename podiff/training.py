@@ -123,6 +123,7 @@ class Trainer:
             ids = [self.device] if self.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
         self.model = model
+        self.best: dict | None = None  # {"step", "loss", weights} of the best validation evaluation
 
     # -------------------------------------------------------------- one step (no host sync)
 
@@ -161,14 +162,50 @@ class Trainer:
 
     # -------------------------------------------------------------- the loop
 
+    @torch.no_grad()
+    def validation_loss(self, x0_val: torch.Tensor, cond_val: torch.Tensor, draws: int = 4) -> float:
+        """The EMA model's loss on validation tokens ``[N, L, r]``, averaged over ``draws`` noise
+        draws per field from a fixed generator: the same noise at every evaluation, so successive
+        values differ only by the weights."""
+        pipe, cfg = self.pipe, self.pipe.config
+        denoiser, schedule = pipe.ema[0], pipe.ema[1]
+        generator = torch.Generator().manual_seed(cfg.seed + 7919)
+        was_training = denoiser.training
+        denoiser.eval()
+        total, count = 0.0, 0
+        chunk = max(1, 4 * cfg.batch_size)
+        with autocast(self.device, self.amp):
+            for _ in range(draws):
+                for i in range(0, x0_val.shape[0], chunk):
+                    x0, cond = x0_val[i : i + chunk], cond_val[i : i + chunk]
+                    t, eps = pipe.draw_noise(x0, generator, schedule)
+                    loss = diffusion_loss(x0, cond, t, eps, denoiser=denoiser, schedule=schedule,
+                                          prediction=cfg.prediction, smoothness=cfg.smoothness)
+                    total, count = total + float(loss) * x0.shape[0], count + x0.shape[0]
+        denoiser.train(was_training)
+        return total / count
+
     def fit(self, x0_all: torch.Tensor, cond_all: torch.Tensor, steps: int, *, progress: bool = True,
             checkpoint: str | Path | None = None, checkpoint_every: int = 200, resume: bool = True,
-            log_every: int = 50) -> list[float]:
-        """Trains until ``pipe.step_count == steps`` on all tokens ``x0_all, cond_all [N, L, r]``."""
+            log_every: int = 50, validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+            eval_every: int = 50, patience: int | None = 8) -> list[float]:
+        """Trains on all tokens ``x0_all, cond_all [N, L, r]`` until ``pipe.step_count == steps``,
+        or, with ``validation = (x0_val, cond_val)``, until the EMA model's validation loss
+        (``validation_loss``, every ``eval_every`` steps) has not improved for ``patience``
+        evaluations (None: never stop early). The weights of the best evaluation are kept and
+        put back at the end (``pipe.best_step``); ``pipe.val_history`` holds ``(step, loss)``."""
         from tqdm.auto import tqdm
 
         pipe, cfg = self.pipe, self.pipe.config
+        if int(eval_every) < 1:
+            raise ValueError(f"eval_every must be >= 1; got {eval_every}")
+        if patience is not None and int(patience) < 1:
+            raise ValueError(f"patience must be >= 1 or None; got {patience}")
         x0_all, cond_all = x0_all.to(self.device), cond_all.to(self.device)
+        if validation is not None:
+            validation = (validation[0].to(self.device), validation[1].to(self.device))
+            if validation[0].shape[0] == 0:
+                raise ValueError("validation holds no fields; pass None to train without validation")
         batch = min(cfg.batch_size, x0_all.shape[0])
         rows = rank_rows(batch, self.rank, self.world)
         path = Path(checkpoint) if checkpoint is not None else None
@@ -176,7 +213,7 @@ class Trainer:
             self.restore(path)
         bar = tqdm(total=steps, initial=min(pipe.step_count, steps), disable=not progress or self.rank != 0,
                    desc="train", unit="step")
-        while pipe.step_count < steps:
+        while pipe.step_count < steps and not self._stopped(patience):
             x0, cond, t, eps = self.batch(x0_all, cond_all, batch)  # every rank draws the global batch
             loss = self.step(x0[rows], cond[rows], t[rows], eps[rows])
             value = float(distributed_.all_sum(loss.float()) / self.world)
@@ -185,16 +222,52 @@ class Trainer:
             pipe.step_count += 1
             pipe.history.append(value)
             bar.update(1)
+            postfix = {}
             if pipe.step_count % log_every == 0:
-                bar.set_postfix(loss=f"{sum(pipe.history[-log_every:]) / log_every:.4f}")
+                postfix["loss"] = f"{sum(pipe.history[-log_every:]) / log_every:.4f}"
+            if validation is not None and (pipe.step_count % eval_every == 0 or pipe.step_count == steps):
+                self._evaluate(*validation)
+                postfix["val"] = f"{pipe.val_history[-1][1]:.4f}"
+                postfix["best"] = f"{self.best['loss']:.4f}@{self.best['step']}"
+            if postfix:
+                bar.set_postfix(postfix)
             if path is not None and self.rank == 0 and (pipe.step_count % checkpoint_every == 0
-                                                        or pipe.step_count == steps):
+                                                        or pipe.step_count == steps or self._stopped(patience)):
                 state = self.state()
                 atomic_write(path, lambda tmp: torch.save(state, tmp))
         bar.close()
+        if self.best is not None and self.best["step"] != pipe.step_count:
+            self._load_weights(self.best)
+        if self.best is not None:
+            pipe.best_step = self.best["step"]
         if self.distributed:
             distributed_.barrier()
         return pipe.history
+
+    def _stopped(self, patience: int | None) -> bool:
+        """No improvement in the last ``patience`` evaluations."""
+        if patience is None or self.best is None:
+            return False
+        later = [s for s, _ in self.pipe.val_history if s > self.best["step"]]
+        return len(later) >= int(patience)
+
+    def _evaluate(self, x0_val: torch.Tensor, cond_val: torch.Tensor) -> None:
+        pipe = self.pipe
+        loss = self.validation_loss(x0_val, cond_val)
+        pipe.val_history.append((pipe.step_count, loss))
+        if self.best is None or loss < self.best["loss"]:
+            self.best = {"step": pipe.step_count, "loss": loss, **self._weights()}
+
+    def _weights(self) -> dict:
+        copy = lambda module: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}  # noqa: E731
+        pipe = self.pipe
+        return {"denoiser": copy(pipe.denoiser), "schedule": copy(pipe.schedule), "ema": copy(pipe.ema)}
+
+    def _load_weights(self, weights: dict) -> None:
+        pipe = self.pipe
+        pipe.denoiser.load_state_dict(weights["denoiser"])
+        pipe.schedule.load_state_dict(weights["schedule"])
+        pipe.ema.load_state_dict(weights["ema"])
 
     # -------------------------------------------------------------- checkpoints
 
@@ -205,6 +278,7 @@ class Trainer:
             "denoiser": pipe.denoiser.state_dict(), "schedule": pipe.schedule.state_dict(),
             "ema": pipe.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(), "generator": self.generator.get_state(),
+            "val_history": [list(v) for v in pipe.val_history], "best": self.best,
         }
 
     def restore(self, path: Path) -> None:
@@ -223,6 +297,8 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
         pipe.step_count, pipe.history = int(state["step"]), list(state["history"])
+        pipe.val_history = [(int(s), float(v)) for s, v in state.get("val_history", [])]
+        self.best = state.get("best")
 
 
 __all__ = ["Trainer", "TrainingModule", "autocast", "diffusion_loss", "draw_noise", "rank_rows"]

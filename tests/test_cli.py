@@ -88,6 +88,9 @@ def test_fit_pod_then_train_with_it(tmp_path, tiny_npz, capsys):
     assert pod.stat().st_size > 0
     code, _, err = run(capsys, "train", "--data", tiny_npz, "--scale", 4, "--out", tmp_path / "r", "--pod", pod,
                        *TRAIN)
+    assert code == 1 and "use it with --residual none" in err
+    code, _, err = run(capsys, "train", "--data", tiny_npz, "--scale", 4, "--out", tmp_path / "r", "--pod", pod,
+                       "--residual", "none", "--overwrite", *TRAIN)
     assert code == 0, err
     cfg = json.loads((tmp_path / "r" / "model" / "config.json").read_text())
     assert cfg["denoiser"]["rank"] == 5  # the given POD, not a new fit with rank 6
@@ -128,3 +131,56 @@ def test_entry_point_help_and_info():
         assert out.returncode == 0 and "usage: podiff" in out.stdout
     out = subprocess.run([sys.executable, "-m", "podiff.cli", "info"], capture_output=True, text=True)
     assert out.returncode == 0 and "podiff 0.1.0" in out.stdout
+
+
+def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held_out_fields(tmp_path, capsys):
+    """A user's few dozen fields (with land) and the documented commands, with only an upper bound on
+    the steps: the saved model is the best validation step's, and it beats bicubic on new fields."""
+    from podiff.pipeline import PODiffPipeline
+    from podiff.training import Trainer
+
+    g = torch.Generator().manual_seed(5)
+    smooth = F.avg_pool2d(F.avg_pool2d(torch.randn(40, 1, 24, 24, generator=g), 5, stride=1), 5, stride=1)
+    hr = smooth * 5 + 290.0
+    hr[:, :, :4, :4] = float("nan")
+    np.savez(tmp_path / "train.npz", hr=hr[:32].numpy())
+    np.savez(tmp_path / "test.npz", hr=hr[32:].numpy())
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--data", tmp_path / "train.npz", "--scale", 4, "--out", run_dir,
+                         "--steps", 300, "--eval-every", 25)
+    assert code == 0, err
+    assert "training on 27 of the 32 fields" in out and "validating on the last 5" in out and "POD:" in out
+    info = json.loads((run_dir / "train.json").read_text())
+    assert info["val_indices"] == [27, 31] and info["best_step"] is not None
+    assert {"ridge", "regression"} <= set(info["baselines"]) and info["validation"]["rmse"] > 0
+    best = min(info["val_loss"], key=lambda v: v[1])
+    assert info["best_step"] == best[0]
+    pipe = PODiffPipeline.load(run_dir / "model")
+    from podiff.data import load_npz
+
+    ds = load_npz(tmp_path / "train.npz", 4)
+    lr_val, hr_val = ds.lr[27:], ds.hr[27:]
+    prediction = pipe.mean_model.predict(lr_val)
+    x0, cond = pipe.target_tokens(hr_val, prediction=prediction), pipe.condition_tokens(lr_val, prediction)
+    assert Trainer(pipe).validation_loss(x0.float(), cond.float()) == pytest.approx(best[1], rel=1e-5)
+
+    pred = tmp_path / "pred.npz"
+    code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tmp_path / "test.npz", "--scale", 4,
+                       "--split", "all", "--num-samples", 16, "--out", pred, "--quiet")
+    assert code == 0, err
+    code, _, err = run(capsys, "evaluate", "--pred", pred, "--data", tmp_path / "test.npz", "--scale", 4,
+                       "--out", tmp_path / "report", "--quiet")
+    assert code == 0, err
+    result = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert result["model"]["rmse"] < result["bicubic"]["rmse"], result
+    assert {"ridge", "regression"} <= set(result) and "tuned on its validation fields" in result["meta"]["baselines"]["ridge"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| ridge |" in report and "| regression |" in report
+
+
+@pytest.mark.parametrize("option, value", [("--scale", "0"), ("--batch-size", "0"), ("--steps", "-5"),
+                                            ("--val-fraction", "1"), ("--energy", "0"), ("--patience", "-1")])
+def test_bad_option_values_are_usage_errors(option, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--data", "x.npz", "--out", "o", option, value])
+    assert info.value.code == 2 and option in capsys.readouterr().err

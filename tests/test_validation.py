@@ -1,0 +1,111 @@
+"""Training that generalises: the validation loss, the best weights kept, early stopping, resume;
+the POD chosen on held-out fields; residual diffusion over a tuned ridge and the regression ViT."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from podiff import metrics
+from podiff.baselines import bicubic
+from podiff.pipeline import PipelineConfig, PODiffPipeline
+from podiff.pod_selection import held_out_energy, select_pod
+from podiff.regression import RegressionBaseline
+from podiff.training import Trainer
+
+
+def fields(n, seed=0, size=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, size + 6, size + 6, generator=g)
+    hr = F.avg_pool2d(F.avg_pool2d(x, 4, stride=1), 4, stride=1) * 4
+    return F.avg_pool2d(hr, 4), hr
+
+
+def config(**kw):
+    return PipelineConfig(**{**dict(scale=4, patch_size=4, rank=6, denoiser=dict(width=16, depth=1, heads=2),
+                                    batch_size=8, sample_steps=4, train_steps=40, lr=3e-3), **kw})
+
+
+def test_best_validation_weights_are_kept_and_training_stops_early():
+    lr, hr = fields(24)
+    pipe = PODiffPipeline(config(train_steps=400, lr=3e-2, warmup=1))  # a high rate: the loss soon stops improving
+    pipe.fit(lr, hr, validation=0.25, eval_every=5, patience=3, progress=False)
+    steps = [s for s, _ in pipe.val_history]
+    assert steps == list(range(5, pipe.step_count + 1, 5))
+    assert pipe.step_count < 400  # stopped early: three evaluations without improvement
+    best_step, best_loss = min(pipe.val_history, key=lambda v: v[1])
+    assert pipe.best_step == best_step and pipe.step_count - best_step == 15
+    # The weights in place are the best evaluation's: their validation loss is the best loss.
+    x0, cond = pipe.target_tokens(hr[18:]).float(), pipe.condition_tokens(lr[18:]).float()
+    assert Trainer(pipe).validation_loss(x0, cond) == pytest.approx(best_loss, rel=1e-6)
+    assert pipe.val_history[-1][1] > best_loss
+
+
+def test_validation_fraction_holds_out_the_last_fields_from_every_fit():
+    lr, hr = fields(20)
+    hr_changed = hr.clone()
+    hr_changed[15:] += 100.0  # only the held-out fields change
+    a, b = (PODiffPipeline(config(train_steps=2)) for _ in range(2))
+    a.fit(lr, hr, validation=0.25, progress=False)
+    b.fit(lr, hr_changed, validation=0.25, progress=False)
+    assert torch.equal(a.offset, b.offset) and torch.equal(a.pod.basis, b.pod.basis)
+    with pytest.raises(ValueError, match="validation must be"):
+        PODiffPipeline(config()).fit(lr, hr, validation=1.5, progress=False)
+    with pytest.raises(ValueError, match="leaves 1 to train on"):
+        PODiffPipeline(config()).fit(lr[:4], hr[:4], validation=0.7, progress=False)
+
+
+def test_resume_continues_the_validation_history(tmp_path):
+    lr, hr = fields(16)
+    whole = PODiffPipeline(config(train_steps=30))
+    whole.fit(lr, hr, validation=0.25, eval_every=10, patience=None, progress=False)
+    ckpt = tmp_path / "ckpt.pt"
+    part = PODiffPipeline(config(train_steps=30))
+    part.fit(lr, hr, validation=0.25, eval_every=10, patience=None, steps=20, checkpoint=ckpt,
+             checkpoint_every=10, progress=False)
+    resumed = PODiffPipeline(config(train_steps=30))
+    resumed.fit(lr, hr, validation=0.25, eval_every=10, patience=None, checkpoint=ckpt, progress=False)
+    assert [s for s, _ in resumed.val_history] == [10, 20, 30]
+    for (s1, v1), (s2, v2) in zip(whole.val_history, resumed.val_history):
+        assert s1 == s2 and v1 == pytest.approx(v2, rel=1e-4)
+
+
+def test_pod_selection_prefers_local_for_location_dependent_fields_and_shared_otherwise():
+    _, stationary = fields(40, seed=1, size=16)
+    g = torch.Generator().manual_seed(2)
+    # A strong fixed pattern per location whose amplitude varies: a local basis captures it in one mode.
+    pattern = torch.randn(1, 1, 16, 16, generator=g)
+    amplitude = torch.randn(40, 1, 1, 1, generator=g)
+    located = amplitude * pattern + 0.01 * stationary
+    for data, expected in ((stationary, "shared"), (located, "local")):
+        pod, choice = select_pod(data[:30], data[30:], patch_size=4, energy=0.99)
+        assert choice["basis"] == expected, choice
+        shares = held_out_energy(pod, data[30:])
+        assert shares[-1] == pytest.approx(choice["held_out_energy"]) and shares[-1] >= 0.99
+        assert choice["rank"] == 1 or shares[-2] < 0.99  # the fewest modes that reach it
+    assert choice["candidates"]["local"]["rank"] < choice["candidates"]["shared"]["rank"]
+
+
+def test_residual_pipeline_adds_the_tuned_ridge_and_learns_out_of_fold_residuals(tmp_path):
+    lr, hr = fields(40, seed=3)
+    pipe = PODiffPipeline(config(residual="ridge", rank=None, train_steps=60))
+    pipe.fit(lr[:32], hr[:32], validation=0.25, eval_every=20, progress=False)
+    assert pipe.mean_model.choice["tuned_on_validation"]
+    ridge = pipe.mean_model.ridge
+    # Out-of-fold predictions of the training fields are worse than in-sample ones: test-like errors.
+    rmse = lambda p, t: metrics.rmse(p, t)  # noqa: E731
+    oof = pipe.mean_model.out_of_fold(lr[:24], hr[:24])
+    assert rmse(oof, hr[:24]) > rmse(ridge.predict(lr[:24]), hr[:24])
+    out = pipe.sample(lr[32:], num_samples=8, return_samples=True)
+    prediction = ridge.predict(lr[32:])
+    torch.testing.assert_close(out.mean, out.samples.mean(0), rtol=1e-4, atol=1e-5)
+    residual_mean = out.mean - prediction
+    assert float(residual_mean.abs().mean()) < 0.5 * rmse(prediction, hr[32:])  # a correction, not a new field
+    assert rmse(out.mean, hr[32:]) < rmse(bicubic(lr[32:], 4), hr[32:])
+    pipe.save(tmp_path / "m")
+    again = PODiffPipeline.load(tmp_path / "m").sample(lr[32:], num_samples=8)
+    torch.testing.assert_close(again.mean, out.mean)
+    reg = RegressionBaseline(pipe).fit(lr[:24], hr[:24], (lr[24:32], hr[24:32]), steps=40, eval_every=10)
+    assert reg.best_step is not None and reg.predict(lr[32:]).shape == hr[32:].shape
+    reg.save(tmp_path / "reg.safetensors")
+    loaded = RegressionBaseline.load(tmp_path / "reg.safetensors", pipe)
+    torch.testing.assert_close(loaded.predict(lr[32:]), reg.predict(lr[32:]))
