@@ -55,7 +55,8 @@ def _config(args, scale: int):
 
     kw = dict(scale=scale, patch_size=args.patch_size, basis=args.basis, preset=args.preset, seed=args.seed,
               schedule=args.schedule, prediction=args.prediction, sample_steps=args.sample_steps,
-              batch_size=args.batch_size, lr=args.learning_rate, residual=args.residual)
+              batch_size=args.batch_size, lr=args.learning_rate, residual=args.residual,
+              antithetic=args.antithetic)
     if args.steps is not None:
         kw["train_steps"] = args.steps
     if args.stride is not None:
@@ -140,7 +141,10 @@ def train(args, ds=None) -> "object":
 
         print(describe(pipe.pod_choice))
     pipe.save(out / "model")
-    baseline_info = train_baselines(pipe, args, lr, hr, (lr_val, hr_val) if n_val else None, out / "model")
+    if world > 1:  # rank 0 holds only its shard of the training fields: no baselines from it
+        baseline_info = {"skipped": "under torchrun; evaluate fits a ridge on the data's train split"}
+    else:
+        baseline_info = train_baselines(pipe, args, lr, hr, (lr_val, hr_val) if n_val else None, out / "model")
     scores = validation_scores(pipe, lr_val, hr_val, ds.scale, args.seed, out / "model") if n_val else None
     info = {"data": args.data, "scale": ds.scale, "split": args.split,
             "train_indices": [int(train_idx[0]), int(train_idx[-1])],
@@ -424,6 +428,8 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="POD basis; auto: shared or local, whichever reaches --energy of the validation "
                         "fields' variance with fewer modes (also chooses r unless --rank)")
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny")
+    p.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=True,
+                   help="sample members in mirrored pairs (same noise, negated): a less noisy ensemble mean")
     p.add_argument("--residual", choices=("ridge", "none"), default="ridge",
                    help="ridge (default): diffuse what a ridge regression tuned on the validation fields "
                         "misses (CorrDiff-style); none: diffuse the field itself")
@@ -436,7 +442,7 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--eval-every", type=_positive_int, default=50, help="steps between validation losses")
     p.add_argument("--patience", type=_nonnegative_int, default=8,
                    help="stop after this many validations without improvement (0: never stop early)")
-    p.add_argument("--batch-size", type=_positive_int, default=none_if_demo(32))
+    p.add_argument("--batch-size", type=_positive_int, default=none_if_demo(16))
     p.add_argument("--learning-rate", type=_positive_float, default=1e-3)
     p.add_argument("--sample-steps", type=_positive_int, default=20, help="sampler steps")
     p.add_argument("--checkpoint-every", type=_positive_int, default=200)

@@ -20,6 +20,8 @@ class PipelineConfig:
     ``batch_size``, ``lr``, ``warmup``, ``ema_decay``, ``grad_clip``, ``smoothness`` (weight of
     the learned schedule's regulariser), ``seed``, ``amp`` (bfloat16 autocast on CUDA). ``residual``: ``"none"`` (diffuse the field) or
     ``"ridge"`` (diffuse what a tuned ridge regression misses; ``podiff.residual``).
+    ``antithetic``: members in mirrored pairs (the same noise, negated), a variance reduction for
+    the ensemble mean.
 
     The device is not part of the config: it is a runtime choice (``fit(device=...)``,
     ``to(device)``, ``load(..., device=...)``), so a saved model loads on any device.
@@ -49,6 +51,7 @@ class PipelineConfig:
     seed: int = 0
     amp: bool = True
     residual: str = "none"
+    antithetic: bool = False
 
     def __post_init__(self):
         if int(self.scale) < 1:

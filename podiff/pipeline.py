@@ -334,7 +334,8 @@ class PODiffPipeline:
         if self.denoiser is None:
             rank = distributed_.rank_world()[0] if distributed else 0
             if distributed and cfg.residual != "none":
-                raise ValueError("residual training is not distributed yet; train it in one process")
+                raise ValueError("residual training is not distributed yet; train it in one process "
+                                 "(or pass --residual none)")
             hr_fit, hr_val_fit, prediction = self._fit_mean_model(lr, hr, validation)
             self._build(hr_fit, mask, progress and rank == 0, distributed, hr_val=hr_val_fit)
             self._fit_condition(prediction)
@@ -385,7 +386,12 @@ class PODiffPipeline:
         ids = list(range(B)) if image_ids is None else [int(i) for i in image_ids]
         if len(ids) != B:
             raise ValueError(f"image_ids must hold one id per image ({B}); got {len(ids)}")
-        seeds = [member_seed(seed, i, m) for m in range(num_samples) for i in ids]  # member-major, like flat
+        # Antithetic pairs (config.antithetic): member 2k+1 runs the mirror chain of member 2k (the
+        # same noise, negated), which cancels the ensemble mean's leading Monte-Carlo error; each
+        # member is still a sample of the model.
+        pair = 2 if cfg.antithetic else 1
+        seeds = [member_seed(seed, i, m // pair) for m in range(num_samples) for i in ids]  # member-major, like flat
+        signs = [(-1.0 if cfg.antithetic and m % 2 else 1.0) for m in range(num_samples) for _ in ids]
         flat = cond[None].expand(num_samples, B, L, r).reshape(num_samples * B, L, r)
         chunk = max(1, member_budget // max(1, L * r))
         was_training = denoiser.training
@@ -393,7 +399,7 @@ class PODiffPipeline:
         starts = range(0, flat.shape[0], chunk)
         with autocast(cond.device, amp):
             out = [scheduler.sample(denoiser, flat[i : i + chunk], steps, noise_input=self.noise_input,
-                                    noise=RowNoise(seeds[i : i + chunk], cond.device))
+                                    noise=RowNoise(seeds[i : i + chunk], cond.device, signs[i : i + chunk]))
                    for i in tqdm(starts, disable=not progress, desc="sample", unit="chunk")]
         denoiser.train(was_training)
         return torch.cat(out).view(num_samples, B, L, r)

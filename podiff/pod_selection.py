@@ -83,8 +83,11 @@ def select_pod(hr_train: torch.Tensor, hr_val: torch.Tensor, patch_size: int, st
 def describe(choice: dict) -> str:
     """One line for the command's output."""
     others = ", ".join(f"{k} needs r = {v['rank']}" for k, v in choice["candidates"].items() if k != choice["basis"])
+    reached = choice["held_out_energy"] >= choice["energy_target"] - 1e-12
+    verdict = ">=" if reached else "< (not reached: all modes kept)"
     return (f"POD: {choice['basis']} basis, p = {choice['patch_size']}, r = {choice['rank']} (held-out energy "
-            f"{choice['held_out_energy']:.4f} >= {choice['energy_target']}" + (f"; {others}" if others else "") + ")")
+            f"{choice['held_out_energy']:.4f} {verdict} {choice['energy_target']}" + (f"; {others}" if others else "")
+            + ")")
 
 
 __all__ = ["held_out_energy", "select_pod", "describe"]

@@ -52,14 +52,20 @@ class RowNoise:
     give the same noise on every device (as diffusers' ``randn_tensor`` does).
     """
 
-    def __init__(self, seeds, device=None):
+    def __init__(self, seeds, device=None, signs=None):
         self.device = torch.device(device or "cpu")
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        # signs: −1 rows are the mirror chain of a +1 row with the same seed (antithetic members).
+        self.signs = None if signs is None else torch.tensor([float(v) for v in signs])
+        if self.signs is not None and self.signs.numel() != len(self.generators):
+            raise ValueError(f"signs must hold one value per seed ({len(self.generators)}); got {self.signs.numel()}")
 
     def __call__(self, shape, dtype=torch.float32) -> torch.Tensor:
         if shape[0] != len(self.generators):
             raise ValueError(f"RowNoise has {len(self.generators)} rows; asked for shape {tuple(shape)}")
         rows = torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in self.generators])
+        if self.signs is not None:
+            rows = rows * self.signs.to(dtype).view(-1, *([1] * (rows.dim() - 1)))
         return rows.to(self.device, non_blocking=True)
 
 

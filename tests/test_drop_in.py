@@ -29,6 +29,7 @@ def _inputs(seed=0):
         "x": rnd(B, C, H, W), "basis": orthonormal(D, R, seed=seed), "local_basis": orthonormal(D, R, L, seed=seed + 1),
         "mean": rnd(D), "coeffs": rnd(B, L, R), "var": rnd(B, L, R).square(), "cov": a @ a.transpose(-1, -2) / R,
         "samples": rnd(7, B, L, R), "spd": (lambda m: m @ m.mT)(rnd(4, 6, 6)),
+        "mask": torch.rand(B, C, H, W, generator=g) > 0.3,
     }
 
 
@@ -48,6 +49,8 @@ CASES = [
          lambda i: (i["x"], i["basis"], i["mean"], P, S), ("x", "basis", "mean")),
     Case("patch_encode", lambda i: pk.patch_encode(i["x"], i["local_basis"], None, P, S),
          lambda i: (i["x"], i["local_basis"], None, P, S), ("x", "local_basis")),
+    Case("patch_encode_masked", lambda i: pk.patch_encode(i["x"], i["basis"], i["mean"], P, S, mask=i["mask"]),
+         lambda i: (i["x"], i["mask"], i["basis"], i["mean"], P, S, 1e-3), ("x", "basis", "mean")),
     Case("patch_decode", lambda i: pk.patch_decode(i["coeffs"], i["basis"], i["mean"], (H, W), P, S),
          lambda i: (i["coeffs"], i["basis"], i["mean"], H, W, P, S), ("coeffs", "basis", "mean")),
     Case("patch_correlate", lambda i: pk.patch_correlate(i["x"], i["coeffs"], P, S, local=True),
