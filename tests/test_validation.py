@@ -109,3 +109,17 @@ def test_residual_pipeline_adds_the_tuned_ridge_and_learns_out_of_fold_residuals
     reg.save(tmp_path / "reg.safetensors")
     loaded = RegressionBaseline.load(tmp_path / "reg.safetensors", pipe)
     torch.testing.assert_close(loaded.predict(lr[32:]), reg.predict(lr[32:]))
+
+
+def test_antithetic_members_run_mirrored_chains():
+    """Member 2k+1 starts from member 2k's noise negated; with the untrained (zero-head) denoiser the
+    DDIM chain is linear, so the pair's tokens are exact negatives and their mean is zero."""
+    lr, hr = fields(12)
+    pipe = PODiffPipeline(config(antithetic=True)).build(lr, hr)
+    cond = pipe.condition_tokens(lr[:2]).float()
+    tokens = pipe.sample_tokens(cond, num_samples=4, steps=3)
+    torch.testing.assert_close(tokens[1], -tokens[0])
+    torch.testing.assert_close(tokens[3], -tokens[2])
+    assert not torch.allclose(tokens[2], tokens[0])  # pairs differ from each other
+    plain = PODiffPipeline(config()).build(lr, hr).sample_tokens(cond, num_samples=4, steps=3)
+    torch.testing.assert_close(plain[0], tokens[0])  # the first of a pair is the plain member 0
