@@ -140,6 +140,11 @@ def train(args, ds=None) -> "object":
         from .pod_selection import describe
 
         print(describe(pipe.pod_choice))
+    spread = None
+    if n_val and getattr(args, "calibrate", True):
+        spread = pipe.calibrate_spread(lr_val, hr_val, seed=args.seed)
+        if not args.quiet:
+            print(f"spread calibrated on the validation fields: ×{spread:.3f} (--no-calibrate to keep ×1)")
     pipe.save(out / "model")
     if world > 1:  # rank 0 holds only its shard of the training fields: no baselines from it
         baseline_info = {"skipped": "under torchrun; evaluate fits a ridge on the data's train split"}
@@ -153,7 +158,7 @@ def train(args, ds=None) -> "object":
             "parameters": pipe.num_parameters(), "world_size": world,
             "final_loss": float(np.mean(pipe.history[-50:])) if pipe.history else None,
             "val_loss": [list(v) for v in pipe.val_history], "pod": pipe.pod_choice, "validation": scores,
-            "residual": pipe.config.residual, "mean_model": pipe.mean_model.choice if pipe.mean_model else None,
+            "spread": spread, "residual": pipe.config.residual, "mean_model": pipe.mean_model.choice if pipe.mean_model else None,
             "baselines": baseline_info}
     atomic_write(out / "train.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
     if not args.quiet:
@@ -491,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("all", "train", "val", "test", "train+val"), default="all",
                    help="fields of the file to use (default all; the last --val-fraction of them validate)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="keep the ensemble's spread as sampled (default: scaled to match its validation error)")
     p.add_argument("--no-regression-baseline", dest="regression_baseline", action="store_false",
                    help="skip training the regression ViT baseline (the ridge baseline is always fitted)")
     _add_model_options(p)

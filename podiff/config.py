@@ -21,7 +21,9 @@ class PipelineConfig:
     the learned schedule's regulariser), ``seed``, ``amp`` (bfloat16 autocast on CUDA). ``residual``: ``"none"`` (diffuse the field) or
     ``"ridge"`` (diffuse what a tuned ridge regression misses; ``podiff.residual``).
     ``antithetic``: members in mirrored pairs (the same noise, negated), a variance reduction for
-    the ensemble mean.
+    the ensemble mean. ``spread``: the members' deviations from the ensemble mean are scaled by
+    it (the variance by its square); ``PODiffPipeline.calibrate_spread`` sets it on validation
+    fields.
 
     The device is not part of the config: it is a runtime choice (``fit(device=...)``,
     ``to(device)``, ``load(..., device=...)``), so a saved model loads on any device.
@@ -52,12 +54,15 @@ class PipelineConfig:
     amp: bool = True
     residual: str = "none"
     antithetic: bool = False
+    spread: float = 1.0
 
     def __post_init__(self):
         if int(self.scale) < 1:
             raise ValueError(f"scale must be a positive int; got {self.scale}")
         if self.denoiser_kind not in ("vit", "mlp"):
             raise ValueError(f"denoiser_kind must be 'vit' or 'mlp'; got {self.denoiser_kind!r}")
+        if not float(self.spread) > 0:
+            raise ValueError(f"spread must be > 0; got {self.spread}")
         if self.residual not in ("none", "ridge"):
             raise ValueError(f"residual must be 'none' or 'ridge'; got {self.residual!r}")
         if self.basis not in ("auto", "shared", "local"):

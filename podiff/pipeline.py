@@ -462,6 +462,11 @@ class PODiffPipeline:
         cond = self.condition_tokens(lr.to(self._device)).float()
         out = self.ensemble(cond, num_samples, steps, seed=seed, variance=variance, return_samples=return_samples,
                             member_budget=member_budget, progress=progress, image_ids=ids.tolist(), amp=amp)
+        if self.config.spread != 1.0:  # calibrated on validation fields (calibrate_spread)
+            k = float(self.config.spread)
+            out.variance = out.variance * k**2
+            if out.samples is not None:
+                out.samples = out.mean + k * (out.samples - out.mean)
         if self.mean_model is not None:  # the ensemble of residuals plus μ(lr): the variance is the residual's
             prediction = self.mean_model.predict(lr.to(self._device)).to(out.mean)
             out.mean = out.mean + prediction
@@ -474,6 +479,22 @@ class PODiffPipeline:
                 out.samples = gather(out.samples.transpose(0, 1)).transpose(0, 1)
                 out.tokens = gather(out.tokens.transpose(0, 1)).transpose(0, 1)
         return out
+
+    def calibrate_spread(self, lr_val: torch.Tensor, hr_val: torch.Tensor, num_samples: int = 16,
+                         seed: int | None = None, limits=(0.5, 2.0)) -> float:
+        """Sets ``config.spread`` so that the predictive variance matches the ensemble mean's squared
+        error on the validation fields, ``spread² = mean((y − m)²) / mean(σ²)`` over their valid
+        pixels (moment matching of the Gaussian predictive, like temperature scaling), clipped to
+        ``limits``; returns it. The ensemble is drawn with ``spread = 1``."""
+        self.config.spread = 1.0
+        out = self.sample(lr_val, num_samples=num_samples, seed=seed)
+        hr_val = hr_val.to(out.mean)
+        valid = ~torch.isnan(hr_val) & ~torch.isnan(out.mean)
+        mse = float((out.mean - hr_val)[valid].double().square().mean())
+        var = float(out.variance[valid].double().mean())
+        spread = (mse / var) ** 0.5 if var > 0 else 1.0
+        self.config.spread = float(min(max(spread, limits[0]), limits[1]))
+        return self.config.spread
 
     # ------------------------------------------------------------------ save / load
 

@@ -123,3 +123,18 @@ def test_antithetic_members_run_mirrored_chains():
     assert not torch.allclose(tokens[2], tokens[0])  # pairs differ from each other
     plain = PODiffPipeline(config()).build(lr, hr).sample_tokens(cond, num_samples=4, steps=3)
     torch.testing.assert_close(plain[0], tokens[0])  # the first of a pair is the plain member 0
+
+
+def test_calibrated_spread_matches_the_validation_error():
+    lr, hr = fields(24, seed=6)
+    pipe = PODiffPipeline(config(train_steps=30))
+    pipe.fit(lr[:18], hr[:18], progress=False)
+    spread = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0))
+    out = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True)
+    mse = float((out.mean - hr[18:]).square().mean())
+    assert float(out.variance.mean()) == pytest.approx(mse, rel=1e-4)  # the moment matched
+    pipe.config.spread = 1.0
+    assert float(pipe.sample(lr[18:], num_samples=8, seed=3).variance.mean()) == pytest.approx(
+        float(out.variance.mean()) / spread**2, rel=1e-4)
+    with pytest.raises(ValueError, match="spread must be > 0"):
+        PipelineConfig(spread=0)
