@@ -193,3 +193,17 @@ def location_row_chunks(grid: PatchGrid, bytes_per_row: int, budget_bytes: int =
 def strip(x: torch.Tensor, grid: PatchGrid, row0: int, row1: int) -> torch.Tensor:
     """The pixel rows ``x[..., y0:y1, :]`` that patch-location rows ``[row0, row1)`` cover."""
     return x[..., row0 * grid.stride : (row1 - 1) * grid.stride + grid.patch_size, :]
+
+
+def check_encode(x, basis, mean, patch_size, stride) -> tuple[PatchGrid, bool]:
+    """The checks of an encode call (``patch_encode`` and its masked twin): float tensors on one
+    device, ``x [B, C, H, W]`` covered by the grid, basis and mean shapes; returns the grid and
+    whether the basis is local."""
+    check_float_tensors(x=x, basis=basis, mean=mean)
+    p, s = resolve_stride(patch_size, stride)
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [B, C, H, W]; got {x.dim()} dims, shape {tuple(x.shape)}")
+    grid = make_grid(x.shape[1], x.shape[2], x.shape[3], p, s)
+    local = check_basis(basis, grid)
+    check_mean(mean, grid)
+    return grid, local

@@ -15,12 +15,9 @@ import torch.nn.functional as F
 from .. import _extension, dispatch
 from .._geometry import (
     PatchGrid,
-    check_basis,
-    check_float_tensors,
-    check_mean,
+    check_encode,
     grouped_layout,
     location_row_chunks,
-    make_grid,
     resolve_stride,
     strip,
 )
@@ -164,15 +161,7 @@ dispatch.set_cpu_order(
 # ----------------------------------------------------------------------------------------------
 # torch.library op, fake, autograd
 # ----------------------------------------------------------------------------------------------
-def _check(x, basis, mean, patch_size, stride) -> tuple[PatchGrid, bool]:
-    check_float_tensors(x=x, basis=basis, mean=mean)
-    p, s = resolve_stride(patch_size, stride)
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape [B, C, H, W]; got {x.dim()} dims, shape {tuple(x.shape)}")
-    grid = make_grid(x.shape[1], x.shape[2], x.shape[3], p, s)
-    local = check_basis(basis, grid)
-    check_mean(mean, grid)
-    return grid, local
+_check = check_encode
 
 
 @torch.library.custom_op("podiff::patch_encode", mutates_args=())

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-from .._geometry import PatchGrid, check_basis, check_float_tensors, check_mean, location_row_chunks, make_grid, \
-    resolve_stride, strip
+from .._geometry import PatchGrid, check_basis, check_encode, location_row_chunks, make_grid, resolve_stride, strip
 from .._triton import HAS_TRITON, block, launch, mean_strides, tl, triton
 from ..reference import patches as reference
 
@@ -173,10 +172,7 @@ dispatch.set_gpu_order("patch_encode_masked", "wide-rank", ("torch",),
 # torch.library op, fake, autograd
 # ----------------------------------------------------------------------------------------------
 def _check(x, mask, basis, mean, patch_size, stride, gap_weight) -> tuple[PatchGrid, bool]:
-    check_float_tensors(x=x, basis=basis, mean=mean)
-    p, s = resolve_stride(patch_size, stride)
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape [B, C, H, W]; got {x.dim()} dims, shape {tuple(x.shape)}")
+    grid, local = check_encode(x, basis, mean, patch_size, stride)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = valid); got {getattr(mask, 'dtype', type(mask))}")
     if mask.dim() != 4 or mask.shape[0] not in (1, x.shape[0]) or tuple(mask.shape[1:]) != tuple(x.shape[1:]):
@@ -186,9 +182,6 @@ def _check(x, mask, basis, mean, patch_size, stride, gap_weight) -> tuple[PatchG
         raise ValueError(f"mask is on {mask.device} but x is on {x.device}; both must be on one device")
     if not gap_weight >= 0.0:
         raise ValueError(f"gap_weight must be >= 0; got {gap_weight}")
-    grid = make_grid(x.shape[1], x.shape[2], x.shape[3], p, s)
-    local = check_basis(basis, grid)
-    check_mean(mean, grid)
     return grid, local
 
 
