@@ -83,7 +83,7 @@ def cases(device, dry: bool):
          lambda: reference.patch_encode(x, basis, mean, p, s), (xd, bd, md), (B, L, r)),
         ("patch_decode", lambda: pk.patch_decode(cd, bd, md, size, p, s),
          lambda: reference.patch_decode(coeffs, basis, mean, size, p, s), (cd, bd, md), (B, C, H, H)),
-        ("propagate_variance", lambda: pk.propagate_variance(vd, bd, size, p, s),  # dispatched as decode_moments
+        ("propagate_variance", lambda: pk.propagate_variance(vd, bd, size, p, s),
          lambda: reference.propagate_variance(var, basis, size, p, s), (vd, bd), (B, C, H, H)),
         ("decode_moments", lambda: pk.decode_moments(cd, covd, bd, md, size, p, s),
          lambda: (reference.patch_decode(coeffs, basis, mean, size, p, s),
@@ -112,7 +112,7 @@ def run(device: torch.device, dry: bool, repeats: int) -> dict:
                   for a, b in zip(got, want))
         seconds = best_time(fn, device, repeats)
         moved = nbytes(*inputs) + 4 * int(torch.tensor(out_shape).prod())
-        choice = dispatch.last_choice.get("decode_moments" if name == "propagate_variance" else name)
+        choice = dispatch.last_choice.get(name)
         report["ops"].append({
             "op": name, "backend": choice.backend if choice else None, "max_rel_error": err,
             "ok": err < 1e-4, "seconds": seconds, "bytes": moved,

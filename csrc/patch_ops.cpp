@@ -100,7 +100,7 @@ _Pragma("omp simd")
 }
 
 // Output-centric: every output pixel gathers the patches covering it; no atomics.
-torch::Tensor patch_fold(torch::Tensor coeffs, torch::Tensor basis, c10::optional<torch::Tensor> mean, int64_t H,
+torch::Tensor patch_decode(torch::Tensor coeffs, torch::Tensor basis, c10::optional<torch::Tensor> mean, int64_t H,
                    int64_t W, int64_t P, int64_t S, bool average) {
   TORCH_CHECK(coeffs.dim() == 3 && coeffs.is_contiguous() && coeffs.device().is_cpu(),
               "coeffs must be a contiguous CPU [B, L, R]");
@@ -110,7 +110,7 @@ torch::Tensor patch_fold(torch::Tensor coeffs, torch::Tensor basis, c10::optiona
   const Grid g(D / (P * P), H, W, P, S);
   TORCH_CHECK(coeffs.size(1) == g.L && basis.size(2) == R && (G == 1 || G == g.L), "shape mismatch");
   auto out = torch::empty({B, g.C, H, W}, coeffs.options());
-  AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "podiff_patch_fold", [&] {
+  AT_DISPATCH_FLOATING_TYPES(coeffs.scalar_type(), "podiff_patch_decode", [&] {
     const scalar_t* cp = coeffs.data_ptr<scalar_t>();
     const scalar_t* bp = basis.data_ptr<scalar_t>();
     const scalar_t* mp = mean.has_value() ? mean->data_ptr<scalar_t>() : nullptr;

@@ -8,7 +8,7 @@
 // patch_ops.cpp — layout: x [B,C,H,W], basis [G,D,R] (G = 1 or L), mean [Gm,D] or none, coeffs [B,L,R].
 torch::Tensor patch_encode(torch::Tensor x, torch::Tensor basis, c10::optional<torch::Tensor> mean, int64_t P,
                            int64_t S);
-torch::Tensor patch_fold(torch::Tensor coeffs, torch::Tensor basis, c10::optional<torch::Tensor> mean, int64_t H,
+torch::Tensor patch_decode(torch::Tensor coeffs, torch::Tensor basis, c10::optional<torch::Tensor> mean, int64_t H,
                          int64_t W, int64_t P, int64_t S, bool average);
 torch::Tensor patch_correlate(torch::Tensor x, torch::Tensor grad, int64_t P, int64_t S, bool local);
 

@@ -14,7 +14,6 @@ Errors are one line on stderr with exit status 1 (2 for bad usage). The entry po
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -29,7 +28,10 @@ import torch
 
 from . import __version__, distributed
 from .devices import CHOICES as DEVICE_CHOICES
+from .config import PipelineConfig as _Config
 from .devices import resolve_device
+
+DEFAULT_SAMPLE_STEPS = _Config.sample_steps  # one default for train --sample-steps and PipelineConfig
 
 
 class CommandError(Exception):
@@ -97,7 +99,8 @@ def cmd_fit_pod(args) -> int:
 
 def train(args, ds=None) -> "object":
     from .pipeline import PODiffPipeline
-    from .pod import PatchPOD, atomic_write
+    from .io import write_json
+    from .pod import PatchPOD
 
     ds = ds or _data(args)
     out = Path(args.out)
@@ -160,7 +163,7 @@ def train(args, ds=None) -> "object":
             "val_loss": [list(v) for v in pipe.val_history], "pod": pipe.pod_choice, "validation": scores,
             "spread": spread, "residual": pipe.config.residual, "mean_model": pipe.mean_model.choice if pipe.mean_model else None,
             "baselines": baseline_info}
-    atomic_write(out / "train.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    write_json(out / "train.json", info)
     if not args.quiet:
         best = f", best validation loss at step {pipe.best_step}" if pipe.best_step is not None else ""
         print(f"{pipe.describe()}\ntrained {pipe.step_count} steps in {seconds:.1f} s{best} -> {out}")
@@ -241,7 +244,8 @@ def cmd_train(args) -> int:
 
 
 def sample(args, ds=None, pipe=None) -> dict:
-    from .pipeline import PODiffPipeline, atomic_write
+    from .io import atomic_write
+    from .pipeline import PODiffPipeline
 
     model = Path(args.model)
     if pipe is None:
@@ -259,7 +263,7 @@ def sample(args, ds=None, pipe=None) -> dict:
     t0 = time.perf_counter()
     # Under torchrun each rank samples its share of the images (seeded per image and member,
     # so the ensemble is the one-process ensemble); rank 0 writes the gathered result.
-    result = pipe.sample(lr, num_samples=args.num_samples, steps=args.steps, seed=args.seed,
+    result = pipe.sample(lr, num_samples=args.num_samples, steps=args.sample_steps, seed=args.seed,
                          return_samples=args.members, progress=not args.quiet, image_ids=idx)
     seconds = time.perf_counter() - t0
     if distributed.rank_world()[0] != 0:
@@ -267,7 +271,7 @@ def sample(args, ds=None, pipe=None) -> dict:
     arrays = {"mean": result.mean.cpu().numpy(), "variance": result.variance.cpu().numpy(), "indices": idx,
               "split": np.array(args.split), "data": np.array(str(args.data)), "model": np.array(str(model)),
               "num_samples": np.array(args.num_samples), "seconds": np.array(seconds),
-              "steps": np.array(args.steps or pipe.config.sample_steps)}
+              "steps": np.array(args.sample_steps or pipe.config.sample_steps)}
     if args.members:
         arrays["members"] = result.samples.cpu().numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -357,7 +361,7 @@ DEMO_DEFAULTS = {
 
 
 def cmd_demo(args) -> int:
-    from .pod import atomic_write
+    from .io import write_json
 
     out = Path(args.out)
     if distributed.rank_world()[0] == 0:
@@ -378,8 +382,7 @@ def cmd_demo(args) -> int:
     ns.out = str(out / "run")
     pipe = train(ns, ds)
     train_seconds = time.perf_counter() - t0
-    # --steps meant training steps here; the sampler uses the model's sample_steps.
-    ns.model, ns.split, ns.members, ns.out, ns.steps = str(out / "run"), "test", False, str(out / "prediction.npz"), None
+    ns.model, ns.split, ns.members, ns.out = str(out / "run"), "test", False, str(out / "prediction.npz")
     sample(ns, ds, pipe)
     ns.pred, ns.out = str(out / "prediction.npz"), str(out / "report")
     ns.extra_meta = {"train_seconds": train_seconds, "total_seconds": None, "dataset": args.dataset}
@@ -388,7 +391,7 @@ def cmd_demo(args) -> int:
         return 0
     total = time.perf_counter() - t0
     result["meta"]["total_seconds"] = total
-    atomic_write(out / "report" / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    write_json(out / "report" / "metrics.json", result)
     print(f"demo finished in {total:.0f} s; report: {out / 'report' / 'report.md'}")
     return 0
 
@@ -455,7 +458,8 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="stop after this many validations without improvement (0: never stop early)")
     p.add_argument("--batch-size", type=_positive_int, default=none_if_demo(16))
     p.add_argument("--learning-rate", type=_positive_float, default=1e-3)
-    p.add_argument("--sample-steps", type=_positive_int, default=20, help="sampler steps")
+    p.add_argument("--sample-steps", type=_positive_int, default=DEFAULT_SAMPLE_STEPS,
+                   help=f"the model's sampler steps (default {DEFAULT_SAMPLE_STEPS}; sample --sample-steps overrides)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=200)
     p.add_argument("--seed", type=int, default=0)
 
@@ -509,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run folder from train")
     p.add_argument("--out", required=True, help="prediction file (.npz)")
     p.add_argument("--num-samples", type=_positive_int, default=16)
-    p.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--sample-steps", type=_positive_int, default=None,
+                   help="sampler steps (default: the model's, set by train --sample-steps, 20)")
     p.add_argument("--split", choices=("train", "val", "test", "all"), default="test")
     p.add_argument("--members", action="store_true", help="also store the decoded members")
     p.add_argument("--seed", type=int, default=0)

@@ -42,7 +42,7 @@ class PipelineConfig:
     prediction: str = "v"
     sampler: str = "ddim"
     eta: float = 0.0
-    sample_steps: int = 50
+    sample_steps: int = 20
     train_steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3

@@ -6,12 +6,11 @@ part of ``PatchPOD``'s interface that the pipeline uses.
 
 from __future__ import annotations
 
-import json
 
 import torch
 
 from . import distributed as distributed_
-from .pod import atomic_write
+from .io import load_tensors, save_tensors
 
 
 class GlobalPOD:
@@ -113,27 +112,14 @@ class GlobalPOD:
         return self.decode(mean_tokens, standardized), self._image(var.clamp_min(0))
 
     def save(self, path) -> None:
-        from safetensors.torch import save_file
-
-        meta = {"format": self.FORMAT, "rank_request": self.rank_request, "energy": self.energy, "rank": self.rank,
-                "image_size": list(self.image_size), "channels": self.channels, "report": self.report}
         tensors = {"mean": self.mean, "basis": self.basis, "eigenvalues": self.eigenvalues,
                    "valid_pixels": self.valid_pixels.to(torch.uint8)}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"podiff": json.dumps(meta)}))
+        save_tensors(path, tensors, self.FORMAT, rank_request=self.rank_request, energy=self.energy, rank=self.rank,
+                     image_size=list(self.image_size), channels=self.channels, report=self.report)
 
     @classmethod
     def load(cls, path) -> "GlobalPOD":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = json.loads((fh.metadata() or {})["podiff"])
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:
-            raise ValueError(f"{path} is not a readable GlobalPOD file: {exc}") from None
-        if meta.get("format") != cls.FORMAT:
-            raise ValueError(f"{path} holds {meta.get('format')!r}, not a {cls.FORMAT}")
+        tensors, meta = load_tensors(path, cls.FORMAT, "GlobalPOD file")
         pod = cls(meta["rank_request"], meta["energy"])
         pod.rank, pod.image_size, pod.channels, pod.report = (meta["rank"], tuple(meta["image_size"]),
                                                               meta["channels"], meta["report"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .pod import atomic_write
+from .io import atomic_write, write_json
 
 FORMAT = "podiff.PODiffPipeline"
 FORMAT_VERSION = 1
@@ -42,7 +42,7 @@ def save_pipeline(pipe, directory: str | Path) -> None:
     tensors.update({f"ema.{k}": v for k, v in pipe.ema.state_dict().items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(directory / "weights.safetensors", lambda tmp: save_file(tensors, tmp))
-    atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    write_json(directory / "config.json", meta)
 
 
 def load_pipeline(cls, directory: str | Path, device=None):

@@ -38,7 +38,8 @@ from . import distributed as distributed_
 from .config import PipelineConfig
 from .denoiser import DenoiserConfig, MLPDenoiser, PODDenoiser
 from .persistence import load_pipeline, save_pipeline
-from .pod import PatchPOD, atomic_write  # noqa: F401  (atomic_write: re-exported for callers)
+from .io import atomic_write  # noqa: F401  (re-exported for callers)
+from .pod import PatchPOD
 from .pod_selection import select_pod
 from .residual import MeanModel
 from .sample_output import SampleOutput

@@ -16,10 +16,8 @@ torch.Size([32, 1, 30, 30])
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +28,8 @@ import torch.nn.functional as F
 import podiff_kernels as pk
 from podiff_kernels.ops.patch_encode_masked import DEFAULT_GAP_WEIGHT
 from podiff_kernels.ops.patch_stats import DEFAULT_BUDGET, PatchStats
+
+from .io import atomic_write, load_tensors, save_tensors  # noqa: F401  (atomic_write: re-exported)
 
 FORMAT = "podiff.PatchPOD"
 #: Relative eigenvalue floor: smaller modes are treated as exactly zero variance.
@@ -42,22 +42,6 @@ def _covered(size: int, patch: int, stride: int) -> int:
     if size <= patch:
         return patch
     return patch + math.ceil((size - patch) / stride) * stride
-
-
-def atomic_write(path: Path, write) -> None:
-    """Calls ``write(tmp_path)``, fsyncs, then renames over ``path``: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class PatchPOD:
@@ -106,6 +90,7 @@ class PatchPOD:
         if not float(gap_weight) >= 0.0:
             raise ValueError(f"gap_weight must be >= 0; got {gap_weight!r}")
         self.gap_weight = float(gap_weight)
+        self.gap_statistics = None  # set by fit: which patches the statistics came from
         self._fitted = False
         self._cast_cache: dict = {}
 
@@ -212,6 +197,7 @@ class PatchPOD:
         elif hasattr(data, "__len__"):
             total = len(data)
         stats: PatchStats | None = None
+        complete: PatchStats | None = None
         valid_any = None
         size = channels = None
         images = 0
@@ -241,6 +227,10 @@ class PatchPOD:
             part = pk.patch_stats(xp, self.patch_size, self.stride, local=self.local,
                                   budget_bytes=self.budget_bytes)
             stats = part if stats is None else stats.merge(part)
+            if not self.local:  # the shared basis's complete-case statistics (see _shared_statistics)
+                whole = part if any_here is None else pk.patch_stats(
+                    xp, self.patch_size, self.stride, budget_bytes=self.budget_bytes, complete=True)
+                complete = whole if complete is None else complete.merge(whole)
             images += x.shape[0]
         if stats is None:
             raise ValueError("data holds no images: the POD needs at least two")
@@ -252,6 +242,7 @@ class PatchPOD:
             import torch.distributed as dist
 
             stats = stats.all_reduce()
+            complete = complete.all_reduce() if complete is not None else None
             n = torch.tensor([images], dtype=torch.float64, device=stats.m2.device)
             dist.all_reduce(n)
             images = int(n.item())
@@ -264,8 +255,36 @@ class PatchPOD:
         self.image_size, self.channels, self.dtype = size, channels, dtype
         self._set_valid_pixels((torch.ones(channels, *size, dtype=torch.bool) if valid_any is None
                              else valid_any.cpu()))
-        self._from_stats(stats, images)
+        self._from_stats(self._shared_statistics(stats, complete), images)
         return self
+
+    def _shared_statistics(self, pairwise: PatchStats, complete: PatchStats | None) -> PatchStats:
+        """The statistics a shared basis is fitted from when patches are partly masked.
+
+        Pooled over locations whose patches are masked at different pixels (a coast), the
+        pairwise-complete matrix is no covariance: each pixel pair averages over its own set
+        of locations, and with a mean that varies across the field it gets negative
+        eigenvalues (the packaged SST: down to −0.016 against a leading 16, which distorted the
+        leading modes and zeroed nine). So the shared basis uses the complete patches only, when
+        there are at least ``D + 1`` of them (a full-rank estimate); otherwise the pairwise
+        statistics with a warning. The local basis keeps the pairwise ones: a fixed mask gives
+        each location exactly its sea pixels' covariance.
+        """
+        if self.local or complete is None or not pairwise.masked:
+            self.gap_statistics = "all patches" if not pairwise.masked else "pairwise-complete"
+            return pairwise
+        D = pairwise.m2.shape[-1]
+        n = int(complete.count.reshape(-1)[0])
+        if n >= D + 1:
+            self.gap_statistics = f"complete patches ({n})"
+            return complete
+        warnings.warn(
+            f"PatchPOD.fit: only {n} patches are complete (no masked pixel), fewer than D + 1 = {D + 1}; the shared "
+            "basis uses pairwise-complete statistics, which need not be a covariance (negative modes are zeroed)",
+            RuntimeWarning, stacklevel=3,
+        )
+        self.gap_statistics = "pairwise-complete"
+        return pairwise
 
     def _from_stats(self, stats: PatchStats, images: int) -> None:
         cov = stats.covariance()
@@ -316,6 +335,7 @@ class PatchPOD:
             "sparse_pixels": int(sparse.sum()),
             "sparse_locations": where,
             "empty_locations": [int(g) for g in (samples.sum(-1) == 0).nonzero()[:, 0]],
+            "statistics": self.gap_statistics,
         }
         self._fitted = True
         self._cast_cache = {}
@@ -519,36 +539,19 @@ class PatchPOD:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes one safetensors file (tensors + JSON config in its metadata), atomically."""
-        from safetensors.torch import save_file
-
         self._check_fitted()
         state = dict(self.config(), rank=self.rank, image_size=list(self.image_size), channels=self.channels,
                      dtype=str(self.dtype).removeprefix("torch."), report=self.report)
+        state.pop("format", None)
         tensors = {"mean": self.mean, "basis": self.basis, "eigenvalues": self._eigenvalues,
                    "total_variance": self._total_variance, "valid_pixels": self.valid_pixels.to(torch.uint8)}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"podiff": json.dumps(state)}))
+        save_tensors(path, tensors, FORMAT, **state)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PatchPOD":
         """Reads a file written by ``save``; a truncated, corrupted or foreign file is a ValueError."""
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no PatchPOD file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:  # safetensors raises its own error types for bad headers / sizes
-            raise ValueError(f"{path} is not a readable PatchPOD file (truncated or corrupted?): {exc}") from None
-        try:
-            state = json.loads(meta["podiff"])
-        except (KeyError, json.JSONDecodeError):
-            raise ValueError(f"{path} is a safetensors file but not a PatchPOD (no podiff metadata)") from None
-        if state.get("format") != FORMAT:
-            raise ValueError(f"{path} holds {state.get('format')!r}, not a {FORMAT}")
+        tensors, state = load_tensors(path, FORMAT, "PatchPOD file")
         if state.get("version") != FORMAT_VERSION:
             raise ValueError(
                 f"{path} is {FORMAT} version {state.get('version')}; this podiff reads version {FORMAT_VERSION}"

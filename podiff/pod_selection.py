@@ -4,7 +4,8 @@ The rule (``select_pod``): fit a shared and a local basis on the training fields
 rank is the smallest ``r`` whose reconstruction of the *validation* fields keeps ``energy`` of
 their variance about the POD mean, ``1 − ‖x − decode(encode_r(x))‖² / ‖x − μ‖² >= energy``
 (masked pixels out, gappy encode for partly masked patches). The basis that reaches it with
-fewer modes wins (fewer tokens for the same held-out fidelity); on a tie, the shared one (its
+fewer modes wins (fewer tokens for the same held-out fidelity; a basis that does not reach it
+at all loses to one that does); on a tie, the shared one (its
 eigenvalues, which scale the tokens, come from every location's patches, a local basis's from
 the N fields alone). Held-out energy, unlike the training eigenvalue share, does not reward a local basis for
 memorising too few fields. A local basis is considered only when each location has at least
@@ -66,9 +67,7 @@ def select_pod(hr_train: torch.Tensor, hr_val: torch.Tensor, patch_size: int, st
         else:
             r = next((i + 1 for i, e in enumerate(shares) if e >= energy - 1e-12), full.rank)
         candidates[kind] = {"rank": r, "held_out_energy": shares[r - 1], "pod": full}
-    # Fewer modes wins; on a tie the shared basis (its eigenvalues, hence the token scaling, are
-    # estimated from every location's patches, a local basis's from N fields only).
-    best = min(candidates, key=lambda k: (candidates[k]["rank"] if rank is None else 0, k != "shared"))
+    best = preferred(candidates, energy, fixed_rank=rank is not None)
     chosen = candidates[best]
     pod = chosen["pod"].truncated(chosen["rank"])
     choice = {"basis": best, "rank": chosen["rank"], "patch_size": pod.patch_size, "stride": pod.stride,
@@ -78,6 +77,22 @@ def select_pod(hr_train: torch.Tensor, hr_val: torch.Tensor, patch_size: int, st
               "rule": "fewest modes reaching the energy target on the validation fields"
                       + ("" if len(kinds) > 1 or basis != "auto" else f" (local skipped: fewer than D = {D} fields)")}
     return pod, choice
+
+
+def preferred(candidates: dict, energy: float, fixed_rank: bool = False) -> str:
+    """The winning kind among ``{kind: {"rank", "held_out_energy"}}``.
+
+    A basis that reaches the target beats one that does not; then fewer modes; on a tie the
+    shared basis (its eigenvalues, hence the token scaling, are estimated from every location's
+    patches, a local basis's from N fields only). With a fixed rank: the higher held-out energy.
+    """
+    def order(kind):
+        c = candidates[kind]
+        if fixed_rank:
+            return (-c["held_out_energy"], kind != "shared")
+        return (c["held_out_energy"] < energy - 1e-12, c["rank"], kind != "shared")
+
+    return min(candidates, key=order)
 
 
 def describe(choice: dict) -> str:
@@ -90,4 +105,4 @@ def describe(choice: dict) -> str:
             + ")")
 
 
-__all__ = ["held_out_energy", "select_pod", "describe"]
+__all__ = ["held_out_energy", "select_pod", "preferred", "describe"]

@@ -16,15 +16,13 @@ Example (``pipe`` trained)::
 from __future__ import annotations
 
 import copy
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .denoiser import DenoiserConfig, PODDenoiser
-from .pod import atomic_write
+from .io import load_tensors, save_tensors
 from .sample_output import SampleOutput
 from .standardise import unstandardise
 
@@ -118,28 +116,12 @@ class RegressionBaseline:
 
     def save(self, path) -> None:
         """One safetensors file next to the pipeline it belongs to, written atomically."""
-        from safetensors.torch import save_file
-
-        meta = {"format": FORMAT, "denoiser": self.model.config.to_dict(), "steps": self.steps,
-                "best_step": self.best_step, "val_history": [list(v) for v in self.val_history]}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"podiff": json.dumps(meta)}))
+        save_tensors(path, self.model.state_dict(), FORMAT, denoiser=self.model.config.to_dict(), steps=self.steps,
+                     best_step=self.best_step, val_history=[list(v) for v in self.val_history])
 
     @classmethod
     def load(cls, path, pipeline) -> "RegressionBaseline":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no regression baseline at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = json.loads((fh.metadata() or {})["podiff"])
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:
-            raise ValueError(f"{path} is not a readable regression baseline: {exc}") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} holds {meta.get('format')!r}, not a {FORMAT}")
+        tensors, meta = load_tensors(path, FORMAT, "regression baseline")
         model = cls(pipeline, meta["denoiser"])
         model.model.load_state_dict(tensors)
         model.model.to(pipeline.device).eval()

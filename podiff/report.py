@@ -20,7 +20,7 @@ import torch
 
 from . import baselines as baselines_
 from . import metrics
-from .pod import atomic_write
+from .io import atomic_write, write_json
 
 
 def _data_range(hr: torch.Tensor) -> float:
@@ -156,7 +156,7 @@ def write_report(folder: str | Path, result: dict, lr, target, mean, variance, p
     """``metrics.json``, the figures and ``report.md`` in ``folder``; returns the report path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    write_json(folder / "metrics.json", result)
     figures = _figures(folder, lr, target, mean, variance, result["model"].get("coverage"), pod, scale)
     rows = ["| method | RMSE | MAE | SSIM | CRPS | MACE | spread/skill |", "|---|---|---|---|---|---|---|"]
     for name in ("model", "bicubic", "pod_projection", "ridge", "regression"):

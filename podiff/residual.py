@@ -14,13 +14,11 @@ learns of the residual is what podiff adds.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 
-from .pod import atomic_write
+from .io import load_tensors, save_tensors
 from .ridge import RidgeBaseline
 
 FORMAT = "podiff.MeanModel"
@@ -83,28 +81,12 @@ class MeanModel:
     # -------------------------------------------------------------- save / load
 
     def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         tensors = dict(self.ridge.tensors(), cond_mean=self.cond_mean, cond_scale=self.cond_scale)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        meta = {"format": FORMAT, "ridge": self.ridge.state(), "choice": self.choice}
-        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"podiff": json.dumps(meta)}))
+        save_tensors(path, tensors, FORMAT, ridge=self.ridge.state(), choice=self.choice)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MeanModel":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no mean model at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = json.loads((fh.metadata() or {})["podiff"])
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:
-            raise ValueError(f"{path} is not a readable {FORMAT} file: {exc}") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} holds {meta.get('format')!r}, not a {FORMAT}")
+        tensors, meta = load_tensors(path, FORMAT, "mean model")
         model = cls(RidgeBaseline.from_state(meta["ridge"], tensors), meta.get("choice"))
         model.cond_mean, model.cond_scale = tensors["cond_mean"], tensors["cond_scale"]
         return model

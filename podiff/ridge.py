@@ -27,7 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .io import load_tensors, save_tensors
 from .sample_output import SampleOutput
+
+FORMAT = "podiff.RidgeBaseline"
 
 PENALTIES = tuple(10.0**e for e in range(-6, 3))
 NEIGHBOURHOODS = (3, 5, 7)
@@ -163,36 +166,12 @@ class RidgeBaseline:
 
     def save(self, path, extra: dict | None = None) -> None:
         """One safetensors file (weights and state), written atomically; ``extra`` goes in the metadata."""
-        import json
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-
-        from .pod import atomic_write
-
-        meta = {"podiff": json.dumps({"format": "podiff.RidgeBaseline", "state": self.state(), **(extra or {})})}
-        tensors = {k: v.detach().cpu() for k, v in self.tensors().items()}
-        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        save_tensors(path, self.tensors(), FORMAT, state=self.state(), **(extra or {}))
 
     @classmethod
     def load(cls, path) -> tuple["RidgeBaseline", dict]:
         """``(ridge, metadata)`` from a file written by ``save``."""
-        import json
-        from pathlib import Path
-
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no ridge baseline at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = json.loads((fh.metadata() or {})["podiff"])
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:
-            raise ValueError(f"{path} is not a readable ridge baseline: {exc}") from None
-        if meta.get("format") != "podiff.RidgeBaseline":
-            raise ValueError(f"{path} holds {meta.get('format')!r}, not a podiff.RidgeBaseline")
+        tensors, meta = load_tensors(path, FORMAT, "ridge baseline")
         return cls.from_state(meta["state"], tensors), meta
 
     # -------------------------------------------------------------- tuning

@@ -26,7 +26,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 #: Where ε-prediction stops: SNR 1e-2, i.e. σ/α = 10 bounds the error amplification of x̂_0.
 EPS_MIN_SNR = 1e-2

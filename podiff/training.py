@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as distributed_
-from .pod import atomic_write
+from .io import atomic_write
 
 CHECKPOINT_FORMAT = "podiff.PODiffPipeline.checkpoint"
 

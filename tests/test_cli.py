@@ -48,7 +48,7 @@ def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):
 
     pred = tmp_path / "pred.npz"
     code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tiny_npz, "--scale", 4, "--num-samples", 3,
-                       "--steps", 2, "--out", pred, "--members", "--quiet")
+                       "--sample-steps", 2, "--out", pred, "--members", "--quiet")
     assert code == 0, err
     with np.load(pred) as p:
         n = len(p["indices"])
@@ -72,7 +72,7 @@ def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):
 
     all_pred = tmp_path / "all.npz"
     code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tiny_npz, "--scale", 4, "--num-samples", 2,
-                       "--steps", 1, "--split", "all", "--out", all_pred, "--quiet")
+                       "--sample-steps", 1, "--split", "all", "--out", all_pred, "--quiet")
     assert code == 0, err
     assert np.load(all_pred)["mean"].shape[0] == 20
     code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tiny_npz, "--scale", 4, "--out", all_pred,

@@ -9,8 +9,8 @@ from podiff_kernels import dispatch
 
 def test_backends_report_names_every_op_and_reason():
     report = pk.backends()
-    assert set(report) >= {"patch_encode", "patch_decode", "patch_correlate", "decode_moments", "ensemble_moments",
-                           "batched_eigh", "patch_stats"}
+    assert set(report) >= {"patch_encode", "patch_decode", "patch_correlate", "decode_moments", "propagate_variance",
+                           "ensemble_moments", "batched_eigh", "patch_stats", "patch_encode_masked"}
     special = {"ensemble_moments": {"cpu/default"}, "patch_stats": {"cpu/default"},
                "batched_eigh": {"cpu/n<=32", "cpu/n>32"}}
     for op, cases in report.items():

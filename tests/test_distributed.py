@@ -139,7 +139,7 @@ def test_podiff_train_and_sample_under_torchrun(tmp_path):
         done = subprocess.run([*cmd, *train, "--out", str(out)], env=env, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        done = subprocess.run([*cmd, "sample", *args, "--model", str(out), "--num-samples", "3", "--steps", "2",
+        done = subprocess.run([*cmd, "sample", *args, "--model", str(out), "--num-samples", "3", "--sample-steps", "2",
                                "--out", str(out / "pred.npz")], env=env, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]

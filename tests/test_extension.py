@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_loads_and_reports_its_build():
     module = _extension.load()
-    for name in ("patch_encode", "patch_fold", "patch_correlate"):
+    for name in ("patch_encode", "patch_decode", "patch_correlate"):
         assert hasattr(module, name)
     ok, why = _extension.status()
     assert ok, why

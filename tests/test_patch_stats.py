@@ -1,5 +1,5 @@
 """patch_stats: against the pairwise float64 reference, strip chunking, exact merges,
-masks (NaN and explicit), cancellation, errors, opcheck."""
+masks (NaN and explicit), complete-case statistics, cancellation, errors, opcheck."""
 
 import pytest
 import torch
@@ -63,6 +63,51 @@ def test_merge_of_dense_and_masked_batches():
     cov, mean, n = reference_stats(torch.nan_to_num(x), ~torch.isnan(x), 3, 3, False)
     torch.testing.assert_close(mixed.covariance(), cov, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(mixed.samples(), n)
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["shared", "local"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_complete_cases_match_the_reference_and_the_filtered_patches(shape, dtype, local):
+    B, C, H, W, p, s = shape
+    g = torch.Generator().manual_seed(B * H + W + 1)
+    x = (3.0 + torch.randn(B, C, H, W, generator=g, dtype=torch.float64)).to(dtype)
+    mask = random_valid((B, 1, H, W), seed=H + 1, keep=0.97)
+    stats = pk.patch_stats(x, p, s, local=local, mask=mask, complete=True)
+    assert not stats.masked  # compact state
+    valid = mask.expand(B, C, H, W)
+    c, m, m2 = ref.patch_stats(torch.where(valid, x.double(), 0.0), valid, p, s, local, complete=True)
+    torch.testing.assert_close(stats.covariance(), ref.covariance(c, m2), rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(stats.mean_vector(), m.diagonal(dim1=1, dim2=2), rtol=1e-11, atol=1e-12)
+    # Independently: the complete rows of the patch matrix, through torch.cov.
+    from podiff_kernels.reference.patches import extract_patches
+    X = extract_patches(torch.where(valid, x.double(), float("nan")), p, s)  # B, L, D
+    groups = X.transpose(0, 1) if local else X.reshape(1, -1, X.shape[-1])
+    for gi in range(groups.shape[0]):
+        rows = groups[gi][~torch.isnan(groups[gi]).any(-1)]
+        assert int(stats.samples()[gi, 0]) == rows.shape[0]
+        if rows.shape[0] >= 2:
+            torch.testing.assert_close(stats.covariance()[gi], torch.cov(rows.T).reshape(X.shape[-1], -1),
+                                       rtol=1e-10, atol=1e-12)
+
+
+def test_complete_cases_are_a_covariance_where_pairwise_is_not():
+    """Pooled patches masked at different pixels (a coast crossing the grid): the pairwise matrix
+    mixes pixel pairs from different sets of locations and has negative eigenvalues; the
+    complete-case one is positive semi-definite, and both chunk and merge exactly."""
+    g = torch.Generator().manual_seed(5)
+    ramp = torch.linspace(0, 20, 32, dtype=torch.float64)  # a strong gradient across locations
+    x = ramp[None, None, None, :] + 0.05 * torch.randn(30, 1, 16, 32, generator=g, dtype=torch.float64)
+    land = torch.zeros(16, 32, dtype=torch.bool)
+    for col in range(32):
+        land[: (col * 7) % 5, col] = True  # a ragged coast: masks differ between patches
+    x[:, :, land] = float("nan")
+    pairwise = pk.patch_stats(x, 4)
+    complete = pk.patch_stats(x, 4, complete=True)
+    assert float(torch.linalg.eigvalsh(pairwise.covariance()[0]).min()) < -1e-3
+    assert float(torch.linalg.eigvalsh(complete.covariance()[0]).min()) > -1e-12
+    merged = pk.patch_stats(x[:11], 4, complete=True) + pk.patch_stats(x[11:], 4, complete=True, budget_bytes=1)
+    torch.testing.assert_close(merged.covariance(), complete.covariance(), rtol=1e-12, atol=1e-13)
 
 
 def test_no_cancellation_with_a_large_offset():
@@ -131,8 +176,9 @@ def test_opcheck():
     valid = torch.rand(2, 1, 7, 7) > 0.3
     for v in (None, valid):
         for local in (False, True):
-            torch.library.opcheck(torch.ops.podiff.patch_stats.default, (x, v, 3, 2, local, 1 << 20),
-                                  test_utils=("test_schema", "test_faketensor"))
+            for complete in (False, True):
+                torch.library.opcheck(torch.ops.podiff.patch_stats.default, (x, v, 3, 2, local, 1 << 20, complete),
+                                      test_utils=("test_schema", "test_faketensor"))
 
 
 def test_op_compiles_fullgraph():

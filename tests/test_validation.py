@@ -85,6 +85,20 @@ def test_pod_selection_prefers_local_for_location_dependent_fields_and_shared_ot
     assert choice["candidates"]["local"]["rank"] < choice["candidates"]["shared"]["rank"]
 
 
+def test_pod_selection_prefers_the_basis_that_reaches_the_target_at_equal_rank():
+    """Both at full rank, only one reaching the energy: that one, not the tie-break's shared."""
+    from podiff.pod_selection import preferred
+
+    both_full = {"shared": {"rank": 16, "held_out_energy": 0.9965}, "local": {"rank": 16, "held_out_energy": 1.0}}
+    assert preferred(both_full, 0.999) == "local"
+    tie = {"shared": {"rank": 5, "held_out_energy": 0.9992}, "local": {"rank": 5, "held_out_energy": 0.9995}}
+    assert preferred(tie, 0.999) == "shared"
+    fewer = {"shared": {"rank": 7, "held_out_energy": 0.9991}, "local": {"rank": 5, "held_out_energy": 0.9990}}
+    assert preferred(fewer, 0.999) == "local"
+    neither = {"shared": {"rank": 16, "held_out_energy": 0.99}, "local": {"rank": 16, "held_out_energy": 0.98}}
+    assert preferred(neither, 0.999) == "shared"
+    assert preferred(both_full, 0.999, fixed_rank=True) == "local"  # a fixed rank: the better energy
+
 def test_residual_pipeline_adds_the_tuned_ridge_and_learns_out_of_fold_residuals(tmp_path):
     lr, hr = fields(40, seed=3)
     pipe = PODiffPipeline(config(residual="ridge", rank=None, train_steps=60))

@@ -77,7 +77,7 @@ if HAS_TRITON:
         tl.store(out_ptr + b * sob + ch * soc + y * soh + x * sow, acc.to(out_ptr.dtype.element_ty), mask=pix_ok)
 
 
-def _fold_triton(coeffs, basis, mean, grid: PatchGrid, average: bool):
+def _decode_triton(coeffs, basis, mean, grid: PatchGrid, average: bool):
     B, R = coeffs.shape[0], coeffs.shape[2]
     C, H, W = grid.channels, grid.height, grid.width
     out = torch.empty(B, C, H, W, device=coeffs.device, dtype=coeffs.dtype)
@@ -105,7 +105,7 @@ def _mean_image(mean: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
     return F.fold(cols.t().unsqueeze(0), (grid.height, grid.width), grid.patch_size, stride=grid.stride)
 
 
-def _fold_torch(coeffs, basis, mean, grid: PatchGrid, average: bool):
+def _decode_torch(coeffs, basis, mean, grid: PatchGrid, average: bool):
     """Shared basis: one ``conv_transpose2d``. Local basis: strip-wise einsum + ``F.fold``."""
     B, R = coeffs.shape[0], coeffs.shape[2]
     C, H, W, p, s = grid.channels, grid.height, grid.width, grid.patch_size, grid.stride
@@ -130,25 +130,25 @@ def _fold_torch(coeffs, basis, mean, grid: PatchGrid, average: bool):
     return out
 
 
-def _fold_cpp(coeffs, basis, mean, grid: PatchGrid, average: bool):
+def _decode_cpp(coeffs, basis, mean, grid: PatchGrid, average: bool):
     ext = _extension.load()
     b3, m2 = grouped_layout(basis, mean)
-    return ext.patch_fold(coeffs.contiguous(), b3, m2, grid.height, grid.width, grid.patch_size, grid.stride,
-                          average)
+    return ext.patch_decode(coeffs.contiguous(), b3, m2, grid.height, grid.width, grid.patch_size, grid.stride,
+                            average)
 
 
-def _fold_reference(coeffs, basis, mean, grid: PatchGrid, average: bool):
+def _decode_reference(coeffs, basis, mean, grid: PatchGrid, average: bool):
     f64 = lambda t: None if t is None else t.double()  # noqa: E731
-    out = reference.patch_fold(f64(coeffs), f64(basis), f64(mean), (grid.height, grid.width),
-                               grid.patch_size, grid.stride, average)
+    out = reference.patch_decode(f64(coeffs), f64(basis), f64(mean), (grid.height, grid.width),
+                                 grid.patch_size, grid.stride, average)
     return out.to(coeffs.dtype)
 
 
-dispatch.register("patch_decode", "reference", _fold_reference)
-dispatch.register("patch_decode", "torch", _fold_torch)
-dispatch.register("patch_decode", "cpp", _fold_cpp)
+dispatch.register("patch_decode", "reference", _decode_reference)
+dispatch.register("patch_decode", "torch", _decode_torch)
+dispatch.register("patch_decode", "cpp", _decode_cpp)
 if HAS_TRITON:
-    dispatch.register("patch_decode", "triton", _fold_triton)
+    dispatch.register("patch_decode", "triton", _decode_triton)
 dispatch.set_cpu_order(
     "patch_decode", "shared", ("torch", "cpp"),
     "shared basis on CPU: conv_transpose2d (oneDNN) measured faster than the C++ gather loop",
@@ -215,7 +215,7 @@ def _backward(ctx, grad):
 
 
 _patch_decode_op.register_autograd(_backward, setup_context=_setup_context)
-fold_op = torch.ops.podiff.patch_decode
+patch_decode_op = torch.ops.podiff.patch_decode
 
 
 def patch_decode(coeffs: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None, image_size,
@@ -246,4 +246,4 @@ def patch_decode(coeffs: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor |
     p, s = resolve_stride(patch_size, stride)
     if not isinstance(image_size, (tuple, list, torch.Size)) or len(image_size) != 2:
         raise ValueError(f"image_size must be (H, W); got {image_size!r}")
-    return fold_op(coeffs, basis, mean, int(image_size[0]), int(image_size[1]), p, s, True)
+    return patch_decode_op(coeffs, basis, mean, int(image_size[0]), int(image_size[1]), p, s, True)

@@ -186,14 +186,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     # The adjoint pieces are the registered ops (looked up at call time: no module imports another).
-    fold_op, patch_correlate_op = torch.ops.podiff.patch_decode, torch.ops.podiff.patch_correlate
+    decode_op, patch_correlate_op = torch.ops.podiff.patch_decode, torch.ops.podiff.patch_correlate
     x, basis, mean = ctx.saved_tensors
     p, s = ctx.geometry
     grad = grad.contiguous()
     gx = gb = gm = None
     if ctx.needs_input_grad[0]:
         # Adjoint of patch extraction: scatter-add Φ g back onto the pixels (overlaps summed).
-        gx = fold_op(grad, basis, None, x.shape[2], x.shape[3], p, s, False)
+        gx = decode_op(grad, basis, None, x.shape[2], x.shape[3], p, s, False)
     per_location = grad.sum(0)  # [L, r]
     if ctx.needs_input_grad[1]:
         gb = patch_correlate_op(x, grad, p, s, basis.dim() == 3)

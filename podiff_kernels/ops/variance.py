@@ -33,7 +33,7 @@ from .._geometry import (
 from .._triton import HAS_TRITON, launch, acc_dtype, block, mean_strides, tl, triton
 from ..reference import patches as ref_patches
 from ..reference import variance as reference
-from .patch_decode import fold_op
+from .patch_decode import patch_decode_op
 
 MODE_NONE, MODE_DIAGONAL, MODE_BLOCK = 0, 1, 2
 
@@ -197,7 +197,7 @@ def _variance_torch(var_or_cov, basis, grid: PatchGrid):
 
 def _moments_torch(mean_coeffs, var_or_cov, basis, mean, grid: PatchGrid):
     H, W, p, s = grid.height, grid.width, grid.patch_size, grid.stride
-    pixel_mean = None if mean_coeffs is None else fold_op(mean_coeffs.contiguous(), basis, mean, H, W, p, s, True)
+    pixel_mean = None if mean_coeffs is None else patch_decode_op(mean_coeffs.contiguous(), basis, mean, H, W, p, s, True)
     pixel_var = None if var_or_cov is None else _variance_torch(var_or_cov, basis, grid)
     return pixel_mean, pixel_var
 
@@ -211,13 +211,20 @@ def _moments_reference(mean_coeffs, var_or_cov, basis, mean, grid: PatchGrid):
     return tuple(None if t is None else t.to(dt) for t in (pm, pv))
 
 
-dispatch.register("decode_moments", "reference", _moments_reference)
-dispatch.register("decode_moments", "torch", _moments_torch)
-if HAS_TRITON:
-    dispatch.register("decode_moments", "triton", _moments_triton)
-for _case in ("shared", "local"):
-    dispatch.set_cpu_order("decode_moments", _case, ("torch",),
-                           "composed torch ops: folds with Φ² / Khatri–Rao bases (no C++ kernel yet)")
+def _variance_only(moments):
+    """``propagate_variance``'s backend: the same pass with no mean to decode."""
+    return lambda var_or_cov, basis, grid: moments(None, var_or_cov, basis, None, grid)[1]
+
+
+# Two ops, one implementation per backend: each dispatches (and reports) under its own name.
+for _op, _adapt in (("decode_moments", lambda f: f), ("propagate_variance", _variance_only)):
+    dispatch.register(_op, "reference", _adapt(_moments_reference))
+    dispatch.register(_op, "torch", _adapt(_moments_torch))
+    if HAS_TRITON:
+        dispatch.register(_op, "triton", _adapt(_moments_triton))
+    for _case in ("shared", "local"):
+        dispatch.set_cpu_order(_op, _case, ("torch",),
+                               "composed torch ops: folds with Φ² / Khatri–Rao bases (no C++ kernel yet)")
 
 
 def _check(mean_coeffs, var_or_cov, basis, mean, height, width, patch_size, stride):
@@ -263,8 +270,8 @@ def _(mean_coeffs, var_or_cov, basis, mean, height, width, patch_size, stride):
 def _propagate_variance_op(var_or_cov: torch.Tensor, basis: torch.Tensor, height: int, width: int,
                            patch_size: int, stride: int) -> torch.Tensor:
     grid, local = _check(None, var_or_cov, basis, None, height, width, patch_size, stride)
-    return dispatch.call("decode_moments", basis.device, basis.dtype, "local" if local else "shared",
-                         None, var_or_cov, basis, None, grid)[1]
+    return dispatch.call("propagate_variance", basis.device, basis.dtype, "local" if local else "shared",
+                         var_or_cov, basis, grid)
 
 
 @_propagate_variance_op.register_fake

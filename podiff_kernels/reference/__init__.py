@@ -2,14 +2,13 @@
 
 from .eigh import batched_eigh
 from . import patch_stats
-from .patches import patch_correlate, patch_decode, patch_encode, patch_encode_masked, patch_fold
+from .patches import patch_correlate, patch_decode, patch_encode, patch_encode_masked
 from .variance import dense_decoder, ensemble_moments, propagate_variance
 
 __all__ = [
     "patch_encode",
     "patch_encode_masked",
     "patch_decode",
-    "patch_fold",
     "patch_correlate",
     "propagate_variance",
     "ensemble_moments",

@@ -8,7 +8,8 @@ For groups ``g`` (one group of all ``B·L`` patches, or one per location with it
     m2[g, i, j]    = Σ_s w_si w_sj (x_si − mean[g, i, j]) (x_sj − mean[g, j, i])
 
 Without masked pixels every mean[g, i, :] is the plain pixel mean and m2 the
-centred cross-product matrix of PCA. Float64, small inputs only.
+centred cross-product matrix of PCA. ``complete``: ``w_si`` is replaced by the patch's
+``min_i w_si`` (only patches with every pixel valid count). Float64, small inputs only.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import torch
 from .patches import extract_patches
 
 
-def patch_stats(x: torch.Tensor, valid: torch.Tensor | None, patch_size: int, stride: int, local: bool):
+def patch_stats(x: torch.Tensor, valid: torch.Tensor | None, patch_size: int, stride: int, local: bool,
+                complete: bool = False):
     """``x [B, C, H, W]``, ``valid`` bool like ``x`` or None -> ``(count, mean, m2)``, each ``[G, D, D]``."""
     x = x.double()
     w = torch.ones_like(x) if valid is None else valid.double()
     X = extract_patches(torch.where(w > 0, x, 0.0), patch_size, stride)  # B, L, D
     Wp = extract_patches(w, patch_size, stride)
+    if complete:
+        Wp = Wp.amin(-1, keepdim=True).expand_as(Wp)
     if local:
         X, Wp = X.transpose(0, 1), Wp.transpose(0, 1)  # L, B, D: samples are the images
     else:

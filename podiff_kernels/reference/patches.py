@@ -29,8 +29,9 @@ def patch_encode(x, basis, mean, patch_size, stride=None):
     return torch.einsum("bld,ldr->blr", patches, _basis_per_location(basis, patches.shape[1]))
 
 
-def patch_fold(coeffs, basis, mean, image_size, patch_size, stride=None, average=True):
-    """``Σ_l R_lᵀ (μ_l + Φ_l a_l)``, divided by the cover count ``n_j`` when ``average``."""
+def patch_decode(coeffs, basis, mean, image_size, patch_size, stride=None, average=True):
+    """``Σ_l R_lᵀ (μ_l + Φ_l a_l)``: each pixel the mean of the reconstructions of the patches
+    covering it (divided by the cover count ``n_j``), or their sum when not ``average``."""
     stride = patch_size if stride is None else stride
     B, L, _ = coeffs.shape
     cols = torch.einsum("ldr,blr->bld", _basis_per_location(basis, L), coeffs)
@@ -41,11 +42,6 @@ def patch_fold(coeffs, basis, mean, image_size, patch_size, stride=None, average
         ones = torch.ones_like(cols[:1, :, :1]).expand(1, L, cols.shape[2])
         out = out / F.fold(ones.transpose(1, 2), tuple(image_size), patch_size, stride=stride)
     return out
-
-
-def patch_decode(coeffs, basis, mean, image_size, patch_size, stride=None):
-    """Each pixel is the mean of the reconstructions of the patches covering it."""
-    return patch_fold(coeffs, basis, mean, image_size, patch_size, stride, average=True)
 
 
 def patch_correlate(x, grad, patch_size, stride=None, local=False):
