@@ -7,9 +7,11 @@ data standardisation and the POD fit reduced exactly (sums in float64), and samp
 (image, member) so they do not depend on how images are split over ranks or chunks.
 
 >>> from podiff import distributed
->>> distributed.init_from_env()          # under torchrun: gloo on CPU, nccl on CUDA; else a no-op
+>>> distributed.init_from_env()          # under torchrun: gloo on CPU, nccl on CUDA; here a no-op
+False
 >>> rank, world = distributed.rank_world()
->>> rows = distributed.shard(n, rank, world)   # this rank's contiguous slice of n samples
+>>> distributed.shard(10, rank, world)   # this rank's contiguous slice of 10 samples
+slice(0, 10, None)
 """
 
 from __future__ import annotations

@@ -9,9 +9,15 @@ grid (``nH = (H − p)/s + 1``), so a latent-diffusion pipeline can swap its VAE
 The POD is deterministic: its latent distribution has zero variance (``sample() == mode()``).
 Latents are standardised (unit variance per mode) by default, so ``scaling_factor`` is 1.
 
->>> vae = PODAutoencoder(pod)                                # a fitted PatchPOD
->>> z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor   # [B, r, nH, nW]
->>> x_hat = vae.decode(z / vae.config.scaling_factor).sample             # [B, C, H, W]
+>>> import torch
+>>> from podiff import PatchPOD
+>>> x = torch.randn(8, 1, 16, 16)
+>>> vae = PODAutoencoder(PatchPOD(4, rank=6).fit(x, progress=False))   # a fitted PatchPOD
+>>> z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+>>> z.shape                                                              # [B, r, nH, nW]
+torch.Size([8, 6, 4, 4])
+>>> vae.decode(z / vae.config.scaling_factor).sample.shape               # [B, C, H, W]
+torch.Size([8, 1, 16, 16])
 
 **Scheduler.** ``ddim_scheduler(schedule)`` builds diffusers' ``DDIMScheduler`` on the same
 noise schedule (discretised at ``num_train_timesteps``, trailing timesteps, zero terminal SNR,

@@ -1,10 +1,15 @@
 """``PODiffPipeline``: conditional super-resolution by diffusion over POD tokens, with
 closed-form pixel uncertainty.
 
->>> pipe = PODiffPipeline(PipelineConfig(scale=4, patch_size=4, rank=8, train_steps=200))
->>> history = pipe.fit(lr_train, hr_train, device="cuda")       # [N, C, h, w], [N, C, 4h, 4w]
->>> out = pipe.sample(lr_test, num_samples=16, steps=20, seed=0)
+>>> import torch
+>>> hr = torch.randn(12, 1, 16, 16).cumsum(-1) / 4                 # [N, C, H, W]
+>>> lr = torch.nn.functional.avg_pool2d(hr, 4)                     # [N, C, h, w]
+>>> pipe = PODiffPipeline(PipelineConfig(scale=4, patch_size=4, rank=8, train_steps=5, batch_size=4,
+...                                      denoiser=dict(width=32, depth=1, heads=2)))
+>>> history = pipe.fit(lr[:10], hr[:10], progress=False)          # device="cuda" on a GPU
+>>> out = pipe.sample(lr[10:], num_samples=4, steps=3, seed=0)
 >>> out.mean.shape, out.variance.shape                           # [B, C, H, W] each, NaN on masked pixels
+(torch.Size([2, 1, 16, 16]), torch.Size([2, 1, 16, 16]))
 
 Pieces: the data scaling (``standardise``); a fitted ``PatchPOD`` on the standardised
 high-resolution fields; condition tokens = the POD encoding of the bicubic-upsampled

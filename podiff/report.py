@@ -1,6 +1,6 @@
 """Evaluation of a prediction against the truth and the baselines, and the report folder.
 
-``evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, members=None, meta=None)``
+``evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, members=None, meta=None, baselines=None)``
 -> the ``metrics.json`` dict
 (``{"model": {...}, "bicubic": {...}, "pod_projection": {...}, "ridge": {...}, "meta": {...}}``);
 ``write_report(folder, result, lr, target, mean, variance, pod, scale)`` writes ``metrics.json``
