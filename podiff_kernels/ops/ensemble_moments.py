@@ -93,21 +93,38 @@ def _moments_triton(samples: torch.Tensor, diagonal: bool):
     return mean.view(B, L, R), cov.view(B, L, *cov.shape[1:])
 
 
-def _moments_torch(samples: torch.Tensor, diagonal: bool, budget_bytes: int = 64 << 20):
-    """Chunks over tokens so the centred copy stays within ``budget_bytes``."""
+#: The centred chunk's share of the input (and its cap): the temporaries stay a small fraction
+#: of the members, whatever their size.
+CHUNK_FRACTION, CHUNK_CAP, CHUNK_FLOOR = 1 / 16, 64 << 20, 256 << 10
+
+
+def chunk_tokens(M: int, tokens: int, R: int, element_size: int) -> int:
+    """Tokens per centred chunk: at most ``CHUNK_FRACTION`` of the input (``CHUNK_CAP`` bytes;
+    at least ``CHUNK_FLOOR`` bytes so small inputs are not cut into slivers), at least one."""
+    per_token = M * R * element_size
+    budget = min(CHUNK_CAP, max(int(tokens * per_token * CHUNK_FRACTION), CHUNK_FLOOR))
+    return max(1, min(tokens, budget // per_token))
+
+
+def _moments_torch(samples: torch.Tensor, diagonal: bool):
+    """Chunks over tokens so that no temporary exceeds a small fraction of the input."""
     M, B, L, R = samples.shape
     x = samples.reshape(M, B * L, R)
     mean = x.mean(0)
     cov = x.new_empty(B * L, *((R,) if diagonal else (R, R)))
-    step = max(1, budget_bytes // max(1, M * R * x.element_size()))
+    step = chunk_tokens(M, B * L, R, x.element_size())
+    # One scratch chunk [tokens, r, M], reused: centring writes into it, BLAS reads it (and its
+    # transpose) without copies, the diagonal squares it in place.
+    scratch = x.new_empty(step, R, M)
     for t0 in range(0, B * L, step):
-        centred = x[:, t0 : t0 + step] - mean[t0 : t0 + step]
+        t1 = min(t0 + step, B * L)
+        centred = scratch[: t1 - t0]
+        torch.sub(x[:, t0:t1].permute(1, 2, 0), mean[t0:t1, :, None], out=centred)
         if diagonal:
-            cov[t0 : t0 + step] = centred.square().sum(0) / (M - 1)
+            torch.sum(centred.square_(), -1, out=cov[t0:t1])
         else:
-            c = centred.permute(1, 2, 0)  # [tokens, r, M]
-            torch.matmul(c, c.transpose(1, 2), out=cov[t0 : t0 + step])
-            cov[t0 : t0 + step] /= M - 1
+            torch.bmm(centred, centred.transpose(1, 2), out=cov[t0:t1])
+    cov /= M - 1
     return mean.view(B, L, R), cov.view(B, L, *cov.shape[1:])
 
 
