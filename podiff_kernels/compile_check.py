@@ -121,6 +121,10 @@ def _case_launches(g: Geometry, dtype: torch.dtype, local: bool, with_mean: bool
     if r <= MAX_TRITON_RANK:  # wider ranks dispatch to the torch solve
         gaps = torch.ones(1, g.channels, g.height, g.width, dtype=torch.bool)
         pk.patch_encode(x.detach(), basis.detach(), mean, g.patch, g.stride, mask=gaps)  # gappy POD
+    holes = torch.ones(1, g.channels, g.height, g.width, dtype=torch.bool)
+    holes[..., 0, 0] = False  # one masked pixel: the pairwise and complete-case statistics
+    for mask, complete in ((None, False), (holes, False), (holes, True)):
+        pk.patch_stats(x.detach(), g.patch, g.stride, local=local, mask=mask, complete=complete)
     tokens = torch.zeros(g.batch, L, r, dtype=dtype, requires_grad=True)
     pk.patch_decode(tokens, basis, mean, (g.height, g.width), g.patch, g.stride).sum().backward()
     samples = torch.zeros(members, g.batch, L, r, dtype=dtype)

@@ -19,6 +19,32 @@ from podiff_kernels import _triton  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="run every test: also those marked slow and the interpreter's float64 grids "
+                          "beyond the first shape (what .ci/run runs)")
+
+
+def _slow_interpreter_case(item) -> bool:
+    """A Triton-interpreter case in float64 on any shape but the first: the fast run keeps the
+    float32 grid and one float64 shape per test (the interpreter runs each program in Python)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if params.get("name") != "triton" or params.get("dtype") is not torch.float64 or "shape" not in params:
+        return False
+    from cases import SHAPES
+
+    return params["shape"] != SHAPES[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --full (as .ci/run does)")
+    for item in items:
+        if "slow" in item.keywords or _slow_interpreter_case(item):
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def backend(monkeypatch):
     """``backend("triton")`` forces a backend for the rest of the test."""

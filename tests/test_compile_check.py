@@ -16,7 +16,7 @@ import textwrap
 import pytest
 
 KERNELS = {"_patch_encode_kernel", "_patch_decode_kernel", "_patch_correlate_kernel", "_decode_moments_kernel",
-           "_ensemble_moments_kernel", "_patch_encode_masked_kernel"}
+           "_ensemble_moments_kernel", "_patch_encode_masked_kernel", "_patch_stats_kernel"}
 
 
 def _env():

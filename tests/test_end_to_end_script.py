@@ -11,6 +11,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "end_to_end.py"
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_table(tmp_path):
     pytest.importorskip("h5py")  # the packaged SST
     out = tmp_path / "e2e.md"

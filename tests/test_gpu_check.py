@@ -22,6 +22,7 @@ def dry_report(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # the dry run takes ~50 s
 def test_dry_run_passes_every_stage(dry_report):
     assert dry_report["dry_run"] and dry_report["ok"]
     names = [s["stage"] for s in dry_report["stages"]]
@@ -31,6 +32,7 @@ def test_dry_run_passes_every_stage(dry_report):
     assert {"patch_encode", "decode_moments", "batched_eigh"} <= set(env["backends"]["ops"])
 
 
+@pytest.mark.slow  # the dry run takes ~50 s
 def test_dry_run_collects_the_gpu_tests(dry_report):
     counts = next(s for s in dry_report["stages"] if s["stage"] == "gpu_tests")["counts"]
     if torch.cuda.is_available():
@@ -39,6 +41,7 @@ def test_dry_run_collects_the_gpu_tests(dry_report):
         assert counts.get("skipped", 0) >= 20 and counts.get("failed", 0) == 0 and counts.get("passed", 0) == 0
 
 
+@pytest.mark.slow  # the dry run takes ~50 s
 def test_gpu_suite_checks_every_op_and_reports_bandwidth(dry_report):
     report = next(s for s in dry_report["stages"] if s["stage"] == "gpu_suite")["report"]
     assert report["dry_run"] and report["copy_bandwidth_GBps"] > 0
@@ -51,6 +54,7 @@ def test_gpu_suite_checks_every_op_and_reports_bandwidth(dry_report):
     assert report["eigh"]["speedup"] > 0 and report["eigh"]["backend"] == "cpp"
 
 
+@pytest.mark.slow  # the dry run takes ~50 s
 def test_dry_run_demo_reports_its_metrics(dry_report):
     demo = next(s for s in dry_report["stages"] if s["stage"] == "demo")
     assert "--device cpu" in demo["command"]

@@ -126,6 +126,7 @@ def test_masked_pixels_come_back_nan():
     assert torch.isfinite(out.mean[..., ~land]).all() and (out.variance[..., ~land] >= 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction", ["v", "epsilon"])
 def test_learned_schedule_trains(prediction):
     hr = gaussian_fields(400, 7).float()

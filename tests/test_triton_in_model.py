@@ -1,8 +1,8 @@
 """The Triton kernels inside the model loop: with ``PODIFF_BACKEND=triton`` (the interpreter on
 CPU, the real kernels on CUDA) a tiny pipeline trains and samples with every op the model calls
 going through its Triton kernel, so the layouts, strides and dtypes the model really produces
-reach the kernels. The POD fit itself (``patch_stats``, ``batched_eigh``) has no Triton kernel
-and runs before the backend is forced."""
+reach the kernels. The POD fit runs before the backend is forced: ``batched_eigh`` has no Triton
+kernel (a CUDA/C++ one), and ``patch_stats``' kernel is checked on its own in test_patch_stats."""
 
 import pytest
 import torch
@@ -36,7 +36,7 @@ def test_fit_and_sample_run_every_model_op_on_triton(basis, stride, backend, cal
     lr = torch.nn.functional.avg_pool2d(hr, 4)
     cfg = PipelineConfig(scale=4, patch_size=4, stride=stride, rank=3, basis=basis, denoiser=dict(width=16, depth=1, heads=2),
                          batch_size=4, sample_steps=2, train_steps=2)
-    pipe = PODiffPipeline(cfg, device=DEVICE).build(lr, hr)  # the POD fit: no Triton kernel for it
+    pipe = PODiffPipeline(cfg, device=DEVICE).build(lr, hr)  # the POD fit (eigh has no Triton kernel)
     backend("triton")
     calls.clear()
     pipe.fit(lr, hr, progress=False)

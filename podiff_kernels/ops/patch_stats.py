@@ -22,10 +22,13 @@ when masks differ between its patches: pixel pairs then average over different s
 locations, and the pairwise matrix is not a covariance (on the packaged SST's coastal patches
 it has eigenvalues down to −0.016 against a leading 16).
 
-The patch matrix is never formed whole: patches are copied (one strided copy,
-straight to float64) one strip of location rows (and images) at a time within
-``budget_bytes``, centred in place and reduced with a float64 batched GEMM. There is no Triton kernel; on CUDA the same
-composed ops run (a float64 GEMM per strip).
+The patch matrix is never formed whole. CPU: patches are copied (one strided copy, straight
+to float64) one strip of location rows (and images) at a time within ``budget_bytes``,
+centred in place and reduced with a float64 batched GEMM. CUDA: a Triton kernel gathers the
+patches from the image; each program owns one group's ``32×32`` tile of pixel pairs and
+accumulates its sums over the samples in float64 ``tl.dot``s, centred about per-pixel means
+computed first (so a large offset cancels exactly, as in the reference), then finishes the
+moments in the same form as the CPU path.
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ from dataclasses import dataclass
 
 import torch
 
+import torch.nn.functional as F
+
 from .. import dispatch
-from .._geometry import location_row_chunks, make_grid, resolve_stride, strip
+from .._geometry import PatchGrid, location_row_chunks, make_grid, resolve_stride, strip
+from .._triton import HAS_TRITON, launch, tl, triton
 from ..reference import patch_stats as reference
 
 DEFAULT_BUDGET = 256 << 20
@@ -111,6 +117,94 @@ def merge_moments(a, b):
     return n, mean, m2
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel.
+#
+# Samples of group g: shared, s = (b, l) over all B·L patches; local, s = b with l = g. Pixel d of
+# a patch is (c, ky, kx). Each program (g, i-tile, j-tile) loops over the samples in blocks,
+# loads Y = w·(x − centre) for its rows i and columns j straight from the image (w: pixel
+# validity × the sample's completeness), and accumulates in float64: Σ YᵢᵀYⱼ, and with pairwise
+# masks also Σ WᵢᵀWⱼ (counts), Σ YᵢᵀWⱼ and Σ WᵢᵀYⱼ (the pair means' offsets).
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _patch_stats_kernel(
+        x_ptr, valid_ptr, whole_ptr, centre_ptr, samples_ptr, count_ptr, mean_ptr, m2_ptr,
+        S, L, nW, D,
+        sxb, sxc, sxh, sxw,
+        scg,
+        P: tl.constexpr, STRIDE: tl.constexpr, LOCAL: tl.constexpr, MASKED: tl.constexpr,
+        COMPLETE: tl.constexpr, PAIRWISE: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        g = tl.program_id(0)
+        di = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dj = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        i_ok = di < D
+        j_ok = dj < D
+        ci = tl.load(centre_ptr + g * scg + di, mask=i_ok, other=0.0)
+        cj = tl.load(centre_ptr + g * scg + dj, mask=j_ok, other=0.0)
+        off_i = (di // (P * P)) * sxc + ((di // P) % P) * sxh + (di % P) * sxw
+        off_j = (dj // (P * P)) * sxc + ((dj // P) % P) * sxh + (dj % P) * sxw
+        syy = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float64)
+        cnt = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float64)
+        sy_ij = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float64)
+        sy_ji = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float64)
+        sum_i = tl.zeros([BLOCK_D], dtype=tl.float64)
+        sum_j = tl.zeros([BLOCK_D], dtype=tl.float64)
+        for s0 in range(0, S, BLOCK_S):
+            smp = s0 + tl.arange(0, BLOCK_S)
+            s_ok = smp < S
+            if LOCAL:
+                b = smp.to(tl.int64)
+                l = g + 0 * smp
+            else:
+                b = (smp // L).to(tl.int64)
+                l = smp % L
+            base = b * sxb + ((l // nW) * STRIDE).to(tl.int64) * sxh + ((l % nW) * STRIDE).to(tl.int64) * sxw
+            mi = s_ok[:, None] & i_ok[None, :]
+            mj = s_ok[:, None] & j_ok[None, :]
+            xi = tl.load(x_ptr + base[:, None] + off_i[None, :], mask=mi, other=0.0).to(tl.float64)
+            xj = tl.load(x_ptr + base[:, None] + off_j[None, :], mask=mj, other=0.0).to(tl.float64)
+            wi = mi.to(tl.float64)
+            wj = mj.to(tl.float64)
+            if MASKED:
+                wi = wi * tl.load(valid_ptr + base[:, None] + off_i[None, :], mask=mi, other=0).to(tl.float64)
+                wj = wj * tl.load(valid_ptr + base[:, None] + off_j[None, :], mask=mj, other=0).to(tl.float64)
+            if COMPLETE:
+                whole = tl.load(whole_ptr + b * L + l, mask=s_ok, other=0).to(tl.float64)
+                wi = mi.to(tl.float64) * whole[:, None]
+                wj = mj.to(tl.float64) * whole[:, None]
+            yi = (xi - ci[None, :]) * wi
+            yj = (xj - cj[None, :]) * wj
+            syy += tl.dot(tl.trans(yi), yj, out_dtype=tl.float64)
+            if PAIRWISE:
+                cnt += tl.dot(tl.trans(wi), wj, out_dtype=tl.float64)
+                sy_ij += tl.dot(tl.trans(yi), wj, out_dtype=tl.float64)
+                sy_ji += tl.dot(tl.trans(wi), yj, out_dtype=tl.float64)
+            else:
+                sum_i += tl.sum(yi, axis=0)
+                sum_j += tl.sum(yj, axis=0)
+        out = g * D * D + di[:, None] * D + dj[None, :]
+        both = i_ok[:, None] & j_ok[None, :]
+        if PAIRWISE:
+            safe = tl.maximum(cnt, 1.0)
+            has = cnt > 0
+            tl.store(count_ptr + out, cnt, mask=both)
+            tl.store(mean_ptr + out, ci[:, None] + tl.where(has, sy_ij / safe, 0.0), mask=both)
+            tl.store(m2_ptr + out, syy - tl.where(has, sy_ij * sy_ji / safe, 0.0), mask=both)
+        else:
+            # Compact: every pair has the same n samples; centred about c, so subtract the
+            # offset's outer product (Chan) and add it to the mean.
+            n_raw = tl.load(samples_ptr + g)
+            n = tl.maximum(n_raw, 1.0)
+            tl.store(m2_ptr + out, syy - sum_i[:, None] * sum_j[None, :] / n, mask=both)
+            if tl.program_id(2) == 0:  # no sample: mean 0, as the CPU path
+                tl.store(mean_ptr + g * D + di, tl.where(n_raw > 0, ci + sum_i / n, 0.0), mask=i_ok)
+
+
 # ---------------------------------------------------------------------------------------------
 # Implementations.
 
@@ -144,12 +238,68 @@ def _stats_torch(x, valid, patch_size: int, stride: int, local: bool, budget_byt
     return total
 
 
+def _centres(x, valid, grid: PatchGrid, local: bool):
+    """Per-group pixel means over the valid samples ``[G, D]`` float64, from image-level sums (no
+    patch matrix). The kernel centres about them, so its float64 sums see small numbers only;
+    with complete patches the exact means differ slightly and the kernel corrects for it."""
+    p, s = grid.patch_size, grid.stride
+    wx = x.double() if valid is None else torch.where(valid, x.double(), 0.0)
+    w = torch.ones_like(x[:1], dtype=torch.float64) * x.shape[0] if valid is None else valid.double().sum(0, keepdim=True)
+    cols = F.unfold(wx.sum(0, keepdim=True), p, stride=s)[0]  # D, L
+    counts = F.unfold(w, p, stride=s)[0]
+    if not local:
+        cols, counts = cols.sum(1, keepdim=True), counts.sum(1, keepdim=True)
+    return torch.where(counts > 0, cols / counts.clamp_min(1), 0.0).t().contiguous()  # G, D
+
+
+def _complete_patches(valid, grid: PatchGrid):
+    """``[B, L]`` 1 where every pixel of the patch is valid."""
+    bad = F.avg_pool2d((~valid).to(torch.float32).sum(1, keepdim=True), grid.patch_size, stride=grid.stride)
+    return (bad == 0).reshape(valid.shape[0], -1).to(torch.uint8)
+
+
+def _stats_triton(x, valid, patch_size: int, stride: int, local: bool, budget_bytes: int, complete: bool = False):
+    B, C, H, W = x.shape
+    grid = make_grid(C, H, W, patch_size, stride)
+    L, D = grid.num_locations, grid.patch_dim
+    G, S = (L, B) if local else (1, B * L)
+    complete = complete and valid is not None
+    pairwise = valid is not None and not complete
+    whole = _complete_patches(valid, grid).contiguous() if complete else None
+    centre = _centres(x, valid, grid, local)
+    f64 = dict(dtype=torch.float64, device=x.device)
+    m2 = torch.empty(G, D, D, **f64)
+    if pairwise:
+        count, mean = torch.empty(G, D, D, **f64), torch.empty(G, D, D, **f64)
+        samples = m2  # unused
+    else:
+        samples = (whole.sum(0).double() if local else whole.sum().double().reshape(1)) if complete \
+            else torch.full((G,), float(S), **f64)
+        count, mean = samples.reshape(G, 1, 1).clone(), torch.empty(G, D, 1, **f64)
+    x = x.contiguous()
+    valid_u8 = valid.to(torch.uint8).contiguous() if pairwise else x
+    # Tiles that compile without spills on sm_80/86/90 in every dtype (compile_check): the four
+    # pairwise accumulators take 16×16 tiles; the compact one 32×32 at 8 warps, 16×16 at 2.
+    BLOCK_D = 32 if D > 16 and not pairwise else 16
+    tiles = triton.cdiv(D, BLOCK_D)
+    launch(_patch_stats_kernel, (G, tiles, tiles),
+           x, valid_u8, whole if complete else x, centre, samples, count, mean, m2,
+           S, L, grid.n_cols, D,
+           *x.stride(), centre.stride(0),
+           P=patch_size, STRIDE=stride, LOCAL=local, MASKED=pairwise, COMPLETE=complete,
+           PAIRWISE=pairwise, BLOCK_S=16, BLOCK_D=BLOCK_D,
+           num_warps=8 if BLOCK_D == 32 else (4 if pairwise else 2))
+    return count, mean, m2
+
+
 def _stats_reference(x, valid, patch_size: int, stride: int, local: bool, budget_bytes: int, complete: bool = False):
     return reference.patch_stats(x, valid, patch_size, stride, local, complete)
 
 
 dispatch.register("patch_stats", "reference", _stats_reference)
 dispatch.register("patch_stats", "torch", _stats_torch)
+if HAS_TRITON:
+    dispatch.register("patch_stats", "triton", _stats_triton)
 dispatch.set_cpu_order("patch_stats", "default", ("torch",), "strip-wise unfold + float64 GEMM (BLAS)")
 
 
