@@ -21,12 +21,45 @@ def peak_memory_mb(fn) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    # An op's self memory is its allocations minus its frees (a parent may free what a child
+    # allocated): count what it adds at its start and what it frees at its end, an upper bound
+    # (summing self memory in start order let a parent's frees hide its children's peak).
+    changes = []
+    for e in prof.events():
+        used = e.self_cpu_memory_usage
+        if used:
+            changes.append((e.time_range.start if used > 0 else e.time_range.end, used))
     current = peak = 0
-    for e in events:
-        current += e.self_cpu_memory_usage
+    for _, used in sorted(changes, key=lambda c: (c[0], -c[1])):
+        current += used
         peak = max(peak, current)
     return peak / 2**20
+
+
+def peak_rss_mb(setup: str, call: str, warmup: str = "") -> float | None:
+    """Growth of a fresh process's resident high-water mark over ``call``, as ``top`` shows it.
+
+    ``setup`` builds the inputs, ``warmup`` (small inputs) gets imports and first-call set-up
+    out of the way; the mark is then reset (/proc/self/clear_refs) and ``call`` runs once.
+    None where the kernel cannot reset the mark.
+    """
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(setup) + "\n" + textwrap.dedent(warmup) + textwrap.dedent("""
+        def _rss(field):
+            with open("/proc/self/status") as fh:
+                return next(int(line.split()[1]) for line in fh if line.startswith(field)) * 1024
+        _before = _rss("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    """) + textwrap.dedent(call) + '\nprint("PEAK_RSS", _rss("VmHWM:") - _before)\n'
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        if "clear_refs" in done.stderr:
+            return None
+        raise RuntimeError(f"peak_rss_mb: the measured process failed: {done.stderr[-1500:]}")
+    return int(done.stdout.split("PEAK_RSS")[-1]) / 2**20
 
 
 def machine() -> str:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import podiff_kernels as pk
+from _measure import peak_rss_mb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # inputs live here; conftest syncs timings
 M, B, C, H, p, r = 64, 4, 1, 256, 8, 16
@@ -61,3 +62,36 @@ def test_propagate_variance_block(compare, inputs, provider):
     out = compare(f"propagate_variance block B{B} C{C} {H} p{p} r{r}", provider, fn,
                   baseline=provider != "podiff", rounds=50)
     assert out.shape == (B, C, H, H)
+
+
+RSS_SETUP = f"""
+import torch, podiff_kernels as pk
+M, B, C, H, p, r = {M}, {B}, {C}, {H}, {p}, {r}
+L, D = (H // p) ** 2, C * p * p
+g = torch.Generator().manual_seed(0)
+basis = torch.linalg.qr(torch.randn(D, r, generator=g, dtype=torch.float64))[0].float()
+mean = torch.randn(D, generator=g)
+samples = torch.randn(M, B, L, r, generator=g)
+"""
+RSS_CALLS = {
+    "analytic": "m, v = pk.ensemble_moments(samples)\npm, pv = pk.decode_moments(m, v, basis, mean, (H, H), p)",
+    "decode_members": "d = pk.patch_decode(samples.reshape(M * B, L, r), basis, mean, (H, H), p).reshape(M, B, C, H, H)\n"
+                      "pm, pv = d.mean(0), d.var(0)",
+}
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the process high-water mark measures host memory")
+def test_uncertainty_peak_rss(benchmark):
+    """Peak resident memory as a user sees it: each way in a fresh process (warmed up on a slice
+    of the members), the high-water mark's growth over one call."""
+    warm = {k: v.replace("samples", "samples[:2, :1]").replace("M * B", "2") .replace("reshape(M, B,", "reshape(2, 1,")
+            for k, v in RSS_CALLS.items()}
+    grown = {k: peak_rss_mb(RSS_SETUP, call, warm[k]) for k, call in RSS_CALLS.items()}
+    if None in grown.values():
+        pytest.skip("this kernel cannot reset the RSS high-water mark")
+    ratio = grown["decode_members"] / grown["analytic"]
+    benchmark.extra_info.update(**{f"{k}_peak_rss_mb": round(v, 2) for k, v in grown.items()}, ratio=round(ratio, 1))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"peak RSS growth, block mean+var M{M} B{B} {H}² p{p} r{r}: analytic {grown['analytic']:.1f} MiB, "
+          f"decoding every member {grown['decode_members']:.1f} MiB ({ratio:.1f}x)")
+    assert grown["analytic"] < grown["decode_members"]
