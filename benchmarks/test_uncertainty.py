@@ -84,9 +84,10 @@ RSS_CALLS = {
 def test_uncertainty_peak_rss(benchmark):
     """Peak resident memory as a user sees it: each way in a fresh process (warmed up on a slice
     of the members), the high-water mark's growth over one call."""
-    warm = {k: v.replace("samples", "samples[:2, :1]").replace("M * B", "2") .replace("reshape(M, B,", "reshape(2, 1,")
-            for k, v in RSS_CALLS.items()}
-    grown = {k: peak_rss_mb(RSS_SETUP, call, warm[k]) for k, call in RSS_CALLS.items()}
+    def warmup(call):  # the same call on two members of one image, then the full inputs back
+        return f"full = samples\nsamples, M, B = samples[:2, :1], 2, 1\n{call}\nsamples, M, B = full, {M}, {B}\n"
+
+    grown = {k: peak_rss_mb(RSS_SETUP, call, warmup(call)) for k, call in RSS_CALLS.items()}
     if None in grown.values():
         pytest.skip("this kernel cannot reset the RSS high-water mark")
     ratio = grown["decode_members"] / grown["analytic"]

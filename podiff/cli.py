@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
-from .devices import CHOICES as DEVICE_CHOICES
 from .config import PipelineConfig as _Config
+from .devices import CHOICES as DEVICE_CHOICES
 from .devices import resolve_device
 
 DEFAULT_SAMPLE_STEPS = _Config.sample_steps  # one default for train --sample-steps and PipelineConfig
@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="prediction file (.npz)")
     p.add_argument("--num-samples", type=_positive_int, default=16)
     p.add_argument("--sample-steps", type=_positive_int, default=None,
-                   help="sampler steps (default: the model's, set by train --sample-steps, 20)")
+                   help=f"sampler steps (default: the model's, set by train --sample-steps, {DEFAULT_SAMPLE_STEPS})")
     p.add_argument("--split", choices=("train", "val", "test", "all"), default="test")
     p.add_argument("--members", action="store_true", help="also store the decoded members")
     p.add_argument("--seed", type=int, default=0)

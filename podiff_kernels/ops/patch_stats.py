@@ -25,7 +25,7 @@ it has eigenvalues down to −0.016 against a leading 16).
 The patch matrix is never formed whole. CPU: patches are copied (one strided copy, straight
 to float64) one strip of location rows (and images) at a time within ``budget_bytes``,
 centred in place and reduced with a float64 batched GEMM. CUDA: a Triton kernel gathers the
-patches from the image; each program owns one group's ``32×32`` tile of pixel pairs and
+patches from the image; each program owns one group's ``16×16`` or ``32×32`` tile of pixel pairs and
 accumulates its sums over the samples in float64 ``tl.dot``s, centred about per-pixel means
 computed first (so a large offset cancels exactly, as in the reference), then finishes the
 moments in the same form as the CPU path.
@@ -36,7 +36,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 import torch.nn.functional as F
 
 from .. import dispatch
@@ -115,7 +114,6 @@ def merge_moments(a, b):
     mean = torch.where(n > 0, ma + delta * (nb / safe), ma + 0 * delta)
     m2 = Ma + Mb + delta * delta.transpose(1, 2) * torch.where(n > 0, na * nb / safe, 0.0)
     return n, mean, m2
-
 
 
 # ---------------------------------------------------------------------------------------------
