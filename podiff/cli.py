@@ -1,11 +1,15 @@
 """The ``podiff`` command: ``demo | fit-pod | train | sample | evaluate | info``.
 
     podiff train --data FILE --out RUN_DIR [--scale S] [--steps N] [--patch-size P] [--rank R] [--pod POD]
-    podiff sample --model RUN_DIR --data FILE --num-samples M --out PRED.npz [--split train|val|test|all]
-    podiff evaluate --pred PRED.npz --data FILE --out REPORT_DIR
+    podiff sample --model RUN_DIR --data FILE --num-samples M --out PRED.nc [--split train|val|test|all]
+    podiff evaluate --pred PRED.nc --data FILE --out REPORT_DIR
     podiff demo [--dataset sst|mri|images] [--out DIR]
 
-``--data`` is a packaged dataset (``sst``, ``mri``, ``images``) or a ``.npz`` / netCDF file.
+``--data`` is a packaged dataset (``sst``, ``mri``, ``images``), a netCDF file (3 or 4), a Zarr
+store, a quoted glob of netCDF files, or an ``.npz``, recognised by content; ``--var`` /
+``--channels`` / ``--dims`` / ``--time`` choose what of a netCDF/Zarr dataset is read.
+``sample`` and ``evaluate`` take the scale and grid from the model (``--scale`` there is a check);
+``sample`` also takes fields on the model's low-resolution grid (no truth then).
 ``--device auto|cpu|cuda|cuda:N`` (train, sample, demo, fit-pod; ``auto``: CUDA when torch has
 it) places all the work; data are read on the CPU and moved there, outputs come back to the CPU.
 Errors are one line on stderr with exit status 1 (2 for bad usage). The entry point is ``main``.
@@ -38,10 +42,46 @@ class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
 
 
-def _data(args):
+def _data(args, scale=None):
     from . import data
 
-    return data.load(args.data, getattr(args, "scale", None), getattr(args, "var", None))
+    channels = getattr(args, "channels", None)
+    dims = getattr(args, "dims", None)
+    return data.load(args.data, scale if scale is not None else getattr(args, "scale", None),
+                     getattr(args, "var", None), dims=dims.split(",") if dims else None,
+                     channels=channels.split(",") if channels else None, time=getattr(args, "time", None))
+
+
+def _data_for_model(args, pipe):
+    """The data at the model's scale and grid: high-resolution fields (truth; the input made by
+    block averages, or the file's own ``lr``) or fields on the model's low-resolution grid (input
+    only). Anything else is a one-line error naming the expected and the actual."""
+    from . import data
+    from .fields import sniff
+
+    scale = pipe.config.scale
+    if getattr(args, "scale", None) is not None and args.scale != scale:
+        raise CommandError(f"--scale {args.scale} does not match the model's scale {scale} "
+                           f"(sample and evaluate take it from the model; --scale there is only a check)")
+    C = pipe.offset.numel()
+    H, W = pipe.image_size
+    h, w = H // scale, W // scale
+    if args.data in data.DATASETS or (sniff(args.data) == "npz" and "lr" in np.load(args.data).files):
+        ds = _data(args, scale)
+    else:
+        raw = _data(args, 1)
+        size = tuple(raw.hr.shape[-2:])
+        if raw.hr.shape[1] == C and size == (H, W):
+            ds = data.Dataset(raw.hr, data.block_average(raw.hr, scale), scale, raw.name, raw.meta, raw.grid)
+        elif raw.hr.shape[1] == C and size == (h, w):
+            ds = data.as_low_resolution(raw, scale)
+        else:
+            raise CommandError(f"{args.data}: fields [{raw.hr.shape[1]}, {size[0]}, {size[1]}] fit neither the "
+                               f"model's high-resolution grid [{C}, {H}, {W}] nor its input grid [{C}, {h}, {w}]")
+    if tuple(ds.lr.shape[1:]) != (C, h, w):
+        raise CommandError(f"{args.data}: input [{', '.join(map(str, ds.lr.shape[1:]))}] does not fit the model's "
+                           f"input grid [{C}, {h}, {w}]")
+    return ds
 
 
 def _prepare_out(path: Path, overwrite: bool, resume: bool = False) -> None:
@@ -80,21 +120,39 @@ def cmd_info(args) -> int:
 
 def cmd_fit_pod(args) -> int:
     from .pod import PatchPOD
+    from .fields import sniff
 
-    ds = _data(args)
-    _, hr, _ = ds.split(args.split)
     out = Path(args.out)
     _prepare_out(out, args.overwrite)
     pod = PatchPOD(args.patch_size, args.stride, rank=args.rank, energy=None if args.rank else args.energy,
                    basis="shared" if args.basis == "auto" else args.basis)  # auto needs validation fields
-    # Standardised as the pipeline standardises its fields before fitting its own POD.
-    from .standardise import fit_scaling, standardise
+    device = resolve_device(args.device)
+    if args.data not in _packaged() and sniff(args.data) in ("netcdf3", "netcdf4", "zarr", "glob"):
+        from .streaming import fit_pod_streaming
 
-    hr = hr.to(resolve_device(args.device))
-    pod.fit(standardise(hr, *fit_scaling(hr, ~torch.isnan(hr))), progress=not args.quiet)
+        if args.scale is None:
+            raise CommandError(f"{args.data}: give --scale (the POD's patches tile a grid that --scale divides)")
+        dims, channels = getattr(args, "dims", None), getattr(args, "channels", None)
+        fit_pod_streaming(pod, args.data, args.var, args.scale, split=args.split, dims=dims.split(",") if dims else None,
+                          channels=channels.split(",") if channels else None, time=args.time,
+                          budget_bytes=int(args.chunk_mb * 2**20), device=device, progress=not args.quiet)
+    else:
+        # Standardised as the pipeline standardises its fields before fitting its own POD.
+        from .standardise import fit_scaling, standardise
+
+        ds = _data(args)
+        _, hr, _ = ds.split(args.split)
+        hr = hr.to(device)
+        pod.fit(standardise(hr, *fit_scaling(hr, ~torch.isnan(hr))), progress=not args.quiet)
     pod.save(out)
     print(f"{pod} -> {out}")
     return 0
+
+
+def _packaged():
+    from .data import DATASETS
+
+    return DATASETS
 
 
 def train(args, ds=None) -> "object":
@@ -243,23 +301,28 @@ def cmd_train(args) -> int:
     return 0
 
 
-def sample(args, ds=None, pipe=None) -> dict:
-    from .io import atomic_write
+def _load_model(model: Path):
     from .pipeline import PODiffPipeline
 
+    if not (model / "model" / "config.json").is_file() and not (model / "config.json").is_file():
+        raise CommandError(f"no trained model in {model} (expected {model / 'model' / 'config.json'})")
+    return PODiffPipeline.load(model / "model" if (model / "model").is_dir() else model)
+
+
+def sample(args, ds=None, pipe=None):
+    """Samples the ensemble and writes the prediction file; returns the ``Prediction`` (None on
+    ranks other than 0 under torchrun)."""
+    from .prediction_file import Prediction, output_format, write_prediction
+
     model = Path(args.model)
-    if pipe is None:
-        if not (model / "model" / "config.json").is_file() and not (model / "config.json").is_file():
-            raise CommandError(f"no trained model in {model} (expected {model / 'model' / 'config.json'})")
-        pipe = PODiffPipeline.load(model / "model" if (model / "model").is_dir() else model)
-    pipe.to(resolve_device(args.device))
-    if getattr(args, "scale", None) is None:  # the model remembers its scale
-        args.scale = pipe.config.scale
-    ds = ds or _data(args)
-    lr, hr, idx = ds.split(args.split)
     out = Path(args.out)
+    output_format(out)  # a bad suffix fails before any work
     if out.exists() and not args.overwrite:
         raise CommandError(f"{out} exists; pass --overwrite to replace it")
+    pipe = pipe or _load_model(model)
+    pipe.to(resolve_device(args.device))
+    ds = ds or _data_for_model(args, pipe)
+    lr, hr, idx = ds.split(args.split)
     t0 = time.perf_counter()
     # Under torchrun each rank samples its share of the images (seeded per image and member,
     # so the ensemble is the one-process ensemble); rank 0 writes the gathered result.
@@ -267,18 +330,25 @@ def sample(args, ds=None, pipe=None) -> dict:
                          return_samples=args.members, progress=not args.quiet, image_ids=idx)
     seconds = time.perf_counter() - t0
     if distributed.rank_world()[0] != 0:
-        return {}
-    arrays = {"mean": result.mean.cpu().numpy(), "variance": result.variance.cpu().numpy(), "indices": idx,
-              "split": np.array(args.split), "data": np.array(str(args.data)), "model": np.array(str(model)),
-              "num_samples": np.array(args.num_samples), "seconds": np.array(seconds),
-              "steps": np.array(args.sample_steps or pipe.config.sample_steps)}
-    if args.members:
-        arrays["members"] = result.samples.cpu().numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+        return None
+    attrs = {"model": str(model), "data": str(args.data), "split": args.split, "var": ds.grid.var if ds.grid else "",
+             "scale": int(pipe.config.scale), "num_samples": int(args.num_samples),
+             "steps": int(args.sample_steps or pipe.config.sample_steps), "sampler": "ddim",
+             "seed": int(args.seed), "model_seed": int(pipe.config.seed), "seconds": float(seconds),
+             "spread_calibration": float(pipe.config.spread), "podiff_version": __version__,
+             "torch_version": torch.__version__,
+             "history": f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} podiff sample --model {model} "
+                        f"--data {args.data} --split {args.split} --num-samples {args.num_samples}"}
+    truth = hr.cpu().numpy()
+    pred = Prediction(result.mean.cpu().numpy(), result.variance.cpu().numpy(), np.asarray(idx), attrs,
+                      members=result.samples.cpu().numpy() if args.members else None, lr=lr.cpu().numpy(),
+                      truth=truth if np.isfinite(truth).any() else None,
+                      grid=ds.grid.take(idx) if ds.grid is not None else None,
+                      extra={"write_variance": getattr(args, "variance", False)})
+    write_prediction(out, pred)
     if not args.quiet:
         print(f"sampled {args.num_samples} members × {len(idx)} samples ({args.split}) in {seconds:.1f} s -> {out}")
-    return arrays
+    return pred
 
 
 def cmd_sample(args) -> int:
@@ -287,48 +357,43 @@ def cmd_sample(args) -> int:
 
 
 def evaluate(args, ds=None, pipe=None) -> dict:
-    from .pipeline import PODiffPipeline
     from .report import evaluate as run_evaluation
     from .report import write_report
 
     distributed.barrier()  # under torchrun: rank 0 wrote the prediction; it alone evaluates
     if distributed.rank_world()[0] != 0:
         return {}
+    from .prediction_file import read_prediction
+
     pred_path = Path(args.pred)
-    if not pred_path.is_file():
+    if not pred_path.exists():
         raise CommandError(f"no prediction file at {pred_path}")
-    try:
-        pred = dict(np.load(pred_path, allow_pickle=False))
-    except Exception as exc:
-        raise CommandError(f"{pred_path} is not a readable prediction .npz: {exc}") from None
-    missing = {"mean", "variance", "indices", "split", "model"} - set(pred)
-    if missing:
-        raise CommandError(f"{pred_path} is not a podiff prediction (missing {sorted(missing)})")
-    if pipe is None:
-        model = Path(str(pred["model"]))
-        pipe = PODiffPipeline.load(model / "model" if (model / "model").is_dir() else model)
-    if getattr(args, "scale", None) is None:  # the model remembers its scale
-        args.scale = pipe.config.scale
-    ds = ds or _data(args)
-    split = str(pred["split"])
+    pred = read_prediction(pred_path)
+    model_dir = Path(str(pred.attrs["model"]))
+    pipe = pipe or _load_model(model_dir)
+    ds = ds or _data_for_model(args, pipe)
+    split = str(pred.attrs["split"])
     lr_test, hr_test, idx = ds.split(split)
-    if not np.array_equal(idx, pred["indices"]):
+    if not np.array_equal(idx, pred.indices):
         raise CommandError(f"{pred_path} was made on other samples of the data (split {split!r}, "
-                           f"{len(pred['indices'])} samples) than {args.data} gives ({len(idx)})")
-    model_dir = Path(str(pred["model"]))
+                           f"{len(pred.indices)} samples) than {args.data} gives ({len(idx)})")
+    if not torch.isfinite(hr_test).any():
+        raise CommandError(f"{args.data} holds no truth for split {split!r} (only the low-resolution input); "
+                           f"evaluate needs the high-resolution fields")
     model_dir = model_dir / "model" if (model_dir / "model").is_dir() else model_dir
     baselines = load_baselines(pipe, model_dir)
     lr_train = hr_train = None
     if "ridge" not in baselines:  # a run from before the saved baselines: fit one on this file's train split
         lr_train, hr_train, _ = ds.split("train")
-    mean, variance = torch.from_numpy(pred["mean"]), torch.from_numpy(pred["variance"])
-    members = torch.from_numpy(pred["members"]) if "members" in pred else None
+    mean, variance = torch.from_numpy(pred.mean), torch.from_numpy(pred.variance)
+    members = torch.from_numpy(pred.members) if pred.members is not None else None
     out = Path(args.out)
     _prepare_out(out, args.overwrite)
     meta = {"data": str(args.data), "split": split, "samples": int(len(idx)), "scale": ds.scale,
-            "image_size": list(hr_test.shape[-2:]), "num_samples": int(pred["num_samples"]),
-            "sample_seconds": float(pred["seconds"]), "sample_steps": int(pred["steps"]),
-            "seed": pipe.config.seed, "model": str(pred["model"]), "parameters": pipe.num_parameters(),
+            "image_size": list(hr_test.shape[-2:]), "num_samples": int(pred.attrs["num_samples"]),
+            "sample_seconds": float(pred.attrs.get("seconds", float("nan"))),
+            "sample_steps": int(pred.attrs["steps"]),
+            "seed": pipe.config.seed, "model": str(pred.attrs["model"]), "parameters": pipe.num_parameters(),
             "pod_rank": pipe.pod.rank, "versions": {"podiff": __version__, "torch": torch.__version__,
                                                      "python": platform.python_version()}}
     meta.update(getattr(args, "extra_meta", {}) or {})
@@ -337,6 +402,10 @@ def evaluate(args, ds=None, pipe=None) -> dict:
     result = run_evaluation(mean, variance, hr_test, lr_test, lr_train, hr_train, pipe, members, meta,
                             baselines=baselines)
     report = write_report(out, result, lr_test, hr_test, mean, variance, pipe.pod, ds.scale)
+    from .metric_maps import write_metric_maps
+
+    grid = ds.grid.take(idx) if ds.grid is not None else None
+    write_metric_maps(out / "metrics_maps.nc", mean, variance, hr_test, members, grid)
     if not args.quiet:
         m = result["model"]
         others = ", ".join(f"{name} {result[name]['rmse']:.4g}" for name in ("bicubic", "pod_projection", "ridge",
@@ -369,6 +438,7 @@ def cmd_demo(args) -> int:
     defaults = DEMO_DEFAULTS[args.dataset]
     ns = argparse.Namespace(**vars(args))
     ns.data, ns.scale, ns.var, ns.pod, ns.resume = args.dataset, 4, None, None, False
+    ns.channels = ns.dims = ns.time = None
     for key, value in defaults.items():
         if getattr(ns, key, None) is None:
             setattr(ns, key, value)
@@ -382,9 +452,10 @@ def cmd_demo(args) -> int:
     ns.out = str(out / "run")
     pipe = train(ns, ds)
     train_seconds = time.perf_counter() - t0
-    ns.model, ns.split, ns.members, ns.out = str(out / "run"), "test", False, str(out / "prediction.npz")
+    prediction = out / ("prediction.nc" if _has_netcdf() else "prediction.npz")
+    ns.model, ns.split, ns.members, ns.out = str(out / "run"), "test", False, str(prediction)
     sample(ns, ds, pipe)
-    ns.pred, ns.out = str(out / "prediction.npz"), str(out / "report")
+    ns.pred, ns.out = str(prediction), str(out / "report")
     ns.extra_meta = {"train_seconds": train_seconds, "total_seconds": None, "dataset": args.dataset}
     result = evaluate(ns, ds, pipe)
     if not result:  # a rank other than 0 under torchrun
@@ -394,6 +465,12 @@ def cmd_demo(args) -> int:
     write_json(out / "report" / "metrics.json", result)
     print(f"demo finished in {total:.0f} s; report: {out / 'report' / 'report.md'}")
     return 0
+
+
+def _has_netcdf() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("xarray", "netCDF4"))
 
 
 def _positive_int(text: str) -> int:
@@ -426,8 +503,8 @@ def _energy(text: str) -> float:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0.0:
-        raise argparse.ArgumentTypeError(f"must be > 0; got {text}")
+    if not (value > 0.0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
     return value
 
 
@@ -476,9 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, data=True):
         if data:
-            p.add_argument("--data", required=True, help="sst | mri | images | FILE.npz | FILE.nc")
+            p.add_argument("--data", required=True,
+                           help="sst | mri | images | a netCDF file | a Zarr store | 'files*.nc' | FILE.npz")
             p.add_argument("--scale", type=_positive_int, default=None, help="downscaling factor (makes LR when absent)")
-            p.add_argument("--var", default=None, help="netCDF variable")
+            p.add_argument("--var", default=None, help="the netCDF/Zarr variable (default: the only gridded one)")
+            p.add_argument("--channels", default=None, help="VAR1,VAR2,...: variables stacked as channels")
+            p.add_argument("--dims", default=None, help="Y,X: the grid's dimension names (default: lat/lon, "
+                                                        "y/x or the last two)")
+            p.add_argument("--time", default=None, help="START:STOP (labels, e.g. 2006-04:2009-12) of the sample axis")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -489,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--out", required=True, help="POD file (.safetensors)")
     p.add_argument("--split", choices=("train", "val", "test", "all"), default="train")
+    p.add_argument("--chunk-mb", type=_positive_float, default=256.0,
+                   help="netCDF/Zarr: read at most this many MiB of samples at a time (default 256)")
     _add_model_options(p)
     _add_device_option(p)
     p.set_defaults(func=cmd_fit_pod)
@@ -508,10 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_option(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample an ensemble: mean and variance (and members) to .npz")
+    p = sub.add_parser("sample", help="sample an ensemble: mean and std (and members) to .nc, .zarr or .npz")
     common(p)
     p.add_argument("--model", required=True, help="run folder from train")
-    p.add_argument("--out", required=True, help="prediction file (.npz)")
+    p.add_argument("--out", required=True, help="prediction file: .nc (netCDF-4), .zarr or .npz")
+    p.add_argument("--variance", action="store_true", help="also store the variance (std is always stored)")
     p.add_argument("--num-samples", type=_positive_int, default=16)
     p.add_argument("--sample-steps", type=_positive_int, default=None,
                    help=f"sampler steps (default: the model's, set by train --sample-steps, {DEFAULT_SAMPLE_STEPS})")

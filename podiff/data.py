@@ -6,11 +6,13 @@ Every loader returns a ``Dataset``: ``hr [N, C, H, W]`` float32 (NaN = masked), 
 cuts the sample axis in order (time order for SST: the test part is the last).
 
 - ``load_sst``: OSTIA monthly sea-surface temperature (``iris-sample-data``), 54 months of an
-  18 × 432 tropical band in kelvin; land is NaN. Read with ``h5py``.
+  18 × 432 tropical band in kelvin; land is NaN. Read through ``load_gridded`` like a user's file.
 - ``load_mri``: axial slices of the MNI152 T1 template shipped in the ``nilearn`` wheel
   (the file only: nilearn is not imported), read with ``nibabel``, scaled to [0, 1].
 - ``load_images``: scikit-image's bundled images as grey crops.
-- ``load_npz`` / ``load_netcdf``: users' files.
+- ``load_npz``: a user's ``.npz``; ``load_gridded``: a user's netCDF file, Zarr store or glob
+  of netCDF files, read with xarray (``podiff.fields``), coordinates kept in ``dataset.grid``.
+- ``load``: any of these by name or by the file's content (not its suffix).
 
 Missing optional packages raise ``MissingDependency`` with the one line to install them.
 """
@@ -20,9 +22,13 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .fields import Grid
 
 SPLITS = ("train", "val", "test", "all", "train+val")
 
@@ -86,6 +92,7 @@ class Dataset:
     scale: int
     name: str
     meta: dict = field(default_factory=dict)
+    grid: "Grid | None" = None  # coordinates of ``hr`` (gridded files); None for .npz and images
 
     def __post_init__(self):
         if self.hr.shape[0] != self.lr.shape[0]:
@@ -93,6 +100,9 @@ class Dataset:
                              f"and {self.hr.shape[0]}")
         if self.hr.shape[0] == 0:
             raise ValueError(f"dataset {self.name!r} is empty")
+        if self.grid is not None and len(self.grid.sample.values) != self.hr.shape[0]:
+            raise ValueError(f"dataset {self.name!r}: {len(self.grid.sample.values)} sample coordinates for "
+                             f"{self.hr.shape[0]} fields")
 
     def __len__(self) -> int:
         return self.hr.shape[0]
@@ -103,26 +113,30 @@ class Dataset:
         return self.lr[idx], self.hr[idx], idx
 
 
-def _crop_to_scale(hr: torch.Tensor, scale: int) -> torch.Tensor:
+def _crop_to_scale(hr: torch.Tensor, scale: int, label: str = "hr") -> torch.Tensor:
     H, W = hr.shape[-2:]
+    if H < scale or W < scale:
+        raise ValueError(f"{label}: a {H}×{W} grid is smaller than --scale {scale}")
     return hr[..., : H - H % scale, : W - W % scale]
 
 
+def _check_finite(values: torch.Tensor, label: str) -> None:
+    bad = int(torch.isinf(values).sum())
+    if bad:
+        raise ValueError(f"{label} holds {bad} infinite value(s); mark missing points with NaN "
+                         f"(or _FillValue in netCDF)")
+
+
 def load_sst(scale: int = 4) -> Dataset:
-    """OSTIA monthly SST ``[54, 1, 16, 432]`` (cropped to a multiple of ``scale``; kelvin; land NaN)."""
-    h5py = _require("h5py", "the SST dataset")
+    """OSTIA monthly SST ``[54, 1, 16, 432]`` (cropped to a multiple of ``scale``; kelvin; land NaN),
+    read through ``load_gridded`` as a user's netCDF file is, coordinates included."""
     path = _package_file("iris_sample_data", "sample_data/ostia_monthly.nc", "the SST dataset")
-    with h5py.File(path, "r") as f:
-        var = f["surface_temperature"]
-        values = var[:].astype(np.float64)
-        fill = var.attrs.get("_FillValue")
-        lat, lon = f["latitude"][:], f["longitude"][:]
-    if fill is not None:
-        values[np.isclose(values, float(np.asarray(fill).ravel()[0]))] = np.nan
-    hr = _crop_to_scale(torch.from_numpy(values).float()[:, None], scale)
-    meta = {"source": str(path), "units": "K", "latitude": [float(lat[0]), float(lat[hr.shape[-2] - 1])],
-            "longitude": [float(lon[0]), float(lon[hr.shape[-1] - 1])], "order": "time"}
-    return Dataset(hr, block_average(hr, scale), scale, "sst", meta)
+    ds = load_gridded(path, "surface_temperature", scale)
+    grid = ds.grid
+    meta = {"source": str(path), "units": grid.attrs.get("units", "K"),
+            "latitude": [float(grid.y.values[0]), float(grid.y.values[-1])],
+            "longitude": [float(grid.x.values[0]), float(grid.x.values[-1])], "order": "time"}
+    return Dataset(ds.hr, ds.lr, scale, "sst", meta, grid)
 
 
 def load_mri(scale: int = 4, size: int = 128, step: int = 2) -> Dataset:
@@ -182,7 +196,9 @@ def _as_nchw(array: np.ndarray, key: str, path: Path) -> torch.Tensor:
         raise ValueError(f"{path}: '{key}' must hold numbers; got dtype {array.dtype}")
     if array.shape[0] == 0 or array.size == 0:
         raise ValueError(f"{path}: '{key}' holds no data; got shape {array.shape}")
-    return torch.from_numpy(np.asarray(array, dtype=np.float32))
+    values = torch.from_numpy(np.asarray(array, dtype=np.float32))
+    _check_finite(values, f"{path}: '{key}'")
+    return values
 
 
 def load_npz(path: str | Path, scale: int | None = None) -> Dataset:
@@ -207,7 +223,7 @@ def load_npz(path: str | Path, scale: int | None = None) -> Dataset:
     if lr is None:
         if scale is None:
             raise ValueError(f"{path} has no 'lr': give --scale to make it by block-averaging 'hr'")
-        hr = _crop_to_scale(hr, scale)
+        hr = _crop_to_scale(hr, scale, f"{path}: 'hr'")
         lr = block_average(hr, scale)
     else:
         if lr.shape[0] != hr.shape[0]:
@@ -222,48 +238,70 @@ def load_npz(path: str | Path, scale: int | None = None) -> Dataset:
     return Dataset(hr, lr, int(scale), path.stem, {"source": str(path)})
 
 
-def load_netcdf(path: str | Path, var: str, scale: int) -> Dataset:
-    """Variable ``var`` of a netCDF-4 file (``[time, y, x]`` or ``[time, C, y, x]``), fill values
-    as NaN, LR by block-averaging."""
-    h5py = _require("h5py", "reading netCDF")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no data file at {path}")
+def load_gridded(source: str | Path, var: str | None, scale: int, *, dims=None, channels=None,
+                 time: str | None = None) -> Dataset:
+    """A variable of a netCDF file, Zarr store or glob of netCDF files (``podiff.fields.open_field``)
+    as ``hr [N, C, H, W]`` (cropped to a multiple of ``scale``), ``lr`` by block averages, and
+    ``grid``: the sample, y and x coordinates of ``hr`` and the variable's attributes."""
+    from .fields import open_field
+
+    field_, grid = open_field(source, var, dims=dims, channels=channels, time=time)
+    label = f"{source}: variable {grid.var!r}"
     try:
-        with h5py.File(path, "r") as f:
-            if var not in f:
-                names = sorted(k for k in f.keys() if isinstance(f[k], h5py.Dataset))
-                raise ValueError(f"{path} has no variable {var!r} (variables: {names})")
-            ds = f[var]
-            values = ds[:].astype(np.float64)
-            for attr in ("_FillValue", "missing_value"):
-                if attr in ds.attrs:
-                    values[np.isclose(values, float(np.asarray(ds.attrs[attr]).ravel()[0]))] = np.nan
-            scale_factor = float(np.asarray(ds.attrs.get("scale_factor", 1.0)).ravel()[0])
-            offset = float(np.asarray(ds.attrs.get("add_offset", 0.0)).ravel()[0])
-    except OSError as exc:
-        raise ValueError(f"{path} is not a readable netCDF-4/HDF5 file: {exc}") from None
-    hr = _crop_to_scale(_as_nchw(values * scale_factor + offset, var, path), scale)
-    return Dataset(hr, block_average(hr, scale), scale, f"{path.stem}:{var}", {"source": str(path), "var": var})
+        values = np.asarray(field_.values)
+    except Exception as exc:  # a corrupt chunk, a codec that is missing
+        raise ValueError(f"{label} could not be read: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    hr = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    _check_finite(hr, label)
+    hr = _crop_to_scale(hr, scale, label)
+    H, W = hr.shape[-2:]
+    from .fields import Grid
+
+    grid = Grid(grid.sample, grid.y.take(slice(0, H)), grid.x.take(slice(0, W)), grid.channels, grid.attrs,
+                grid.source, grid.var)
+    name = f"{Path(str(source)).stem}:{grid.var}"
+    return Dataset(hr, block_average(hr, scale), scale, name, {"source": str(source), "var": grid.var}, grid)
+
+
+def as_low_resolution(ds: Dataset, scale: int) -> Dataset:
+    """A dataset whose fields are the low-resolution input (no truth): ``lr`` is ``ds.hr``, ``hr`` is
+    NaN on the ``scale``× finer grid, and the grid's coordinates are refined exactly
+    (``fields.refine_axis``)."""
+    lr = ds.hr
+    N, C, h, w = lr.shape
+    hr = torch.full((N, C, h * scale, w * scale), float("nan"))
+    grid = None
+    if ds.grid is not None:
+        from .fields import Grid, refine_axis
+
+        g = ds.grid
+        grid = Grid(g.sample, refine_axis(g.y, scale), refine_axis(g.x, scale), g.channels, g.attrs, g.source,
+                    g.var)
+    return Dataset(hr, lr, scale, ds.name, {**ds.meta, "truth": False}, grid)
 
 
 DATASETS = {"sst": load_sst, "mri": load_mri, "images": load_images}
 
 
-def load(name_or_path: str, scale: int | None = None, var: str | None = None) -> Dataset:
-    """A packaged dataset by name (``sst``, ``mri``, ``images``) or a user's ``.npz`` / netCDF file."""
+def load(name_or_path: str, scale: int | None = None, var: str | None = None, *, dims=None, channels=None,
+         time: str | None = None) -> Dataset:
+    """A packaged dataset by name (``sst``, ``mri``, ``images``), or a user's ``.npz``, netCDF file,
+    Zarr store or glob of netCDF files, recognised by content (``fields.sniff``)."""
+    from .fields import sniff
+
     if name_or_path in DATASETS:
         return DATASETS[name_or_path](scale or 4)
+    kind = sniff(name_or_path)
     path = Path(name_or_path)
-    if path.suffix == ".npz":
+    if kind == "npz" or (kind is None and path.suffix == ".npz"):  # a damaged .npz says so
         return load_npz(path, scale)
-    if path.suffix in (".nc", ".nc4", ".h5", ".hdf5"):
-        if var is None:
-            raise ValueError(f"{path}: give --var NAME to choose the netCDF variable")
+    if kind in ("netcdf3", "netcdf4", "zarr", "glob"):
         if scale is None:
             raise ValueError(f"{path}: give --scale to make the low-resolution input")
-        return load_netcdf(path, var, scale)
+        return load_gridded(name_or_path, var, scale, dims=dims, channels=channels, time=time)
     if not path.exists():
+        if path.suffix:
+            raise FileNotFoundError(f"no data file at {path}")
         raise FileNotFoundError(f"no dataset named {name_or_path!r} and no file at {path} "
                                 f"(packaged: {sorted(DATASETS)})")
-    raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .npz or netCDF .nc)")
+    raise ValueError(f"{path} is not an .npz archive, a netCDF file or a Zarr store (read by content)")

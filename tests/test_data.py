@@ -29,10 +29,14 @@ def test_splits_are_ordered_and_disjoint():
         data.split_indices(10, "holdout")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("iris_sample_data") is None or importlib.util.find_spec("h5py") is None,
+@pytest.mark.skipif(importlib.util.find_spec("iris_sample_data") is None or importlib.util.find_spec("xarray") is None,
                     reason="needs the data extra")
 def test_sst_from_iris_sample_data():
     ds = data.load("sst")
+    # Read through the user's path, coordinates kept: the band's latitudes and the months.
+    assert ds.grid.y.name == "latitude" and ds.grid.x.name == "longitude" and ds.grid.attrs["units"] == "K"
+    assert len(ds.grid.y.values) == 16 and len(ds.grid.x.values) == 432
+    assert str(ds.grid.sample.values[0])[:7] == "2006-04" and len(ds.grid.sample.values) == 54
     assert ds.hr.shape == (54, 1, 16, 432) and ds.lr.shape == (54, 1, 4, 108) and ds.scale == 4
     land = torch.isnan(ds.hr)
     assert 0.2 < float(land.float().mean()) < 0.35  # the band crosses land
@@ -91,27 +95,26 @@ def test_npz_files(tmp_path):
         data.load_npz(tmp_path / "flat.npz", scale=2)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("h5py") is None, reason="needs h5py")
+@pytest.mark.skipif(importlib.util.find_spec("xarray") is None, reason="needs the data extra")
 def test_netcdf_variables(tmp_path):
-    import h5py
+    import xarray as xr
 
     values = np.random.default_rng(1).normal(size=(5, 8, 8)).astype(np.float32)
-    values[:, 0, 0] = -999.0
-    with h5py.File(tmp_path / "field.nc", "w") as f:
-        ds = f.create_dataset("tos", data=values)
-        ds.attrs["_FillValue"] = np.float32(-999.0)
-        ds.attrs["scale_factor"] = np.float32(2.0)
-    out = data.load(str(tmp_path / "field.nc"), scale=2, var="tos")
+    values[:, 0, 0] = np.nan
+    field = xr.Dataset({"tos": (("time", "y", "x"), values), "other": (("time", "y", "x"), values)})
+    field.to_netcdf(tmp_path / "field.dat", encoding={"tos": {"_FillValue": np.float32(-999.0), "dtype": "int16",
+                                                                "scale_factor": 0.001}})
+    out = data.load(str(tmp_path / "field.dat"), scale=2, var="tos")  # recognised by content, not suffix
     assert out.hr.shape == (5, 1, 8, 8) and torch.isnan(out.hr[:, 0, 0, 0]).all()
-    torch.testing.assert_close(out.hr[:, 0, 1:, 1:], torch.from_numpy(values[:, 1:, 1:]) * 2)
-    with pytest.raises(ValueError, match=r"has no variable 'sst' \(variables: \['tos'\]\)"):
-        data.load_netcdf(tmp_path / "field.nc", "sst", 2)
-    with pytest.raises(ValueError, match="give --var"):
-        data.load(str(tmp_path / "field.nc"), scale=2)
+    torch.testing.assert_close(out.hr[:, 0, 1:, 1:], torch.from_numpy(values[:, 1:, 1:]), atol=5e-4, rtol=0)
+    with pytest.raises(ValueError, match=r"has no variable 'sst' \(variables: \['other', 'tos'\]\)"):
+        data.load(str(tmp_path / "field.dat"), scale=2, var="sst")
+    with pytest.raises(ValueError, match="choose one with --var"):
+        data.load(str(tmp_path / "field.dat"), scale=2)
 
 
 def test_missing_package_says_which_extra(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "h5py" else real(name, *a))
-    with pytest.raises(data.MissingDependency, match=r"needs the 'h5py' package: pip install 'podiff\[data\]'"):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xarray" else real(name, *a))
+    with pytest.raises(data.MissingDependency, match=r"needs the 'xarray' package: pip install 'podiff\[data\]'"):
         data.load_sst()
