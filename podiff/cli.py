@@ -18,6 +18,7 @@ Errors are one line on stderr with exit status 1 (2 for bad usage). The entry po
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -40,6 +41,18 @@ DEFAULT_SAMPLE_STEPS = _Config.sample_steps  # one default for train --sample-st
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
+
+
+@contextlib.contextmanager
+def naming(source):
+    """Errors raised by what the data holds (too few fields, nothing valid) name the data."""
+    try:
+        yield
+    except ValueError as exc:
+        text = str(exc)
+        if Path(str(source)).name not in text:
+            raise ValueError(f"{source}: {text}") from None
+        raise
 
 
 def _data(args, scale=None):
@@ -119,8 +132,13 @@ def cmd_info(args) -> int:
 
 
 def cmd_fit_pod(args) -> int:
-    from .pod import PatchPOD
+    with naming(args.data):
+        return _fit_pod(args)
+
+
+def _fit_pod(args) -> int:
     from .fields import sniff
+    from .pod import PatchPOD
 
     out = Path(args.out)
     _prepare_out(out, args.overwrite)
@@ -297,7 +315,8 @@ def validation_scores(pipe, lr_val, hr_val, scale: int, seed: int, model_dir: Pa
 
 
 def cmd_train(args) -> int:
-    train(args)
+    with naming(args.data):
+        train(args)
     return 0
 
 

@@ -242,6 +242,10 @@ def open_field(source: str | Path, var: str | None = None, *, dims=None, channel
     names = list(channels) if channels else ([var] if var else [])
     candidates = _field_variables(ds)
     if not names:
+        if not candidates:
+            found = sorted(str(n) for n in ds.data_vars)
+            raise ValueError(f"{label} holds no gridded variable (a field needs at least 2 dimensions; "
+                             f"variables: {found})")
         if len(candidates) != 1:
             raise ValueError(f"{label} holds {len(candidates)} gridded variables {candidates}; "
                              f"choose one with --var NAME")
@@ -290,6 +294,8 @@ def open_field(source: str | Path, var: str | None = None, *, dims=None, channel
         channel_names = names
     if field_.sizes[sample] == 0:
         raise ValueError(f"{vlabel} holds no samples" + (f" in --time {time}" if time else ""))
+    if 0 in field_.shape:
+        raise ValueError(f"{vlabel} holds no data; got dimensions {dict(field_.sizes)}")
     grid = Grid(_check_axis(field_, sample, vlabel), _check_axis(field_, y, vlabel), _check_axis(field_, x, vlabel),
                 channel_names, {k: v for k, v in first.attrs.items() if isinstance(v, (str, int, float))},
                 label, ",".join(names))

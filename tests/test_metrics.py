@@ -123,3 +123,40 @@ def test_errors():
     with pytest.raises(ValueError, match="coverage_dict is empty"):
         metrics.mace({})
     assert math.isinf(metrics.psnr(target, target, 1.0))
+
+
+def test_scores_agree_with_xskillscore_on_masked_data_with_a_member_dimension():
+    """xskillscore (the field's scoring library, independent of podiff) on the same xarray data:
+    CRPS of the ensemble and of a Gaussian, rank histogram, RMSE; land points NaN."""
+    xr = pytest.importorskip("xarray")
+    xs = pytest.importorskip("xskillscore")
+    from podiff.metric_maps import metric_maps
+
+    g = torch.Generator().manual_seed(3)
+    M, N, H, W = 9, 5, 6, 7
+    truth = torch.randn(N, 1, H, W, generator=g, dtype=torch.float64)
+    members = truth + 0.3 + torch.randn(M, N, 1, H, W, generator=g, dtype=torch.float64)
+    truth[:, :, :2, :3] = float("nan")  # land
+    dims = ("time", "lat", "lon")
+    obs = xr.DataArray(truth[:, 0].numpy(), dims=dims)
+    fc = xr.DataArray(members[:, :, 0].numpy(), dims=("member",) + dims)
+    valid = ~torch.isnan(truth)
+
+    expected = float(xs.crps_ensemble(obs, fc, dim=[]).mean(skipna=True))
+    assert metrics.crps_ensemble(members, truth) == pytest.approx(expected, rel=1e-10)
+    mu, var = members.mean(0), members.var(0)
+    expected = float(xs.crps_gaussian(obs, xr.DataArray(mu[:, 0].numpy(), dims=dims),
+                                      xr.DataArray(var[:, 0].sqrt().numpy(), dims=dims), dim=[]).mean(skipna=True))
+    assert metrics.crps_gaussian(mu, var, truth) == pytest.approx(expected, rel=1e-10)
+    expected = float(xs.rmse(obs, fc.mean("member"), dim=list(dims), skipna=True))
+    assert metrics.rmse(members.mean(0), truth) == pytest.approx(expected, rel=1e-12)
+    points = valid[:, 0].numpy()  # continuous values: no ties, so the histograms are deterministic
+    hist = xs.rank_histogram(xr.DataArray(truth[:, 0].numpy()[points], dims=("point",)),
+                             xr.DataArray(members[:, :, 0].numpy()[:, points], dims=("member", "point")), dim="point")
+    assert metrics.rank_histogram(members, truth).tolist() == hist.values.astype(int).tolist()
+    # The per-location and per-time maps of the evaluate command, against xskillscore's reductions.
+    maps = metric_maps(mu, var, truth, members)
+    rmse_map = xs.rmse(obs, fc.mean("member"), dim="time", skipna=True).values
+    np.testing.assert_allclose(maps["rmse_map"][0].numpy(), rmse_map, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(maps["rmse_time"][:, 0].numpy(), xs.rmse(obs, fc.mean("member"), dim=["lat", "lon"],
+                                                                      skipna=True).values, rtol=1e-12)
