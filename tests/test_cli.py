@@ -1,6 +1,7 @@
 """The podiff command end to end on a tiny dataset: every subcommand, resume, outputs, and bad
 paths / files giving one-line errors with a nonzero exit status."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -123,6 +124,25 @@ def test_demo_runs_end_to_end_on_packaged_images(tmp_path, capsys):
     result = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     assert result["meta"]["dataset"] == "images" and result["meta"]["total_seconds"] > 0
     assert (tmp_path / "demo" / "report" / "report.md").stat().st_size > 0
+    if importlib.util.find_spec("xarray") and importlib.util.find_spec("netCDF4"):
+        import xarray as xr
+
+        pred = xr.open_dataset(tmp_path / "demo" / "prediction.nc")
+        assert {"mean", "std", "input", "truth"} <= set(pred.data_vars) and pred.attrs["scale"] == 4
+        assert (tmp_path / "demo" / "report" / "metrics_maps.nc").is_file()
+
+
+@pytest.mark.slow
+def test_sst_demo_writes_a_prediction_on_the_files_coordinates(tmp_path, capsys):
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("iris_sample_data")
+    code, out, err = run(capsys, "demo", "--dataset", "sst", "--out", tmp_path / "demo", "--steps", 2,
+                         "--num-samples", 2, "--sample-steps", 1, "--quiet")
+    assert code == 0, err
+    pred = xr.open_dataset(tmp_path / "demo" / "prediction.nc")
+    assert pred["mean"].dims == ("time", "latitude", "longitude") and pred.sizes["time"] == 8
+    assert str(pred["time"].values[-1])[:7] == "2010-09" and pred["mean"].attrs["units"] == "K"
+    assert np.isnan(pred["mean"].values).any() and np.isfinite(pred["mean"].values).any()  # land NaN, sea not
 
 
 def test_help_of_every_command(capsys):

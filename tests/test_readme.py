@@ -19,11 +19,32 @@ SHRINK = [  # (as written, as run here): only sizes, paths and progress bars cha
 ]
 
 
+def small_prediction(path):
+    """A prediction file like ``podiff sample --out pred.nc`` writes, for the README's xarray snippet."""
+    import numpy as np
+
+    from podiff.fields import Axis, Grid
+    from podiff.prediction_file import Prediction, write_prediction
+
+    grid = Grid(Axis("time", np.arange("2001-01", "2001-03", dtype="datetime64[M]").astype("datetime64[ns]")),
+                Axis("lat", np.linspace(-1, 1, 8)), Axis("lon", np.linspace(0, 2, 8)), ["sst"], {"units": "K"},
+                "sst.nc", "sst")
+    mean = np.random.default_rng(0).normal(size=(2, 1, 8, 8)).astype("f4")
+    write_prediction(path, Prediction(mean, np.ones_like(mean), np.arange(2), {
+        "model": "run", "data": "sst.nc", "split": "all", "num_samples": 4, "steps": 20, "scale": 4}, grid=grid))
+    return path
+
+
 def test_readme_python_blocks_run(tmp_path):
     pytest.importorskip("skimage")
+    pytest.importorskip("xarray")
+    pytest.importorskip("netCDF4")
+    import matplotlib
+
+    matplotlib.use("Agg")
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) >= 4
-    namespace = {"TMP": tmp_path}
+    assert len(blocks) >= 5
+    namespace = {"TMP": tmp_path, "PRED": small_prediction(tmp_path / "pred.nc")}
     for block in blocks:
         for old, new in SHRINK:
             block = block.replace(old, new)
