@@ -48,10 +48,10 @@ def naming(source):
     """Errors raised by what the data holds (too few fields, nothing valid) name the data."""
     try:
         yield
-    except ValueError as exc:
+    except (ValueError, CommandError) as exc:
         text = str(exc)
         if Path(str(source)).name not in text:
-            raise ValueError(f"{source}: {text}") from None
+            raise type(exc)(f"{source}: {text}") from None
         raise
 
 
@@ -315,8 +315,16 @@ def validation_scores(pipe, lr_val, hr_val, scale: int, seed: int, model_dir: Pa
 
 
 def cmd_train(args) -> int:
-    with naming(args.data):
-        train(args)
+    out = Path(args.out)
+    existed = out.exists()
+    try:
+        with naming(args.data):
+            train(args)
+    except (CommandError, ValueError, RuntimeError, OSError):
+        # Nothing to resume from: leave no half-made run folder (a checkpoint is kept for --resume).
+        if not existed and out.is_dir() and not (out / "checkpoint.pt").exists() and distributed.rank_world()[0] == 0:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return 0
 
 
@@ -407,7 +415,8 @@ def evaluate(args, ds=None, pipe=None) -> dict:
     mean, variance = torch.from_numpy(pred.mean), torch.from_numpy(pred.variance)
     members = torch.from_numpy(pred.members) if pred.members is not None else None
     out = Path(args.out)
-    _prepare_out(out, args.overwrite)
+    if out.exists() and any(out.iterdir() if out.is_dir() else [out]) and not args.overwrite:
+        raise CommandError(f"{out} exists and is not empty; pass --overwrite to replace it")
     meta = {"data": str(args.data), "split": split, "samples": int(len(idx)), "scale": ds.scale,
             "image_size": list(hr_test.shape[-2:]), "num_samples": int(pred.attrs["num_samples"]),
             "sample_seconds": float(pred.attrs.get("seconds", float("nan"))),
@@ -420,11 +429,13 @@ def evaluate(args, ds=None, pipe=None) -> dict:
         ", tuned on its validation fields" if name == "ridge" else "")) for name in baselines}
     result = run_evaluation(mean, variance, hr_test, lr_test, lr_train, hr_train, pipe, members, meta,
                             baselines=baselines)
-    report = write_report(out, result, lr_test, hr_test, mean, variance, pipe.pod, ds.scale)
+    from .io import atomic_directory
     from .metric_maps import write_metric_maps
 
     grid = ds.grid.take(idx) if ds.grid is not None else None
-    write_metric_maps(out / "metrics_maps.nc", mean, variance, hr_test, members, grid)
+    with atomic_directory(out) as folder:  # the report is whole or absent
+        report = out / write_report(folder, result, lr_test, hr_test, mean, variance, pipe.pod, ds.scale).name
+        write_metric_maps(folder / "metrics_maps.nc", mean, variance, hr_test, members, grid)
     if not args.quiet:
         m = result["model"]
         others = ", ".join(f"{name} {result[name]['rmse']:.4g}" for name in ("bicubic", "pod_projection", "ridge",

@@ -1,6 +1,7 @@
 """File safety: every file podiff writes is whole or absent, and every file it reads says what it is.
 
 - ``atomic_write(path, write)``: ``write(tmp)`` beside ``path``, fsync, rename over it.
+- ``atomic_directory(path)``: a folder filled beside ``path`` and renamed over it when complete.
 - ``write_json(path, obj)``: a JSON document, atomically.
 - ``save_tensors(path, tensors, format, **meta)`` / ``load_tensors(path, format, what)``: one
   safetensors file whose metadata holds ``{"format": format, **meta}`` as JSON under the key
@@ -17,8 +18,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,6 +41,25 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike):
+    """Yields a new folder beside ``path`` to fill; on success it replaces ``path`` (removing what
+    was there), on failure it is removed: the folder at ``path`` is the old one or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -83,4 +105,4 @@ def load_tensors(path: str | os.PathLike, format: str, what: str) -> tuple[dict[
     return tensors, meta
 
 
-__all__ = ["atomic_write", "write_json", "save_tensors", "load_tensors"]
+__all__ = ["atomic_write", "atomic_directory", "write_json", "save_tensors", "load_tensors"]

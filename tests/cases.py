@@ -16,6 +16,24 @@ SHAPES = [
 ]
 SHAPE_IDS = [f"B{b}C{c}_{h}x{w}_p{p}s{s}" for b, c, h, w, p, s in SHAPES]
 
+#: Set by conftest from ``--full``: the fast run gives the Triton interpreter smaller images.
+FULL = False
+
+
+def interpreter_shape(shape, images: int | None = None):
+    """The shape a Triton-interpreter case runs on: at most ``images`` images (fast run: at most
+    two when None; ``--full``: all of them when None), and in the fast run
+    the smallest grid that keeps every pixel's full cover: with ``k = ⌈p/s⌉`` patches covering a
+    pixel along an axis, ``p + max(k, 2)·s`` rows and ``p + max(k − 1, 1)·s`` columns (so rows
+    and columns still differ, and a no-overlap case keeps two patches a side). ``--full`` keeps
+    the size."""
+    B, C, H, W, p, s = shape
+    if FULL:
+        return (B if images is None else min(B, images), C, H, W, p, s)
+    B = min(B, images or 2)
+    k = -(-p // s)
+    return (B, C, min(H, p + max(k, 2) * s), min(W, p + max(k - 1, 1) * s), p, s)
+
 
 def make_case(shape, local: bool, mean_kind: str, r: int = 5, dtype=torch.float64, seed: int = 0):
     """x, basis, mean, coeffs for one case; mean_kind in {"none", "shared", "local"}."""

@@ -36,6 +36,12 @@ def _slow_interpreter_case(item) -> bool:
     return params["shape"] != SHAPES[0]
 
 
+def pytest_configure(config):
+    import cases
+
+    cases.FULL = bool(config.getoption("--full"))
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--full"):
         return

@@ -155,3 +155,28 @@ def test_numeric_options_are_validated(option, text):
         assert value < 1.0
     if option in ("--energy", "--learning-rate"):
         assert value > 0.0
+
+
+def test_failed_train_and_evaluate_leave_nothing_behind(tmp_path):
+    np.savez(tmp_path / "two.npz", hr=np.random.default_rng(0).normal(size=(2, 8, 8)).astype("f4"))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["train", "--data", str(tmp_path / "two.npz"), "--scale", "2", "--out", str(tmp_path / "run"),
+                     "--quiet"])
+    assert code == 1 and "two.npz" in err.getvalue() and not (tmp_path / "run").exists()
+
+
+def test_atomic_directory_keeps_the_old_folder_on_failure(tmp_path):
+    from podiff.io import atomic_directory
+
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "old.md").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "report") as folder:
+            (folder / "new.md").write_text("half")
+            raise RuntimeError("figure failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    assert [p.name for p in (tmp_path / "report").iterdir()] == ["old.md"]
+    with atomic_directory(tmp_path / "report") as folder:
+        (folder / "new.md").write_text("whole")
+    assert [p.name for p in (tmp_path / "report").iterdir()] == ["new.md"]

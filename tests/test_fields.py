@@ -131,6 +131,7 @@ print(json.dumps({"growth_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxr
 """
 
 
+@pytest.mark.slow
 def test_fit_pod_streams_a_dataset_larger_than_its_budget(tmp_path):
     """96 MiB of fields through fit-pod in 2 MiB chunks: the process's high-water mark grows by far
     less than the data (a whole-array read would add at least 96 MiB)."""
