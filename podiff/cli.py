@@ -65,6 +65,14 @@ def _data(args, scale=None):
                      channels=channels.split(",") if channels else None, time=getattr(args, "time", None))
 
 
+def _npz_has(path, key: str) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return key in archive.files
+    except Exception:  # unreadable: load_npz says so, naming the file
+        return False
+
+
 def _data_for_model(args, pipe):
     """The data at the model's scale and grid: high-resolution fields (truth; the input made by
     block averages, or the file's own ``lr``) or fields on the model's low-resolution grid (input
@@ -79,7 +87,7 @@ def _data_for_model(args, pipe):
     C = pipe.offset.numel()
     H, W = pipe.image_size
     h, w = H // scale, W // scale
-    if args.data in data.DATASETS or (sniff(args.data) == "npz" and "lr" in np.load(args.data).files):
+    if args.data in data.DATASETS or (sniff(args.data) == "npz" and _npz_has(args.data, "lr")):
         ds = _data(args, scale)
     else:
         raw = _data(args, 1)
