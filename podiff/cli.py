@@ -35,6 +35,7 @@ from . import __version__, distributed
 from .config import PipelineConfig as _Config
 from .devices import CHOICES as DEVICE_CHOICES
 from .devices import resolve_device
+from .fields import netcdf_available, one_line
 
 DEFAULT_SAMPLE_STEPS = _Config.sample_steps  # one default for train --sample-steps and PipelineConfig
 
@@ -55,14 +56,18 @@ def naming(source):
         raise
 
 
+def _selection(args) -> dict:
+    """``--dims`` / ``--channels`` / ``--time`` as ``data.load``'s keyword arguments."""
+    dims, channels = getattr(args, "dims", None), getattr(args, "channels", None)
+    return {"dims": dims.split(",") if dims else None, "channels": channels.split(",") if channels else None,
+            "time": getattr(args, "time", None)}
+
+
 def _data(args, scale=None):
     from . import data
 
-    channels = getattr(args, "channels", None)
-    dims = getattr(args, "dims", None)
     return data.load(args.data, scale if scale is not None else getattr(args, "scale", None),
-                     getattr(args, "var", None), dims=dims.split(",") if dims else None,
-                     channels=channels.split(",") if channels else None, time=getattr(args, "time", None))
+                     getattr(args, "var", None), **_selection(args))
 
 
 def _npz_has(path, key: str) -> bool:
@@ -105,10 +110,16 @@ def _data_for_model(args, pipe):
     return ds
 
 
-def _prepare_out(path: Path, overwrite: bool, resume: bool = False) -> None:
-    if path.exists() and any(path.iterdir() if path.is_dir() else [path]) and not (overwrite or resume):
+def _refuse_existing(path: Path, overwrite: bool, resume_hint: bool = False) -> None:
+    """An output that exists and is not empty is an error unless ``--overwrite``."""
+    if path.exists() and any(path.iterdir() if path.is_dir() else [path]) and not overwrite:
         raise CommandError(f"{path} exists and is not empty; pass --overwrite to replace it"
-                           + (" or --resume to continue" if path.is_dir() else ""))
+                           + (" or --resume to continue" if resume_hint else ""))
+
+
+def _prepare_out(path: Path, overwrite: bool, resume: bool = False) -> None:
+    if not resume:
+        _refuse_existing(path, overwrite, resume_hint=path.is_dir())
     if path.exists() and overwrite and not resume:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -145,6 +156,7 @@ def cmd_fit_pod(args) -> int:
 
 
 def _fit_pod(args) -> int:
+    from .data import DATASETS
     from .fields import sniff
     from .pod import PatchPOD
 
@@ -153,14 +165,12 @@ def _fit_pod(args) -> int:
     pod = PatchPOD(args.patch_size, args.stride, rank=args.rank, energy=None if args.rank else args.energy,
                    basis="shared" if args.basis == "auto" else args.basis)  # auto needs validation fields
     device = resolve_device(args.device)
-    if args.data not in _packaged() and sniff(args.data) in ("netcdf3", "netcdf4", "zarr", "glob"):
+    if args.data not in DATASETS and sniff(args.data) in ("netcdf3", "netcdf4", "zarr", "glob"):
         from .streaming import fit_pod_streaming
 
         if args.scale is None:
             raise CommandError(f"{args.data}: give --scale (the POD's patches tile a grid that --scale divides)")
-        dims, channels = getattr(args, "dims", None), getattr(args, "channels", None)
-        fit_pod_streaming(pod, args.data, args.var, args.scale, split=args.split, dims=dims.split(",") if dims else None,
-                          channels=channels.split(",") if channels else None, time=args.time,
+        fit_pod_streaming(pod, args.data, args.var, args.scale, split=args.split, **_selection(args),
                           budget_bytes=int(args.chunk_mb * 2**20), device=device, progress=not args.quiet)
     else:
         # Standardised as the pipeline standardises its fields before fitting its own POD.
@@ -173,12 +183,6 @@ def _fit_pod(args) -> int:
     pod.save(out)
     print(f"{pod} -> {out}")
     return 0
-
-
-def _packaged():
-    from .data import DATASETS
-
-    return DATASETS
 
 
 def train(args, ds=None) -> "object":
@@ -401,9 +405,7 @@ def evaluate(args, ds=None, pipe=None) -> dict:
     from .prediction_file import read_prediction
 
     pred_path = Path(args.pred)
-    if not pred_path.exists():
-        raise CommandError(f"no prediction file at {pred_path}")
-    pred = read_prediction(pred_path)
+    pred = read_prediction(pred_path)  # a missing file: "no prediction file at ..."
     model_dir = Path(str(pred.attrs["model"]))
     pipe = pipe or _load_model(model_dir)
     ds = ds or _data_for_model(args, pipe)
@@ -423,8 +425,7 @@ def evaluate(args, ds=None, pipe=None) -> dict:
     mean, variance = torch.from_numpy(pred.mean), torch.from_numpy(pred.variance)
     members = torch.from_numpy(pred.members) if pred.members is not None else None
     out = Path(args.out)
-    if out.exists() and any(out.iterdir() if out.is_dir() else [out]) and not args.overwrite:
-        raise CommandError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    _refuse_existing(out, args.overwrite)  # replaced only once the new report is whole
     meta = {"data": str(args.data), "split": split, "samples": int(len(idx)), "scale": ds.scale,
             "image_size": list(hr_test.shape[-2:]), "num_samples": int(pred.attrs["num_samples"]),
             "sample_seconds": float(pred.attrs.get("seconds", float("nan"))),
@@ -490,7 +491,7 @@ def cmd_demo(args) -> int:
     ns.out = str(out / "run")
     pipe = train(ns, ds)
     train_seconds = time.perf_counter() - t0
-    prediction = out / ("prediction.nc" if _has_netcdf() else "prediction.npz")
+    prediction = out / ("prediction.nc" if netcdf_available() else "prediction.npz")
     ns.model, ns.split, ns.members, ns.out = str(out / "run"), "test", False, str(prediction)
     sample(ns, ds, pipe)
     ns.pred, ns.out = str(prediction), str(out / "report")
@@ -503,12 +504,6 @@ def cmd_demo(args) -> int:
     write_json(out / "report" / "metrics.json", result)
     print(f"demo finished in {total:.0f} s; report: {out / 'report' / 'report.md'}")
     return 0
-
-
-def _has_netcdf() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in ("xarray", "netCDF4"))
 
 
 def _positive_int(text: str) -> int:
@@ -675,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"podiff {args.command}: interrupted", file=sys.stderr)
         return 130
     except (CommandError, FileNotFoundError, ValueError, RuntimeError, ImportError, OSError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = one_line(exc)
         print(f"podiff {args.command}: error: {message}", file=sys.stderr)
         return 1
 

@@ -20,7 +20,7 @@ Missing optional packages raise ``MissingDependency`` with the one line to insta
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,11 +113,17 @@ class Dataset:
         return self.lr[idx], self.hr[idx], idx
 
 
-def _crop_to_scale(hr: torch.Tensor, scale: int, label: str = "hr") -> torch.Tensor:
-    H, W = hr.shape[-2:]
+def crop_size(H: int, W: int, scale: int, label: str = "hr") -> tuple[int, int]:
+    """The largest ``H' × W'`` within ``H × W`` that ``scale`` divides; a grid smaller than
+    ``scale`` is an error naming ``label``."""
     if H < scale or W < scale:
         raise ValueError(f"{label}: a {H}×{W} grid is smaller than --scale {scale}")
-    return hr[..., : H - H % scale, : W - W % scale]
+    return H - H % scale, W - W % scale
+
+
+def _crop_to_scale(hr: torch.Tensor, scale: int, label: str = "hr") -> torch.Tensor:
+    H, W = crop_size(*hr.shape[-2:], scale, label)
+    return hr[..., :H, :W]
 
 
 def _check_finite(values: torch.Tensor, label: str) -> None:
@@ -243,22 +249,19 @@ def load_gridded(source: str | Path, var: str | None, scale: int, *, dims=None, 
     """A variable of a netCDF file, Zarr store or glob of netCDF files (``podiff.fields.open_field``)
     as ``hr [N, C, H, W]`` (cropped to a multiple of ``scale``), ``lr`` by block averages, and
     ``grid``: the sample, y and x coordinates of ``hr`` and the variable's attributes."""
-    from .fields import open_field
+    from .fields import one_line, open_field
 
     field_, grid = open_field(source, var, dims=dims, channels=channels, time=time)
     label = f"{source}: variable {grid.var!r}"
     try:
         values = np.asarray(field_.values)
     except Exception as exc:  # a corrupt chunk, a codec that is missing
-        raise ValueError(f"{label} could not be read: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        raise ValueError(f"{label} could not be read: {one_line(exc)}") from None
     hr = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
     _check_finite(hr, label)
     hr = _crop_to_scale(hr, scale, label)
     H, W = hr.shape[-2:]
-    from .fields import Grid
-
-    grid = Grid(grid.sample, grid.y.take(slice(0, H)), grid.x.take(slice(0, W)), grid.channels, grid.attrs,
-                grid.source, grid.var)
+    grid = replace(grid, y=grid.y.take(slice(0, H)), x=grid.x.take(slice(0, W)))
     name = f"{Path(str(source)).stem}:{grid.var}"
     return Dataset(hr, block_average(hr, scale), scale, name, {"source": str(source), "var": grid.var}, grid)
 
@@ -272,11 +275,9 @@ def as_low_resolution(ds: Dataset, scale: int) -> Dataset:
     hr = torch.full((N, C, h * scale, w * scale), float("nan"))
     grid = None
     if ds.grid is not None:
-        from .fields import Grid, refine_axis
+        from .fields import refine_axis
 
-        g = ds.grid
-        grid = Grid(g.sample, refine_axis(g.y, scale), refine_axis(g.x, scale), g.channels, g.attrs, g.source,
-                    g.var)
+        grid = replace(ds.grid, y=refine_axis(ds.grid.y, scale), x=refine_axis(ds.grid.x, scale))
     return Dataset(hr, lr, scale, ds.name, {**ds.meta, "truth": False}, grid)
 
 

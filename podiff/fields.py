@@ -26,7 +26,7 @@ CF decoding is xarray's: ``_FillValue`` / ``missing_value`` become NaN and
 from __future__ import annotations
 
 import glob as globbing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,13 +91,7 @@ class Grid:
 
     def take(self, index) -> "Grid":
         """The grid of the samples ``index`` (an index array, in order)."""
-        return Grid(self.sample.take(index), self.y, self.x, list(self.channels), dict(self.attrs), self.source,
-                    self.var)
-
-    def coarsened(self, scale: int) -> tuple[Axis, Axis]:
-        """The low-resolution ``(y, x)`` axes: the mean of each block of ``scale`` centres
-        (for a regular grid, the centre of the coarse cell)."""
-        return coarsen_axis(self.y, scale), coarsen_axis(self.x, scale)
+        return replace(self, sample=self.sample.take(index))
 
 
 def coarsen_axis(axis: Axis, scale: int) -> Axis:
@@ -135,7 +129,7 @@ def _xarray():
 
 
 def _open_dataset(source: str | Path):
-    """``(xr.Dataset, kind, files)`` lazily (dask chunks), CF-decoded."""
+    """The ``xr.Dataset`` at ``source``, lazily (dask chunks), CF-decoded."""
     xr = _xarray()
     kind = sniff(source)
     label = str(source)
@@ -150,24 +144,23 @@ def _open_dataset(source: str | Path):
             ds = xr.open_mfdataset(files, combine="by_coords", chunks={}, data_vars="minimal", coords="minimal",
                                    compat="override", join="exact")
         except Exception as exc:
-            raise ValueError(f"{label}: the files do not combine into one dataset: {_one_line(exc)}") from None
-        return ds, kind, files
+            raise ValueError(f"{label}: the files do not combine into one dataset: {one_line(exc)}") from None
+        return ds
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"no data file at {path}")
     if kind is None:
         raise ValueError(f"{path} is not a netCDF file, a Zarr store or an .npz archive (read by content)")
-    engine = {"netcdf3": "scipy", "netcdf4": "netcdf4", "zarr": "zarr"}.get(kind)
-    if engine is None:
+    if kind == "npz":
         raise ValueError(f"{path} is an .npz archive, not a netCDF/Zarr dataset")
-    if engine == "scipy":  # netCDF-3 classic: scipy reads it without the netCDF C library
-        engine = "netcdf4" if _has("netCDF4") else "scipy"
+    # netCDF-3 classic: scipy reads it too, without the netCDF C library.
+    engine = kind if kind in ("zarr", "netcdf4") else ("netcdf4" if _has("netCDF4") else "scipy")
     try:
         extra = {"consolidated": (path / ".zmetadata").exists()} if kind == "zarr" else {}
         ds = xr.open_dataset(path, engine=engine, chunks={}, **extra)
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable {kind} dataset: {_one_line(exc)}") from None
-    return ds, kind, [str(path)]
+        raise ValueError(f"{path} is not a readable {kind} dataset: {one_line(exc)}") from None
+    return ds
 
 
 def _has(module: str) -> bool:
@@ -176,7 +169,18 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _one_line(exc: BaseException) -> str:
+def netcdf_available() -> bool:
+    """Whether xarray and the netCDF4 engine are installed (the ``data`` extra)."""
+    return _has("xarray") and _has("netCDF4")
+
+
+def _plain_attrs(attrs) -> dict:
+    """The attributes a netCDF file can hold as they are (strings and numbers)."""
+    return {k: v for k, v in attrs.items() if isinstance(v, (str, int, float))}
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message as one line (its first), or its type's name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -208,7 +212,7 @@ def _check_axis(da, name: str, label: str) -> Axis:
     if name in da.coords:
         coord = da.coords[name]
         values = np.asarray(coord.values)
-        attrs = {k: v for k, v in coord.attrs.items() if isinstance(v, (str, int, float))}
+        attrs = _plain_attrs(coord.attrs)
     else:
         values, attrs = np.arange(da.sizes[name]), {}
     if values.ndim != 1:
@@ -237,7 +241,7 @@ def open_field(source: str | Path, var: str | None = None, *, dims=None, channel
     Errors (one line, ``ValueError`` / ``FileNotFoundError``) name the file, the variable and what
     was expected: a missing variable lists the variables there are.
     """
-    ds, kind, files = _open_dataset(source)
+    ds = _open_dataset(source)
     label = str(source)
     names = list(channels) if channels else ([var] if var else [])
     candidates = _field_variables(ds)
@@ -280,7 +284,7 @@ def open_field(source: str | Path, var: str | None = None, *, dims=None, channel
         try:
             arrays = [a.sel({sample: _time_slice(time)}) for a in arrays]
         except Exception as exc:
-            raise ValueError(f"{label}: --time {time!r} does not select from {sample!r}: {_one_line(exc)}") from None
+            raise ValueError(f"{label}: --time {time!r} does not select from {sample!r}: {one_line(exc)}") from None
     if others:
         channel_dim = others[0]
         field_ = arrays[0].transpose(sample, channel_dim, y, x).rename({channel_dim: "channel"})
@@ -297,22 +301,9 @@ def open_field(source: str | Path, var: str | None = None, *, dims=None, channel
     if 0 in field_.shape:
         raise ValueError(f"{vlabel} holds no data; got dimensions {dict(field_.sizes)}")
     grid = Grid(_check_axis(field_, sample, vlabel), _check_axis(field_, y, vlabel), _check_axis(field_, x, vlabel),
-                channel_names, {k: v for k, v in first.attrs.items() if isinstance(v, (str, int, float))},
-                label, ",".join(names))
+                channel_names, _plain_attrs(first.attrs), label, ",".join(names))
     return field_.astype(np.float32), grid
 
 
-def chunk_ranges(n: int, per_chunk: int):
-    """``(start, stop)`` over ``n`` samples in chunks of ``per_chunk``."""
-    for start in range(0, n, max(1, per_chunk)):
-        yield start, min(n, start + max(1, per_chunk))
-
-
-def samples_per_chunk(field_, budget_bytes: int) -> int:
-    """How many samples of ``field_`` fit ``budget_bytes`` as float32 (at least one)."""
-    per_sample = int(np.prod([field_.sizes[d] for d in field_.dims[1:]])) * 4
-    return max(1, budget_bytes // max(per_sample, 1))
-
-
-__all__ = ["Axis", "Grid", "open_field", "sniff", "coarsen_axis", "refine_axis", "chunk_ranges",
-           "samples_per_chunk", "Y_NAMES", "X_NAMES"]
+__all__ = ["Axis", "Grid", "open_field", "sniff", "coarsen_axis", "refine_axis", "netcdf_available", "one_line",
+           "Y_NAMES", "X_NAMES"]

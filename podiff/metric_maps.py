@@ -60,9 +60,9 @@ LONG_NAMES = {"rmse_map": "RMSE of the ensemble mean over samples", "crps_map": 
 def write_metric_maps(path: str | Path, mean, variance, truth, members=None, grid=None) -> Path | None:
     """Writes ``metric_maps`` as netCDF at ``path`` (coordinates from ``grid`` when given);
     returns the path, or None when xarray / netCDF4 are not installed (the report does not need them)."""
-    import importlib.util
+    from .fields import netcdf_available
 
-    if importlib.util.find_spec("xarray") is None or importlib.util.find_spec("netCDF4") is None:
+    if not netcdf_available():
         return None
     import xarray as xr
 

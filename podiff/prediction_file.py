@@ -19,16 +19,13 @@ with ``xr.open_dataset`` and plots at once:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .fields import Axis, Grid, coarsen_axis, sniff
-from .io import atomic_write
+from .fields import Axis, Grid, _xarray, coarsen_axis, one_line, sniff
+from .io import atomic_directory, atomic_write
 
 FILL_VALUE = np.float32(9.969209968386869e36)  # the netCDF default fill for float
 CONVENTIONS = "CF-1.8"
@@ -67,7 +64,7 @@ def output_format(path: str | Path) -> str:
     return FORMATS[suffix]
 
 
-def _axes(pred: Prediction, H: int, W: int, h: int, w: int, scale: int):
+def _axes(pred: Prediction, H: int, W: int, scale: int):
     """High- and low-resolution (y, x) axes and the sample axis."""
     grid = pred.grid
     if grid is None:
@@ -80,12 +77,10 @@ def _axes(pred: Prediction, H: int, W: int, h: int, w: int, scale: int):
 
 def to_xarray(pred: Prediction):
     """The ``xr.Dataset`` of a prediction (see the module docstring)."""
-    import xarray as xr
-
+    xr = _xarray()
     N, C, H, W = pred.mean.shape
     scale = int(pred.attrs["scale"])
-    h, w = H // scale, W // scale
-    sample, y, x, y_lr, x_lr = _axes(pred, H, W, h, w, scale)
+    sample, y, x, y_lr, x_lr = _axes(pred, H, W, scale)
     lead = (sample.name,) + (("channel",) if C > 1 else ())
     hr_dims, lr_dims = lead + (y.name, x.name), lead + (y_lr.name, x_lr.name)
 
@@ -113,7 +108,7 @@ def to_xarray(pred: Prediction):
     if pred.lr is not None:
         data_vars["input"] = (lr_dims, squeeze(pred.lr), {"long_name": f"low-resolution input ({name}, "
                                                                       f"{scale}x coarser)", **with_units})
-    if pred.truth is not None and np.isfinite(pred.truth).any():
+    if pred.truth is not None:
         data_vars["truth"] = (hr_dims, squeeze(pred.truth), {"long_name": f"{name} (truth)", **with_units})
     coords = {sample.name: (sample.name, sample.values, sample.attrs), y.name: (y.name, y.values, y.attrs),
               x.name: (x.name, x.values, x.attrs), y_lr.name: (y_lr.name, y_lr.values, y_lr.attrs),
@@ -154,16 +149,8 @@ def write_prediction(path: str | Path, pred: Prediction) -> None:
     if kind == "netcdf":
         atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding))
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        store = tmp / path.name
+    with atomic_directory(path) as store:
         ds.to_zarr(store, mode="w", encoding=encoding, consolidated=True, zarr_format=2)  # v2: what most readers open
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(store, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_prediction(path: str | Path) -> Prediction:
@@ -177,13 +164,12 @@ def read_prediction(path: str | Path) -> Prediction:
         return _read_npz(path)
     if kind not in ("netcdf3", "netcdf4", "zarr"):
         raise ValueError(f"{path} is not a readable prediction file (by content neither netCDF, Zarr nor .npz)")
-    import xarray as xr
-
+    xr = _xarray()
     try:
         ds = xr.open_zarr(path, consolidated=(path / ".zmetadata").exists()) if kind == "zarr" else xr.open_dataset(path)
         ds = ds.load()
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable prediction: {str(exc).strip().splitlines()[0]}") from None
+        raise ValueError(f"{path} is not a readable prediction: {one_line(exc)}") from None
     missing = [k for k in ("mean", "std", "sample_index") if k not in ds] + \
         [k for k in REQUIRED_ATTRS if k not in ds.attrs]
     if missing:

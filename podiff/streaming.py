@@ -13,13 +13,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import _check_finite, split_indices
-from .fields import chunk_ranges, open_field, samples_per_chunk
+from .data import _check_finite, crop_size, split_indices
+from .fields import open_field
 
 
 def _chunks(field_, budget_bytes: int, label: str):
+    """``field_``'s samples as float32 tensors, as many a chunk as fit ``budget_bytes`` (at least one)."""
     n = field_.sizes[field_.dims[0]]
-    for start, stop in chunk_ranges(n, samples_per_chunk(field_, budget_bytes)):
+    per_sample = int(np.prod(field_.shape[1:])) * 4
+    step = max(1, budget_bytes // max(per_sample, 1))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
         values = np.asarray(field_.isel({field_.dims[0]: slice(start, stop)}).values, dtype=np.float32)
         chunk = torch.from_numpy(values)
         _check_finite(chunk, f"{label} (samples {start}-{stop - 1})")
@@ -63,12 +67,9 @@ def fit_pod_streaming(pod, source, var, scale: int, *, split: str = "all", dims=
     field_, grid = open_field(source, var, dims=dims, channels=channels, time=time)
     label = f"{source}: variable {grid.var!r}"
     sample, _, y, x = field_.dims
-    H, W = field_.sizes[y], field_.sizes[x]
-    if H < scale or W < scale:
-        raise ValueError(f"{label}: a {H}×{W} grid is smaller than --scale {scale}")
+    H, W = crop_size(field_.sizes[y], field_.sizes[x], scale, label)
     idx = split_indices(field_.sizes[sample], split)
-    field_ = field_.isel({sample: slice(int(idx[0]), int(idx[-1]) + 1), y: slice(0, H - H % scale),
-                          x: slice(0, W - W % scale)})
+    field_ = field_.isel({sample: slice(int(idx[0]), int(idx[-1]) + 1), y: slice(0, H), x: slice(0, W)})
     offset, spread = streaming_scaling(_chunks(field_, budget_bytes, label))
 
     def standardised():

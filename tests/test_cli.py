@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torch
 
 from podiff.cli import main
+from utils import run_command as run
 
 TRAIN = ["--steps", "3", "--batch-size", "4", "--patch-size", "4", "--rank", "6", "--quiet"]
 
@@ -24,12 +25,6 @@ def tiny_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "tiny.npz"
     np.savez(path, hr=hr.numpy())
     return path
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):

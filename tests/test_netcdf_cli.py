@@ -15,14 +15,9 @@ pytest.importorskip("zarr")
 
 from podiff.cli import main  # noqa: E402
 from podiff.pod import PatchPOD  # noqa: E402
+from utils import run_command as run  # noqa: E402
 
 N, H, W = 40, 24, 32
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Comparison helpers: dtype-dependent tolerances, worst index in the failure message."""
+"""Test helpers: dtype-dependent tolerances with the worst index in the failure message, and the
+``podiff`` command run in process."""
 
 from __future__ import annotations
 
@@ -33,3 +34,12 @@ def orthonormal(D: int, r: int, *lead: int, dtype=torch.float64, seed: int = 0) 
     g = torch.Generator().manual_seed(seed)
     q = torch.linalg.qr(torch.randn(*lead, D, max(r, 1), generator=g, dtype=torch.float64))[0]
     return q[..., :r].to(dtype)
+
+
+def run_command(capsys, *argv):
+    """``podiff *argv`` in process: ``(exit code, stdout, stderr)``."""
+    from podiff.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
