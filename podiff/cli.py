@@ -36,6 +36,7 @@ from .config import PipelineConfig as _Config
 from .devices import CHOICES as DEVICE_CHOICES
 from .devices import resolve_device
 from .fields import netcdf_available, one_line
+from .sampling import SAMPLERS
 
 DEFAULT_SAMPLE_STEPS = _Config.sample_steps  # one default for train --sample-steps and PipelineConfig
 
@@ -129,6 +130,7 @@ def _config(args, scale: int):
 
     kw = dict(scale=scale, patch_size=args.patch_size, basis=args.basis, preset=args.preset, seed=args.seed,
               schedule=args.schedule, prediction=args.prediction, sample_steps=args.sample_steps,
+              sampler=getattr(args, "sampler", None) or _Config.sampler,
               batch_size=args.batch_size, lr=args.learning_rate, residual=args.residual,
               antithetic=args.antithetic)
     if args.steps is not None:
@@ -365,14 +367,15 @@ def sample(args, ds=None, pipe=None):
     t0 = time.perf_counter()
     # Under torchrun each rank samples its share of the images (seeded per image and member,
     # so the ensemble is the one-process ensemble); rank 0 writes the gathered result.
+    sampler = args.sampler or pipe.config.sampler
     result = pipe.sample(lr, num_samples=args.num_samples, steps=args.sample_steps, seed=args.seed,
-                         return_samples=args.members, progress=not args.quiet, image_ids=idx)
+                         return_samples=args.members, progress=not args.quiet, image_ids=idx, sampler=sampler)
     seconds = time.perf_counter() - t0
     if distributed.rank_world()[0] != 0:
         return None
     attrs = {"model": str(model), "data": str(args.data), "split": args.split, "var": ds.grid.var if ds.grid else "",
              "scale": int(pipe.config.scale), "num_samples": int(args.num_samples),
-             "steps": int(args.sample_steps or pipe.config.sample_steps), "sampler": "ddim",
+             "steps": int(args.sample_steps or pipe.config.sample_steps), "sampler": sampler,
              "seed": int(args.seed), "model_seed": int(pipe.config.seed), "seconds": float(seconds),
              "spread_calibration": float(pipe.config.spread), "podiff_version": __version__,
              "torch_version": torch.__version__,
@@ -436,14 +439,18 @@ def evaluate(args, ds=None, pipe=None) -> dict:
     meta.update(getattr(args, "extra_meta", {}) or {})
     meta["baselines"] = {name: ("saved with the model: fitted on its training fields" + (
         ", tuned on its validation fields" if name == "ridge" else "")) for name in baselines}
+    predictions = {}
     result = run_evaluation(mean, variance, hr_test, lr_test, lr_train, hr_train, pipe, members, meta,
-                            baselines=baselines)
+                            baselines=baselines, predictions=predictions)
+    comparisons = {"one member": members[0]} if members is not None else {}
+    comparisons.update({name: predictions[name] for name in ("ridge",) if name in predictions})
     from .io import atomic_directory
     from .metric_maps import write_metric_maps
 
     grid = ds.grid.take(idx) if ds.grid is not None else None
     with atomic_directory(out) as folder:  # the report is whole or absent
-        report = out / write_report(folder, result, lr_test, hr_test, mean, variance, pipe.pod, ds.scale).name
+        report = out / write_report(folder, result, lr_test, hr_test, mean, variance, pipe.pod, ds.scale,
+                                    comparisons).name
         write_metric_maps(folder / "metrics_maps.nc", mean, variance, hr_test, members, grid)
     if not args.quiet:
         m = result["model"]
@@ -492,7 +499,8 @@ def cmd_demo(args) -> int:
     pipe = train(ns, ds)
     train_seconds = time.perf_counter() - t0
     prediction = out / ("prediction.nc" if netcdf_available() else "prediction.npz")
-    ns.model, ns.split, ns.members, ns.out = str(out / "run"), "test", False, str(prediction)
+    # The members go into the prediction: the report compares one with the mean and the ridge.
+    ns.model, ns.split, ns.members, ns.out = str(out / "run"), "test", True, str(prediction)
     sample(ns, ds, pipe)
     ns.pred, ns.out = str(prediction), str(out / "report")
     ns.extra_meta = {"train_seconds": train_seconds, "total_seconds": None, "dataset": args.dataset}
@@ -570,6 +578,9 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--learning-rate", type=_positive_float, default=1e-3)
     p.add_argument("--sample-steps", type=_positive_int, default=DEFAULT_SAMPLE_STEPS,
                    help=f"the model's sampler steps (default {DEFAULT_SAMPLE_STEPS}; sample --sample-steps overrides)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=_Config.sampler,
+                   help=f"the model's sampler (default {_Config.sampler}; dpmsolver++ needs fewer steps; "
+                        "sample --sampler overrides)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=200)
     p.add_argument("--seed", type=int, default=0)
 
@@ -633,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive_int, default=16)
     p.add_argument("--sample-steps", type=_positive_int, default=None,
                    help=f"sampler steps (default: the model's, set by train --sample-steps, {DEFAULT_SAMPLE_STEPS})")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="sampler (default: the model's, set by train --sampler): ddim, ancestral, dpmsolver++ "
+                        "(DPM-Solver++ (2M): about 10 steps do what 50 DDIM steps do) or sde-dpmsolver++")
     p.add_argument("--split", choices=("train", "val", "test", "all"), default="test")
     p.add_argument("--members", action="store_true", help="also store the decoded members")
     p.add_argument("--seed", type=int, default=0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .sampling import SAMPLERS
+
 
 @dataclass
 class PipelineConfig:
@@ -16,7 +18,8 @@ class PipelineConfig:
     (``tiny``/``small``/``paper``) with ``denoiser`` overrides (``width``, ``depth``, …);
     ``denoiser_kind`` ``"vit"`` or ``"mlp"`` (one token only). Diffusion: ``schedule``
     (``cosine``/``linear``/``learned``), ``prediction`` (``v``/``epsilon``), ``sampler``
-    (``ddim``/``ancestral``), ``eta``, ``sample_steps``. Training: ``train_steps``,
+    (``ddim``/``ancestral``/``dpmsolver++``/``sde-dpmsolver++``; ``podiff.sampling``), ``eta``,
+    ``sample_steps``. Training: ``train_steps``,
     ``batch_size``, ``lr``, ``warmup``, ``ema_decay``, ``grad_clip``, ``smoothness`` (weight of
     the learned schedule's regulariser), ``seed``, ``amp`` (bfloat16 autocast on CUDA). ``residual``: ``"none"`` (diffuse the field) or
     ``"ridge"`` (diffuse what a tuned ridge regression misses; ``podiff.residual``).
@@ -65,6 +68,8 @@ class PipelineConfig:
             raise ValueError(f"spread must be > 0; got {self.spread}")
         if self.residual not in ("none", "ridge"):
             raise ValueError(f"residual must be 'none' or 'ridge'; got {self.residual!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}; got {self.sampler!r}")
         if self.basis not in ("auto", "shared", "local"):
             raise ValueError(f"basis must be 'auto', 'shared' or 'local'; got {self.basis!r}")
         if self.rank is not None:

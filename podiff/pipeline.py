@@ -370,9 +370,11 @@ class PODiffPipeline:
     @torch.no_grad()
     def sample_tokens(self, cond: torch.Tensor, num_samples: int, steps: int | None = None,
                       seed: int | None = None, member_budget: int = 1 << 20, use_ema: bool = True,
-                      progress: bool = False, image_ids=None, amp: bool | None = None) -> torch.Tensor:
+                      progress: bool = False, image_ids=None, amp: bool | None = None,
+                      sampler: str | None = None) -> torch.Tensor:
         """``M`` members for condition tokens ``[B, L, r]`` -> ``[M, B, L, r]``, in chunks of at most
-        ``member_budget`` token values per call.
+        ``member_budget`` token values per call. ``sampler`` (None: ``config.sampler``) is one of
+        ``podiff.sampling.SAMPLERS``, e.g. ``"dpmsolver++"`` for few steps.
 
         Member ``m`` of image ``b`` draws its noise from its own CPU generator, seeded by
         ``(seed, image_ids[b], m)`` (``image_ids`` defaults to ``0..B-1``), moved to ``cond``'s
@@ -384,7 +386,7 @@ class PODiffPipeline:
 
         cfg = self.config
         denoiser, schedule = (self.ema[0], self.ema[1]) if use_ema else (self.denoiser, self.schedule)
-        scheduler = DiffusionScheduler(schedule, cfg.prediction, cfg.sampler, cfg.eta)
+        scheduler = DiffusionScheduler(schedule, cfg.prediction, sampler or cfg.sampler, cfg.eta)
         steps = cfg.sample_steps if steps is None else int(steps)
         amp = (cfg.amp and cond.device.type == "cuda") if amp is None else bool(amp)
         B, L, r = cond.shape
@@ -413,12 +415,13 @@ class PODiffPipeline:
     @torch.no_grad()
     def ensemble(self, cond: torch.Tensor, num_samples: int, steps: int | None = None, *, seed: int | None = None,
                  variance: str = "block", return_samples: bool = False, member_budget: int = 1 << 20,
-                 progress: bool = False, image_ids=None, amp: bool | None = None) -> SampleOutput:
+                 progress: bool = False, image_ids=None, amp: bool | None = None,
+                 sampler: str | None = None) -> SampleOutput:
         """The ensemble from condition tokens ``[B, L, r]`` (``condition_tokens(lr)``): sampling,
         ensemble moments, closed-form pixel moments, data units. ``sample`` checks its input and
         calls this; no device value is read here, so it also runs under ``FakeTensorMode``."""
         tokens = self.sample_tokens(cond, int(num_samples), steps, seed, member_budget, progress=progress,
-                                    image_ids=image_ids, amp=amp)
+                                    image_ids=image_ids, amp=amp, sampler=sampler)
         mean_tok, cov = pk.ensemble_moments(tokens, diagonal=variance == "diagonal")
         mean, var = self.pod.decode_moments(mean_tok, cov)
         mean = unstandardise(mean, self.offset, self.data_scale)
@@ -434,7 +437,8 @@ class PODiffPipeline:
     def sample(self, lr: torch.Tensor, num_samples: int = 16, steps: int | None = None, *,
                seed: int | None = None, variance: str = "block", return_samples: bool = False,
                member_budget: int = 1 << 20, progress: bool = False, image_ids=None,
-               distributed: bool | None = None, amp: bool | None = None) -> SampleOutput:
+               distributed: bool | None = None, amp: bool | None = None,
+               sampler: str | None = None) -> SampleOutput:
         """Ensemble super-resolution of ``lr [B, C, h, w]`` (any device; moved to ``self.device``).
 
         Returns ``SampleOutput`` with the pixel ``mean`` and ``variance`` ``[B, C, H, W]`` on
@@ -445,7 +449,7 @@ class PODiffPipeline:
         chunking or sharding; a CPU and a CUDA run share the noise and agree to float rounding.
         ``distributed`` (None: when a multi-rank group is initialised): every rank passes the
         same ``lr``, samples its contiguous share of the images and gets the gathered result,
-        equal to the one-process result up to float rounding.
+        equal to the one-process result up to float rounding. ``sampler``: see ``sample_tokens``.
         """
         if self.denoiser is None:
             raise RuntimeError("this pipeline is not trained; call fit(lr, hr) or PODiffPipeline.load(dir)")
@@ -467,7 +471,8 @@ class PODiffPipeline:
             lr, ids = lr[rows], ids[rows]
         cond = self.condition_tokens(lr.to(self._device)).float()
         out = self.ensemble(cond, num_samples, steps, seed=seed, variance=variance, return_samples=return_samples,
-                            member_budget=member_budget, progress=progress, image_ids=ids.tolist(), amp=amp)
+                            member_budget=member_budget, progress=progress, image_ids=ids.tolist(), amp=amp,
+                            sampler=sampler)
         if self.config.spread != 1.0:  # calibrated on validation fields (calibrate_spread)
             k = float(self.config.spread)
             out.variance = out.variance * k**2

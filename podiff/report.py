@@ -1,12 +1,18 @@
 """Evaluation of a prediction against the truth and the baselines, and the report folder.
 
-``evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, members=None, meta=None, baselines=None)``
--> the ``metrics.json`` dict
-(``{"model": {...}, "bicubic": {...}, "pod_projection": {...}, "ridge": {...}, "meta": {...}}``);
-``write_report(folder, result, lr, target, mean, variance, pod, scale)`` writes ``metrics.json``
-(atomically), the figures and ``report.md``.
+``evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, members=None, meta=None,
+baselines=None, predictions=None)`` -> the ``metrics.json`` dict (``{"model": {...}, "bicubic":
+{...}, "pod_projection": {...}, "ridge": {...}, "spectra": {...}, "meta": {...}}``; a given
+``predictions`` dict is filled with each baseline's prediction ``[N, C, H, W]``);
+``write_report(folder, result, lr, target, mean, variance, pod, scale, comparisons=None)`` writes
+``metrics.json`` (atomically), the figures and ``report.md``; ``comparisons`` (e.g. ``{"one
+member": members[0], "ridge": predictions["ridge"]}``) are drawn beside the truth and the mean.
 The model's probabilistic scores use its analytic Gaussian (mean, variance): CRPS in closed
 form, central-interval coverage, MACE, spread–skill; with members, the ensemble CRPS too.
+``high_k_power``: the prediction's power over the truth's in the upper half of the wavenumbers
+(``metrics.high_wavenumber_power_ratio``; the model's ``members_high_k_power`` is its members'),
+and ``spectra`` the power spectra behind it: an ensemble mean and a regression lose the small
+scales, a member should keep them.
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ import torch
 from . import baselines as baselines_
 from . import metrics
 from .io import atomic_write, write_json
+
+
+#: Fields with a shorter side below this get no spectrum (too few wavenumbers to split in halves).
+SPECTRUM_MIN_SIZE = 8
 
 
 def _data_range(hr: torch.Tensor) -> float:
@@ -38,6 +48,10 @@ def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | Non
     filled_mean = torch.where(torch.isnan(target), filled_target, torch.nan_to_num(mean))
     if min(target.shape[-2:]) >= 7:
         out["ssim"] = metrics.ssim(filled_mean, filled_target, rng, mask=~torch.isnan(target))
+    if min(target.shape[-2:]) >= SPECTRUM_MIN_SIZE:
+        out["high_k_power"] = metrics.high_wavenumber_power_ratio(mean, target)
+        if members is not None:
+            out["members_high_k_power"] = metrics.high_wavenumber_power_ratio(members, target)
     if variance is not None and bool((variance[~torch.isnan(variance)] > 0).any()):
         cov = metrics.coverage_gaussian(mean, variance, target)
         valid = ~torch.isnan(target) & ~torch.isnan(variance)
@@ -55,25 +69,56 @@ def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | Non
 
 
 def evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, members=None, meta=None,
-             baselines: dict | None = None) -> dict:
+             baselines: dict | None = None, predictions: dict | None = None) -> dict:
     """Scores of the model and the baselines on the same pixels.
 
     ``baselines``: fitted ``{"ridge": ..., "regression": ...}`` (saved with the model by ``podiff
-    train``); without a ridge, one is fitted on ``lr_train, hr_train`` with default settings."""
+    train``); without a ridge, one is fitted on ``lr_train, hr_train`` with default settings.
+    ``predictions``: a dict to fill with each baseline's prediction (for the report's figures)."""
     result = {"model": score(mean, target, variance, members)}
     scale = pipeline.config.scale
-    result["bicubic"] = score(baselines_.bicubic(lr_test, scale), target)
-    result["pod_projection"] = score(baselines_.PODProjectionBaseline(pipeline).fit().predict(lr_test).cpu(), target)
+    predictions = {} if predictions is None else predictions
+    predictions["bicubic"] = baselines_.bicubic(lr_test, scale)
+    predictions["pod_projection"] = baselines_.PODProjectionBaseline(pipeline).fit().predict(lr_test).cpu()
     fitted = dict(baselines or {})
     if "ridge" not in fitted:
         fitted["ridge"] = baselines_.RidgeBaseline(scale).fit(lr_train, hr_train)
     for name, model in fitted.items():
-        result[name] = score(model.predict(lr_test).cpu().to(target.dtype), target)
+        predictions[name] = model.predict(lr_test).cpu().to(target.dtype)
+    for name, prediction in predictions.items():
+        result[name] = score(prediction.to(target.dtype), target)
+    if min(target.shape[-2:]) >= SPECTRUM_MIN_SIZE:
+        result["spectra"] = _spectra(target, mean, members, predictions)
     result["meta"] = dict(meta or {})
     return result
 
 
-def _figures(folder: Path, lr, target, mean, variance, coverage: dict | None, pod, scale: int) -> list[str]:
+def _spectra(target, mean, members, predictions: dict) -> dict:
+    """Power spectra (``metrics.power_spectrum`` on the truth's valid pixels) as lists for JSON."""
+    valid = ~torch.isnan(target)
+    fields = {"truth": target, "ensemble mean": mean}
+    if members is not None:
+        fields["members"] = members
+    fields.update({name: predictions[name] for name in ("ridge", "regression") if name in predictions})
+    out = {}
+    for name, field in fields.items():
+        k, power = metrics.power_spectrum(field.double(), valid.expand_as(field))
+        out.setdefault("wavenumber", k.tolist())
+        out[name] = power.tolist()
+    return out
+
+
+def _panels(n: int, H: int, W: int):
+    """``(rows, cols, figsize)`` for ``n`` field panels: stacked for wide strips (the SST's
+    16×432), side by side for squarer fields."""
+    aspect = W / H
+    if aspect > 2:
+        return n, 1, (min(12, 3 * aspect), 1.6 * n + 0.5)
+    return 1, n, (3.0 * n * min(aspect, 1.5), 3.2)
+
+
+def _figures(folder: Path, lr, target, mean, variance, coverage: dict | None, pod, scale: int,
+             comparisons: dict | None = None, spectra: dict | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,21 +129,45 @@ def _figures(folder: Path, lr, target, mean, variance, coverage: dict | None, po
     std = variance[i, 0].sqrt()
     panels = [("LR input", lr[i, 0]), ("truth", target[i, 0]), ("ensemble mean", mean[i, 0]),
               ("predicted std", std), ("|error|", (mean[i, 0] - target[i, 0]).abs())]
-    aspect = target.shape[-1] / target.shape[-2]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(min(12, 3 * aspect), 1.6 * len(panels) + 0.5))
     vmin, vmax = np.nanmin(target[i, 0].numpy()), np.nanmax(target[i, 0].numpy())
-    for ax, (title, img) in zip(axes, panels):
-        same_scale = title in ("LR input", "truth", "ensemble mean")
-        im = ax.imshow(img.numpy(), vmin=vmin if same_scale else None, vmax=vmax if same_scale else None,
-                       cmap="viridis" if same_scale else "magma", aspect="auto")
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        fig.colorbar(im, ax=ax, fraction=0.02)
-    fig.tight_layout()
-    fig.savefig(folder / "fields.png", dpi=110)
-    plt.close(fig)
-    names.append("fields.png")
+
+    def draw(name, panels, same_scale):
+        rows, cols, figsize = _panels(len(panels), *target.shape[-2:])
+        fig, axes = plt.subplots(rows, cols, figsize=figsize, squeeze=False)
+        for ax, (title, img) in zip(axes.flat, panels):
+            same = title in same_scale
+            im = ax.imshow(img.numpy(), vmin=vmin if same else None, vmax=vmax if same else None,
+                           cmap="viridis" if same else "magma", aspect="auto" if cols == 1 else "equal")
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(im, ax=ax, fraction=0.02 if cols == 1 else 0.046)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+
+    draw("fields.png", panels, ("LR input", "truth", "ensemble mean"))
+    if comparisons:
+        shown = [("truth", target[i, 0]), ("ensemble mean", mean[i, 0])]
+        shown += [(title, field[i, 0].to(target.dtype)) for title, field in comparisons.items()]
+        draw("members.png", shown, tuple(title for title, _ in shown))
+    if spectra:
+        fig, ax = plt.subplots(figsize=(4.6, 3.4))
+        k = np.asarray(spectra["wavenumber"])
+        for name, power in spectra.items():
+            if name != "wavenumber":
+                ax.loglog(k, np.asarray(power), "k-" if name == "truth" else "-", lw=1.6 if name == "truth" else 1,
+                          label=name)
+        ax.axvline(0.25, color="0.6", lw=0.8, ls=":")
+        ax.set_xlabel("wavenumber (cycles per pixel)")
+        ax.set_ylabel("power per pixel")
+        ax.set_title("power spectra (dotted: the upper half starts)", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "spectra.png", dpi=110)
+        plt.close(fig)
+        names.append("spectra.png")
     if coverage:
         levels = sorted(float(k) for k in coverage)
         fig, ax = plt.subplots(figsize=(3.6, 3.4))
@@ -152,24 +221,34 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def write_report(folder: str | Path, result: dict, lr, target, mean, variance, pod, scale: int) -> Path:
-    """``metrics.json``, the figures and ``report.md`` in ``folder``; returns the report path."""
+def write_report(folder: str | Path, result: dict, lr, target, mean, variance, pod, scale: int,
+                 comparisons: dict | None = None) -> Path:
+    """``metrics.json``, the figures and ``report.md`` in ``folder``; returns the report path.
+    ``comparisons``: more fields ``[N, C, H, W]`` by title (one member, the ridge) for ``members.png``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "metrics.json", result)
-    figures = _figures(folder, lr, target, mean, variance, result["model"].get("coverage"), pod, scale)
-    rows = ["| method | RMSE | MAE | SSIM | CRPS | MACE | spread/skill |", "|---|---|---|---|---|---|---|"]
+    figures = _figures(folder, lr, target, mean, variance, result["model"].get("coverage"), pod, scale,
+                       comparisons, result.get("spectra"))
+    rows = ["| method | RMSE | MAE | SSIM | CRPS | MACE | spread/skill | high-k power |",
+            "|---|---|---|---|---|---|---|---|"]
     for name in ("model", "bicubic", "pod_projection", "ridge", "regression"):
         if name not in result:
             continue
         m = result.get(name, {})
         rows.append(f"| {name} | " + " | ".join(_fmt(m[k]) if k in m else "—" for k in
-                                                  ("rmse", "mae", "ssim", "crps", "mace", "spread_skill")) + " |")
+                                                  ("rmse", "mae", "ssim", "crps", "mace", "spread_skill",
+                                                   "high_k_power")) + " |")
     cov = result["model"].get("coverage", {})
     lines = ["# podiff report", "", f"Data: {result['meta'].get('data', '?')}, split "
              f"{result['meta'].get('split', '?')}, {result['meta'].get('samples', '?')} samples.", "",
              *rows, "", "Coverage of the central intervals (analytic Gaussian): " +
              ", ".join(f"{float(k):.0%}: {v:.3f}" for k, v in cov.items()), ""]
+    if "members_high_k_power" in result["model"]:
+        lines += ["High-wavenumber power (upper half of the wavenumbers) over the truth's: members "
+                  f"{result['model']['members_high_k_power']:.3f}, ensemble mean {result['model']['high_k_power']:.3f}"
+                  + (f", ridge {result['ridge']['high_k_power']:.3f}" if "high_k_power" in result.get("ridge", {})
+                     else "") + ".", ""]
     lines += [f"![{name}]({name})" for name in figures]
     lines += ["", "```", json.dumps(result["meta"], indent=2), "```", ""]
     report = folder / "report.md"

@@ -11,8 +11,20 @@ space (``1 − ᾱ_t/ᾱ_s = −expm1(log ᾱ_t − log ᾱ_s)``), so no step di
 - ε-prediction: ``x̂_0 = (x_t − σ_t ε̂)/α_t``, used only for ``t <= t_max("epsilon")``
   (σ/α <= 10; see ``podiff.schedules``).
 
-Samplers: ``"ddim"`` (η = ``eta``; 0 is deterministic) and ``"ancestral"`` (the DDPM
-posterior ``q(x_s | x_t, x̂_0)``).
+Samplers: ``"ddim"`` (η = ``eta``; 0 is deterministic), ``"ancestral"`` (the DDPM
+posterior ``q(x_s | x_t, x̂_0)``), and DPM-Solver++ (2M) (Lu et al. 2022, the multistep
+second-order solver in data prediction): ``"dpmsolver++"`` (deterministic) and
+``"sde-dpmsolver++"`` (its stochastic variant), as diffusers' ``DPMSolverMultistepScheduler``
+names them (midpoint form, first order on the first step and on the step that lands on
+clean data). With ``h = (λ_s − λ_t)/2`` (half log-SNR steps) and ``D = x̂_0 + (x̂_0 − x̂_0')/(2 r)``
+from this step's and the previous step's ``x̂_0`` (``r = h'/h``):
+
+- ``"dpmsolver++"``: ``x_s = (σ_s/σ_t) x_t + α_s (1 − e^{−h}) D``
+- ``"sde-dpmsolver++"``: ``x_s = (σ_s/σ_t) e^{−h} x_t + α_s (1 − e^{−2h}) D + σ_s √(1 − e^{−2h}) z``
+
+Every coefficient is elementwise in λ, so a learned per-token, per-mode schedule takes the
+same steps. A multistep sampler keeps the previous step's ``x̂_0`` and ``h``: ``set_timesteps``
+(and ``sample``) start a fresh chain.
 
 Noise comes from one ``generator``, or from ``RowNoise``: one seeded generator per chain row
 (``member_seed(seed, image, member)``), so a member's sample does not depend on which other
@@ -71,6 +83,9 @@ class RowNoise:
 
 Noise = Callable[..., torch.Tensor]
 
+#: Every sampler ``DiffusionScheduler`` takes (module doc).
+SAMPLERS = ("ddim", "ancestral", "dpmsolver++", "sde-dpmsolver++")
+
 
 def _generator_noise(generator: torch.Generator | None, device) -> Noise:
     """Noise from ``generator`` on its own device, moved to ``device`` (or from ``device``'s default RNG)."""
@@ -84,23 +99,30 @@ class DiffusionScheduler:
     def __init__(self, schedule: NoiseSchedule, prediction: str = "v", sampler: str = "ddim", eta: float = 0.0):
         if prediction not in ("v", "epsilon"):
             raise ValueError(f"prediction must be 'v' or 'epsilon'; got {prediction!r}")
-        if sampler not in ("ddim", "ancestral"):
-            raise ValueError(f"sampler must be 'ddim' or 'ancestral'; got {sampler!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}; got {sampler!r}")
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"eta must be in [0, 1]; got {eta}")
         self.schedule, self.prediction, self.sampler, self.eta = schedule, prediction, sampler, float(eta)
         self.timesteps: torch.Tensor | None = None
+        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # multistep: (x̂_0, h) of the last step
 
     @property
     def stochastic(self) -> bool:
-        """Whether a step adds noise: the ancestral sampler, or DDIM with η > 0."""
-        return self.sampler == "ancestral" or self.eta > 0
+        """Whether a step adds noise: the ancestral and SDE samplers, or DDIM with η > 0."""
+        return self.sampler in ("ancestral", "sde-dpmsolver++") or (self.sampler == "ddim" and self.eta > 0)
+
+    @property
+    def multistep(self) -> bool:
+        """Whether a step uses the previous step's prediction (DPM-Solver++ (2M))."""
+        return self.sampler in ("dpmsolver++", "sde-dpmsolver++")
 
     def set_timesteps(self, steps: int) -> torch.Tensor:
         """``steps + 1`` times, uniform from ``t_max`` to 0."""
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1; got {steps}")
         self.timesteps = torch.linspace(self.schedule.t_max(self.prediction), 0.0, int(steps) + 1)
+        self._previous = None
         return self.timesteps
 
     def predictions(self, model_output, x_t, lam_t):
@@ -112,11 +134,13 @@ class DiffusionScheduler:
 
     def step(self, model_output: torch.Tensor, t, s, sample: torch.Tensor, cond: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> SchedulerOutput:
-        """One step from time ``t`` to ``s`` (scalars or ``[B]``)."""
+        """One step from time ``t`` to ``s`` (scalars or ``[B]``, on the CPU, e.g. from
+        ``set_timesteps``). A multistep sampler takes a first-order step where ``s`` is 0."""
         noise = _generator_noise(generator, sample.device)
-        return self._step(self.schedule, model_output, t, s, sample, cond, noise)
+        final = bool((torch.as_tensor(s, dtype=torch.float64) <= 0).all())
+        return self._step(self.schedule, model_output, t, s, sample, cond, noise, final=final)
 
-    def _step(self, schedule, model_output, t, s, sample, cond, noise: Noise) -> SchedulerOutput:
+    def _step(self, schedule, model_output, t, s, sample, cond, noise: Noise, final: bool = False) -> SchedulerOutput:
         B = sample.shape[0]
         t = torch.as_tensor(t, dtype=sample.dtype, device=sample.device).expand(B)
         s = torch.as_tensor(s, dtype=sample.dtype, device=sample.device).expand(B)
@@ -127,6 +151,8 @@ class DiffusionScheduler:
         log_ab_t, log_ab_s = F.logsigmoid(lam_t), F.logsigmoid(lam_s)
         alpha_s, sigma2_s = log_ab_s.mul(0.5).exp(), torch.sigmoid(-lam_s)
         sigma2_t = torch.sigmoid(-lam_t)
+        if self.multistep:
+            return SchedulerOutput(self._dpm_solver_step(x0, sample, lam_t, lam_s, alpha_s, noise, final), x0)
         one_minus_ratio = -torch.expm1(log_ab_t - log_ab_s)  # 1 − ᾱ_t/ᾱ_s = σ²_{t|s}/σ²_t·(...)
         if self.sampler == "ddim":
             var = (self.eta**2) * torch.where(sigma2_t > 0, sigma2_s / sigma2_t, torch.zeros_like(sigma2_t))
@@ -145,6 +171,23 @@ class DiffusionScheduler:
             prev = prev + var.clamp_min(0).sqrt() * noise(sample.shape, sample.dtype)
         return SchedulerOutput(prev, x0)
 
+    def _dpm_solver_step(self, x0, sample, lam_t, lam_s, alpha_s, noise: Noise, final: bool) -> torch.Tensor:
+        """DPM-Solver++ (2M), midpoint form (module doc); first order without a previous step or when
+        ``final`` (landing on σ = 0, where the step ratio ``r`` vanishes)."""
+        h = 0.5 * (lam_s - lam_t)  # +inf on the step from zero SNR: e^{−h} = 0, and the next r = ∞ gives D = x̂_0
+        log_sigma_ratio = 0.5 * (F.logsigmoid(-lam_s) - F.logsigmoid(-lam_t))  # log σ_s/σ_t, −inf at σ_s = 0
+        D = x0
+        if self._previous is not None and not final:
+            x0_prev, h_prev = self._previous
+            D = x0 + 0.5 * (h / h_prev) * (x0 - x0_prev)  # D0 + D1/2, D1 = (x̂_0 − x̂_0')/r
+        self._previous = (x0, h)
+        if self.sampler == "dpmsolver++":
+            return log_sigma_ratio.exp() * sample + alpha_s * (-torch.expm1(-h)) * D
+        one_minus = -torch.expm1(-2 * h)  # 1 − e^{−2h}
+        sigma_s = torch.sigmoid(-lam_s).sqrt()
+        prev = (log_sigma_ratio - h).exp() * sample + alpha_s * one_minus * D
+        return prev + sigma_s * one_minus.clamp_min(0).sqrt() * noise(sample.shape, sample.dtype)
+
     @torch.no_grad()
     def sample(self, denoiser, cond: torch.Tensor, steps: int, generator: torch.Generator | None = None,
                noise_input: str = "time", noise: Noise | None = None) -> torch.Tensor:
@@ -157,9 +200,11 @@ class DiffusionScheduler:
         bound = self.schedule.bind(cond)  # a learned schedule's weights, once per chain
         noise = noise or _generator_noise(generator, cond.device)
         x = noise((cond.shape[0], cond.shape[1], r), cond.dtype)
-        for t, s in zip(times[:-1], times[1:]):
+        last = len(times) - 2
+        for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
             tb = t.expand(cond.shape[0]).to(cond.dtype)
             level = tb if noise_input == "time" else bound.log_snr(tb, cond).expand(-1, -1, r)
             out = denoiser(x, cond, level).to(x.dtype)  # the updates stay float32 under autocast
-            x = self._step(bound, out, t, s, x, cond, noise).prev_sample
+            x = self._step(bound, out, t, s, x, cond, noise, final=i == last).prev_sample
+        self._previous = None
         return x

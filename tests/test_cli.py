@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torch
 
 from podiff.cli import main
+from podiff.prediction_file import read_prediction
 from utils import run_command as run
 
 TRAIN = ["--steps", "3", "--batch-size", "4", "--patch-size", "4", "--rank", "6", "--quiet"]
@@ -68,9 +69,11 @@ def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):
 
     all_pred = tmp_path / "all.npz"
     code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tiny_npz, "--scale", 4, "--num-samples", 2,
-                       "--sample-steps", 1, "--split", "all", "--out", all_pred, "--quiet")
+                       "--sample-steps", 2, "--sampler", "dpmsolver++", "--split", "all", "--out", all_pred, "--quiet")
     assert code == 0, err
     assert np.load(all_pred)["mean"].shape[0] == 20
+    assert read_prediction(all_pred).attrs["sampler"] == "dpmsolver++"
+    assert read_prediction(pred).attrs["sampler"] == "ddim"  # the model's
     code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tiny_npz, "--scale", 4, "--out", all_pred,
                        "--quiet")
     assert code == 1 and "exists; pass --overwrite" in err
@@ -118,7 +121,20 @@ def test_demo_runs_end_to_end_on_packaged_images(tmp_path, capsys):
     assert code == 0, err
     result = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     assert result["meta"]["dataset"] == "images" and result["meta"]["total_seconds"] > 0
-    assert (tmp_path / "demo" / "report" / "report.md").stat().st_size > 0
+    report = tmp_path / "demo" / "report"
+    assert "High-wavenumber power" in (report / "report.md").read_text()
+    # The members' spectra beside the truth's, the mean's and the ridge's; the figures of these
+    # square fields in a row, not a column.
+    spectra = result["spectra"]
+    assert {"wavenumber", "truth", "ensemble mean", "members", "ridge"} <= set(spectra)
+    assert all(len(v) == len(spectra["wavenumber"]) for v in spectra.values())
+    assert 0 < result["model"]["members_high_k_power"] and 0 < result["ridge"]["high_k_power"]
+    from PIL import Image
+
+    for figure in ("fields.png", "members.png"):
+        width, height = Image.open(report / figure).size
+        assert width > 2 * height, (figure, width, height)
+    assert (report / "spectra.png").stat().st_size > 0
     if importlib.util.find_spec("xarray") and importlib.util.find_spec("netCDF4"):
         import xarray as xr
 
@@ -138,6 +154,10 @@ def test_sst_demo_writes_a_prediction_on_the_files_coordinates(tmp_path, capsys)
     assert pred["mean"].dims == ("time", "latitude", "longitude") and pred.sizes["time"] == 8
     assert str(pred["time"].values[-1])[:7] == "2010-09" and pred["mean"].attrs["units"] == "K"
     assert np.isnan(pred["mean"].values).any() and np.isfinite(pred["mean"].values).any()  # land NaN, sea not
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "demo" / "report" / "fields.png").size
+    assert height > width / 3  # the 16×432 strips stacked, not in a row
 
 
 def test_help_of_every_command(capsys):

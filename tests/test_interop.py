@@ -115,6 +115,49 @@ def test_diffusers_ddim_scheduler_matches_podiff_ddim(kind, steps):
     torch.testing.assert_close(x, ours, rtol=1e-5, atol=1e-5)
 
 
+def _diffusers_dpm_solver(schedule, algorithm):
+    """diffusers' DPM-Solver++ (2M) on podiff's ``schedule``: ᾱ at podiff's exact values, final σ = 0."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    N = 1000
+    alpha_bar = torch.sigmoid(schedule.log_snr(continuous_time(torch.arange(N), N)).flatten().double())
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=N, prediction_type="v_prediction",
+                                            algorithm_type=algorithm, solver_order=2, solver_type="midpoint",
+                                            final_sigmas_type="zero", lower_order_final=True)
+    scheduler.alphas_cumprod = alpha_bar.float()  # set_timesteps derives its σ's from these
+    return scheduler
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers on its ᾱ tensor
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "sde-dpmsolver++"])
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+@pytest.mark.parametrize("steps", [2, 5, 12])
+def test_diffusers_dpm_solver_matches_podiff(algorithm, kind, steps):
+    """Every step of one chain through diffusers' ``DPMSolverMultistepScheduler`` and podiff's
+    sampler, from the same sample, model output and noise, agrees to float32 rounding. The chain
+    runs from t = 0.9 (diffusers' σ/α is infinite at podiff's zero-SNR start) to t = 0.05, then
+    to clean data: below that diffusers' float32 ᾱ ≈ 1 loses σ's digits (1e-4 at t = 0.001)."""
+    pytest.importorskip("diffusers")
+    schedule = make_schedule(kind, rank=5, prediction="v")
+    scheduler = _diffusers_dpm_solver(schedule, algorithm)
+    timesteps = torch.linspace(899, 49, steps).round().long()
+    scheduler.set_timesteps(timesteps=timesteps.tolist())
+    times = torch.cat([continuous_time(timesteps), torch.zeros(1, dtype=torch.float64)])
+    net = _random_denoiser((3, 4), 5, seed=steps)
+    g = torch.Generator().manual_seed(2)
+    cond = torch.randn(4, 12, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 12, 5, generator=g, dtype=torch.float64)
+    ours = DiffusionScheduler(schedule, "v", algorithm)
+    with torch.no_grad():
+        for i, timestep in enumerate(scheduler.timesteps):
+            v = net(x, cond, times[i].expand(x.shape[0]).to(x.dtype))
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(10 + i), dtype=x.dtype)
+            theirs = scheduler.step(v, timestep, x, variance_noise=noise).prev_sample.double()
+            x = ours.step(v, times[i], times[i + 1], x, generator=torch.Generator().manual_seed(10 + i)).prev_sample
+            assert theirs.abs().max() > 0.1
+            torch.testing.assert_close(x, theirs, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
+
+
 def test_ddim_scheduler_is_the_same_forward_process():
     pytest.importorskip("diffusers")
     schedule = make_schedule("cosine", rank=3, prediction="v")

@@ -160,3 +160,51 @@ def test_scores_agree_with_xskillscore_on_masked_data_with_a_member_dimension():
     np.testing.assert_allclose(maps["rmse_map"][0].numpy(), rmse_map, rtol=1e-12, equal_nan=True)
     np.testing.assert_allclose(maps["rmse_time"][:, 0].numpy(), xs.rmse(obs, fc.mean("member"), dim=["lat", "lon"],
                                                                       skipna=True).values, rtol=1e-12)
+
+
+@pytest.mark.parametrize("length", [100, 101])
+def test_axis_power_spectrum_matches_scipy_periodogram(length):
+    signal = pytest.importorskip("scipy.signal")
+    x = torch.randn(3, 7, length, generator=torch.Generator().manual_seed(length), dtype=torch.float64)
+    k, p = metrics.power_spectrum(x, kind="axis")
+    f, P = signal.periodogram(x.numpy(), fs=1.0, window="boxcar", detrend="constant", scaling="spectrum", axis=-1)
+    np.testing.assert_allclose(k.numpy(), f[1:], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(p.numpy(), P.reshape(-1, P.shape[-1]).mean(0)[1:], rtol=1e-10)
+    assert float(p.sum()) == pytest.approx(float(x.var(-1, unbiased=False).mean()), rel=1e-10)  # Parseval
+    k_t, p_t = metrics.power_spectrum(x.transpose(1, 2))  # a tall strip: along its longer axis
+    torch.testing.assert_close(p_t, p)
+
+
+def test_radial_power_spectrum_puts_a_plane_wave_in_its_bin():
+    n = 32
+    y, x = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64), indexing="ij")
+    wave = 3.0 * torch.cos(2 * math.pi * (3 * x + 4 * y) / n)  # |k| = 5/n
+    k, p = metrics.power_spectrum(wave[None, None])
+    assert k.shape == (n // 2,) and float(k[4]) == pytest.approx(5 / n)
+    assert float(p[4]) == pytest.approx(4.5, rel=1e-10)  # the variance A²/2, all in one bin
+    assert float(p.sum() - p[4]) == pytest.approx(0, abs=1e-9)
+
+
+def test_power_spectrum_ignores_masked_pixels_and_keeps_the_power_per_valid_pixel():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 48, 48, generator=g, dtype=torch.float64)
+    mask = torch.rand(48, 48, generator=g) > 0.1
+    k, p = metrics.power_spectrum(x, mask)
+    garbage = torch.where(mask, x, 1e6)
+    torch.testing.assert_close(metrics.power_spectrum(garbage, mask)[1], p)
+    torch.testing.assert_close(metrics.power_spectrum(torch.where(mask, x, float("nan")))[1], p)
+    # White noise keeps its flat spectrum: the masked estimate is within sampling error of the full one.
+    _, full = metrics.power_spectrum(x)
+    assert float(p.sum()) == pytest.approx(float(full.sum()), rel=0.03)
+
+
+def test_high_wavenumber_power_ratio_sees_lost_small_scales():
+    g = torch.Generator().manual_seed(1)
+    truth = torch.randn(4, 1, 32, 32, generator=g, dtype=torch.float64)
+    smooth = torch.nn.functional.avg_pool2d(truth, 3, stride=1, padding=1, count_include_pad=False)
+    assert metrics.high_wavenumber_power_ratio(truth[None].expand(3, -1, -1, -1, -1), truth) == pytest.approx(1.0)
+    assert metrics.high_wavenumber_power_ratio(smooth, truth) < 0.2
+    with pytest.raises(ValueError, match="members must be"):
+        metrics.high_wavenumber_power_ratio(truth[..., :16], truth)
+    with pytest.raises(ValueError, match="kind must be 'auto', 'radial' or 'axis'; got 'x'"):
+        metrics.power_spectrum(truth, kind="x")
