@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="JSON file")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    pipe = PODiffPipeline.load(args.run)
+    run = Path(args.run)
+    pipe = PODiffPipeline.load(run / "model" if (run / "model").is_dir() else run)  # a train run or its model
     ds = data.load(args.dataset, pipe.config.scale)
     lr, hr, _ = ds.split("test")
     rows = []

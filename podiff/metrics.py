@@ -206,17 +206,23 @@ def rank_histogram(members: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor 
     return torch.bincount(below + jitter, minlength=M + 1)
 
 
-def power_spectrum(field: torch.Tensor, mask: torch.Tensor | None = None, kind: str = "auto"):
+def power_spectrum(field: torch.Tensor, mask: torch.Tensor | None = None, kind: str = "auto",
+                   segment: int | None = None):
     """Power spectrum of fields ``[..., H, W]``, averaged over the leading dimensions; returns
-    ``(wavenumber [K], power [K])`` with the wavenumber in cycles per pixel (``1/n … 1/2``).
+    ``(wavenumber [K], power [K])``, the wavenumber in cycles per pixel (``1/n … 1/2``) and the
+    power per pixel of the anomaly (each field, line or segment minus its own mean), so that
+    the powers sum to the variance (Parseval; the radial kind drops the corners beyond 1/2).
 
-    Each field's anomaly (minus its mean over valid pixels) is zero on masked and NaN pixels and
-    its power is divided by the valid fraction, so the power is per valid pixel; without gaps the
-    powers sum to the field's variance (Parseval; the radial kind drops the corners beyond 1/2).
+    ``kind``: ``"radial"`` (2-D FFT, |k| binned in steps of ``1/min(H, W)``), ``"axis"`` (1-D
+    periodograms along the longer axis, one-sided, averaged over the other: a strip such as the
+    SST's 16×432), or ``"auto"``: radial when the longer side is at most twice the shorter and
+    nothing is masked, else axis.
 
-    ``kind``: ``"radial"`` (2-D FFT, |k| binned in steps of ``1/min(H, W)``), ``"axis"`` (1-D FFT
-    along the longer axis, one-sided, averaged over the other: a strip such as the SST's 16×432),
-    or ``"auto"``: radial when the longer side is at most twice the shorter, else axis.
+    Masked (``mask`` False) and NaN pixels are left out, not filled: a filled gap's edges would
+    put the mask's own spectrum into every field's. The radial kind uses only fully valid
+    fields; the axis kind cuts each line into ``segment``-pixel pieces overlapping by half
+    (Welch) and uses the fully valid ones (default ``segment``: the whole line when nothing is
+    masked, else a quarter of it).
 
     >>> k, p = power_spectrum(torch.cos(torch.arange(16.) * 3.14159265 / 2).expand(8, 16), kind="axis")
     >>> float(k[p.argmax()])
@@ -225,9 +231,7 @@ def power_spectrum(field: torch.Tensor, mask: torch.Tensor | None = None, kind: 
     if field.dim() < 2:
         raise ValueError(f"field must be [..., H, W]; got shape {tuple(field.shape)}")
     H, W = field.shape[-2:]
-    if kind == "auto":
-        kind = "radial" if max(H, W) <= 2 * min(H, W) else "axis"
-    if kind not in ("radial", "axis"):
+    if kind not in ("auto", "radial", "axis"):
         raise ValueError(f"kind must be 'auto', 'radial' or 'axis'; got {kind!r}")
     x = field.double().reshape(-1, H, W)
     valid = ~torch.isnan(x)
@@ -235,14 +239,16 @@ def power_spectrum(field: torch.Tensor, mask: torch.Tensor | None = None, kind: 
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be bool (True = valid); got {mask.dtype}")
         valid = valid & mask.to(x.device).expand(*field.shape).reshape(-1, H, W)
-    if kind == "axis" and H > W:  # put the longer axis last
-        x, valid, H, W = x.transpose(1, 2), valid.transpose(1, 2), W, H
+    whole = bool(valid.all())
+    if kind == "auto":
+        kind = "radial" if max(H, W) <= 2 * min(H, W) and whole else "axis"
     if kind == "radial":
-        count = valid.sum((1, 2), keepdim=True)
-        anomaly = torch.where(valid, x - torch.where(valid, x, 0).sum((1, 2), keepdim=True) / count.clamp_min(1), 0)
-        spec = torch.fft.fft2(anomaly).abs().square() / (H * W) / count.clamp_min(1)
-        keep = count.flatten() > 0
-        spec = spec[keep].mean(0)
+        full = valid.flatten(1).all(1)
+        if not bool(full.any()):
+            raise ValueError("the radial spectrum needs at least one field without masked pixels; "
+                             "use kind='axis' for masked fields")
+        anomaly = x[full] - x[full].mean((1, 2), keepdim=True)
+        spec = (torch.fft.fft2(anomaly).abs().square() / (H * W) ** 2).mean(0)
         k = torch.sqrt(torch.fft.fftfreq(H, dtype=torch.float64)[:, None] ** 2
                        + torch.fft.fftfreq(W, dtype=torch.float64)[None, :] ** 2)
         n = min(H, W)
@@ -251,26 +257,35 @@ def power_spectrum(field: torch.Tensor, mask: torch.Tensor | None = None, kind: 
         inside = (bins >= 1) & (bins <= K)
         power = torch.zeros(K + 1, dtype=torch.float64).index_add_(0, bins[inside], spec[inside])
         return torch.arange(1, K + 1, dtype=torch.float64) / n, power[1:]
-    count = valid.sum(2, keepdim=True)  # per row along the long axis
-    anomaly = torch.where(valid, x - torch.where(valid, x, 0).sum(2, keepdim=True) / count.clamp_min(1), 0)
-    spec = torch.fft.rfft(anomaly, dim=-1).abs().square() / W / count.clamp_min(1)
-    spec[..., 1:(W + 1) // 2] *= 2  # one-sided: the negative frequencies' half
-    keep = count.flatten() > 0
-    power = spec.reshape(-1, spec.shape[-1])[keep].mean(0)
-    return torch.fft.rfftfreq(W, dtype=torch.float64)[1:], power[1:]
+    if H > W:  # the longer axis last
+        x, valid, H, W = x.transpose(1, 2), valid.transpose(1, 2), W, H
+    n = (W if whole else max(2, W // 4)) if segment is None else int(segment)
+    if not 2 <= n <= W:
+        raise ValueError(f"segment must be in [2, {W}] (the longer axis); got {segment}")
+    hop = max(1, n // 2)
+    pieces = x.unfold(2, n, hop)  # [N, H, S, n]
+    keep = valid.unfold(2, n, hop).all(-1)
+    if not bool(keep.any()):
+        raise ValueError(f"no fully valid segment of {n} pixels along the longer axis; pass a shorter segment")
+    anomaly = pieces[keep]
+    anomaly = anomaly - anomaly.mean(-1, keepdim=True)
+    spec = torch.fft.rfft(anomaly, dim=-1).abs().square() / n**2
+    spec[:, 1:(n + 1) // 2] *= 2  # one-sided: the negative frequencies' half
+    return torch.fft.rfftfreq(n, dtype=torch.float64)[1:], spec.mean(0)[1:]
 
 
 def high_wavenumber_power_ratio(members: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None,
-                                kind: str = "auto") -> float:
+                                kind: str = "auto", segment: int | None = None) -> float:
     """The members' power over the truth's in the upper half of the wavenumbers (``k > 1/4``
     cycles per pixel); ``members [M, ...]`` (or one field ``[...]``, e.g. an ensemble mean) against
     ``truth [...]``, both ``[..., H, W]``. About 1 when the members keep the small scales; an
-    ensemble mean or a regression, which average them away, gives less."""
+    ensemble mean or a regression, which average them away, gives less. The same pieces (fields
+    or segments, ``power_spectrum``) of both: those valid in the truth and the members."""
     if members.shape[-truth.dim():] != truth.shape:
         raise ValueError(f"members must be [M, *truth.shape] or truth's shape {tuple(truth.shape)}; "
                          f"got {tuple(members.shape)}")
     valid = ~torch.isnan(truth) if mask is None else mask.to(truth.device) & ~torch.isnan(truth)
-    k, p_members = power_spectrum(members, valid.expand_as(members), kind)
-    _, p_truth = power_spectrum(truth, valid, kind)
+    k, p_members = power_spectrum(members, valid.expand_as(members), kind, segment)
+    _, p_truth = power_spectrum(truth, valid, kind, segment)
     high = k > 0.25
     return float(p_members[high].sum() / p_truth[high].sum())

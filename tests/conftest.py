@@ -14,6 +14,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per xdist worker: the workers share the cores
+    torch.set_num_threads(1)
+
 from podiff_kernels import _triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,6 +37,20 @@ def _slow_interpreter_case(item) -> bool:
     from cases import SHAPES
 
     return params["shape"] != SHAPES[0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The suite runs on every core (pytest-xdist, ``-n auto``) unless ``-n`` is given (``-n 0``:
+    one process). A file stays on one worker (``--dist loadfile``), so a module's shared trained
+    model is trained once. Only ``tests/`` does this: benchmarks time one process."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "numprocesses", 0) is not None:
+        return
+    if config.getoption("collectonly") or config.getoption("usepdb"):
+        return
+    config.option.numprocesses = "auto"
+    if config.option.dist == "no":
+        config.option.dist = "loadfile"
 
 
 def pytest_configure(config):

@@ -49,6 +49,7 @@ def _worker(rank, world, init_file, out):
             torch.save({"history": history, "state": pipe.denoiser.state_dict(), "offset": pipe.offset,
                         "scale": pipe.data_scale, "basis": pipe.pod.basis, "eig": pipe.pod.eigenvalues,
                         "mean": result.mean, "variance": result.variance, "samples": result.samples}, out)
+        dist.barrier()  # no rank tears gloo down while the other still talks (that aborted once)
     finally:
         dist.destroy_process_group()
 

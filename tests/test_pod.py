@@ -220,6 +220,7 @@ def _distributed_worker(rank, world, init_file, x, mask, out):
         if rank == 0:
             torch.save({"basis": pod.basis, "eig": pod._eigenvalues, "mean": pod.mean,
                         "cov": stats.covariance(), "images": pod.report["images"]}, out)
+        dist.barrier()  # no rank tears gloo down while the other still talks (that aborted once)
     finally:
         dist.destroy_process_group()
 
