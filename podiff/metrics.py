@@ -206,12 +206,35 @@ def rank_histogram(members: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor 
     return torch.bincount(below + jitter, minlength=M + 1)
 
 
+def _detrended_windowed(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, float]:
+    """``x [..., n]`` (``dims=1``) or ``[..., h, w]`` (``dims=2``) minus its least-squares line or
+    plane, times a Hann window; returns it and the window's ``Σ w²`` (the power's normaliser).
+    A field is not periodic: without this its trend's jump at the edges leaks a ``1/k²`` tail into
+    every wavenumber, and a smooth field would seem to keep small scales."""
+    shape = x.shape[-dims:]
+    axes = [torch.linspace(-1, 1, n, dtype=x.dtype, device=x.device) for n in shape]
+    grids = torch.meshgrid(*axes, indexing="ij") if dims == 2 else (axes[0],)
+    design = torch.stack([torch.ones(shape, dtype=x.dtype, device=x.device), *grids], -1).reshape(-1, dims + 1)
+    flat = x.reshape(*x.shape[:-dims], -1)
+    coef = torch.linalg.lstsq(design, flat.reshape(-1, flat.shape[-1]).T).solution  # [dims + 1, pieces]
+    residual = (flat.reshape(-1, flat.shape[-1]) - (design @ coef).T).reshape(x.shape)
+    window = torch.hann_window(shape[-1], dtype=x.dtype, device=x.device)  # periodic, as scipy's
+    if dims == 2:
+        window = torch.hann_window(shape[0], dtype=x.dtype, device=x.device)[:, None] * window
+    return residual * window, float(window.square().sum())
+
+
 def power_spectrum(field: torch.Tensor, mask: torch.Tensor | None = None, kind: str = "auto",
                    segment: int | None = None):
     """Power spectrum of fields ``[..., H, W]``, averaged over the leading dimensions; returns
     ``(wavenumber [K], power [K])``, the wavenumber in cycles per pixel (``1/n … 1/2``) and the
-    power per pixel of the anomaly (each field, line or segment minus its own mean), so that
-    the powers sum to the variance (Parseval; the radial kind drops the corners beyond 1/2).
+    power in each wavenumber bin, per pixel: the powers sum to about the variance (Parseval;
+    the radial kind leaves out the corners beyond 1/2).
+
+    Each field, line or segment has its least-squares plane or line removed and a Hann window
+    applied before the FFT (a field is not periodic: its trend's edge jump would leak a ``1/k²``
+    tail into every wavenumber); the power is normalised by the window's ``Σ w²`` (the axis kind
+    equals ``scipy.signal.periodogram(x, window="hann", detrend="linear", scaling="density") / n``).
 
     ``kind``: ``"radial"`` (2-D FFT, |k| binned in steps of ``1/min(H, W)``), ``"axis"`` (1-D
     periodograms along the longer axis, one-sided, averaged over the other: a strip such as the
@@ -224,7 +247,7 @@ def power_spectrum(field: torch.Tensor, mask: torch.Tensor | None = None, kind: 
     (Welch) and uses the fully valid ones (default ``segment``: the whole line when nothing is
     masked, else a quarter of it).
 
-    >>> k, p = power_spectrum(torch.cos(torch.arange(16.) * 3.14159265 / 2).expand(8, 16), kind="axis")
+    >>> k, p = power_spectrum(torch.cos(torch.arange(64.) * 3.14159265 / 2).expand(8, 64), kind="axis")
     >>> float(k[p.argmax()])
     0.25
     """
@@ -247,8 +270,8 @@ def power_spectrum(field: torch.Tensor, mask: torch.Tensor | None = None, kind: 
         if not bool(full.any()):
             raise ValueError("the radial spectrum needs at least one field without masked pixels; "
                              "use kind='axis' for masked fields")
-        anomaly = x[full] - x[full].mean((1, 2), keepdim=True)
-        spec = (torch.fft.fft2(anomaly).abs().square() / (H * W) ** 2).mean(0)
+        tapered, norm = _detrended_windowed(x[full], 2)
+        spec = (torch.fft.fft2(tapered).abs().square() / (norm * H * W)).mean(0)
         k = torch.sqrt(torch.fft.fftfreq(H, dtype=torch.float64)[:, None] ** 2
                        + torch.fft.fftfreq(W, dtype=torch.float64)[None, :] ** 2)
         n = min(H, W)
@@ -259,17 +282,15 @@ def power_spectrum(field: torch.Tensor, mask: torch.Tensor | None = None, kind: 
         return torch.arange(1, K + 1, dtype=torch.float64) / n, power[1:]
     if H > W:  # the longer axis last
         x, valid, H, W = x.transpose(1, 2), valid.transpose(1, 2), W, H
-    n = (W if whole else max(2, W // 4)) if segment is None else int(segment)
-    if not 2 <= n <= W:
-        raise ValueError(f"segment must be in [2, {W}] (the longer axis); got {segment}")
+    n = (W if whole else max(4, W // 4)) if segment is None else int(segment)
+    if not 4 <= n <= W:
+        raise ValueError(f"segment must be in [4, {W}] (the longer axis); got {segment}")
     hop = max(1, n // 2)
-    pieces = x.unfold(2, n, hop)  # [N, H, S, n]
     keep = valid.unfold(2, n, hop).all(-1)
     if not bool(keep.any()):
         raise ValueError(f"no fully valid segment of {n} pixels along the longer axis; pass a shorter segment")
-    anomaly = pieces[keep]
-    anomaly = anomaly - anomaly.mean(-1, keepdim=True)
-    spec = torch.fft.rfft(anomaly, dim=-1).abs().square() / n**2
+    tapered, norm = _detrended_windowed(x.unfold(2, n, hop)[keep], 1)  # [pieces, n]
+    spec = torch.fft.rfft(tapered, dim=-1).abs().square() / (norm * n)
     spec[:, 1:(n + 1) // 2] *= 2  # one-sided: the negative frequencies' half
     return torch.fft.rfftfreq(n, dtype=torch.float64)[1:], spec.mean(0)[1:]
 

@@ -165,12 +165,13 @@ def test_scores_agree_with_xskillscore_on_masked_data_with_a_member_dimension():
 @pytest.mark.parametrize("length", [100, 101])
 def test_axis_power_spectrum_matches_scipy_periodogram(length):
     signal = pytest.importorskip("scipy.signal")
-    x = torch.randn(3, 7, length, generator=torch.Generator().manual_seed(length), dtype=torch.float64)
+    ramp = torch.linspace(0, 5, length, dtype=torch.float64)  # a trend, which the detrending removes
+    x = torch.randn(3, 7, length, generator=torch.Generator().manual_seed(length), dtype=torch.float64) + ramp
     k, p = metrics.power_spectrum(x, kind="axis")
-    f, P = signal.periodogram(x.numpy(), fs=1.0, window="boxcar", detrend="constant", scaling="spectrum", axis=-1)
+    f, P = signal.periodogram(x.numpy(), fs=1.0, window="hann", detrend="linear", scaling="density", axis=-1)
     np.testing.assert_allclose(k.numpy(), f[1:], rtol=0, atol=1e-15)
-    np.testing.assert_allclose(p.numpy(), P.reshape(-1, P.shape[-1]).mean(0)[1:], rtol=1e-10)
-    assert float(p.sum()) == pytest.approx(float(x.var(-1, unbiased=False).mean()), rel=1e-10)  # Parseval
+    np.testing.assert_allclose(p.numpy(), P.reshape(-1, P.shape[-1]).mean(0)[1:] / length, rtol=1e-10)
+    assert float(p.sum()) == pytest.approx(1.0, rel=0.05)  # about the white noise's variance
     k_t, p_t = metrics.power_spectrum(x.transpose(1, 2))  # a tall strip: along its longer axis
     torch.testing.assert_close(p_t, p)
 
@@ -179,10 +180,11 @@ def test_radial_power_spectrum_puts_a_plane_wave_in_its_bin():
     n = 32
     y, x = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64), indexing="ij")
     wave = 3.0 * torch.cos(2 * math.pi * (3 * x + 4 * y) / n)  # |k| = 5/n
-    k, p = metrics.power_spectrum(wave[None, None])
-    assert k.shape == (n // 2,) and float(k[4]) == pytest.approx(5 / n)
-    assert float(p[4]) == pytest.approx(4.5, rel=1e-10)  # the variance A²/2, all in one bin
-    assert float(p.sum() - p[4]) == pytest.approx(0, abs=1e-9)
+    k, p = metrics.power_spectrum(wave[None, None] + 0.1 * x - 0.2 * y)  # a trend, which is removed
+    assert k.shape == (n // 2,) and float(k[4]) == pytest.approx(5 / n) and int(p.argmax()) == 4
+    # The variance A²/2, in its bin and the Hann window's two neighbours.
+    assert float(p[3:6].sum()) == pytest.approx(4.5, rel=1e-6)
+    assert float(p.sum() - p[3:6].sum()) == pytest.approx(0, abs=1e-6)
 
 
 def test_power_spectrum_leaves_masked_pixels_out():
@@ -194,12 +196,12 @@ def test_power_spectrum_leaves_masked_pixels_out():
     assert k.shape == (12,) and float(k[0]) == pytest.approx(1 / 24)
     torch.testing.assert_close(metrics.power_spectrum(torch.where(mask, x, 1e6), mask)[1], p)
     torch.testing.assert_close(metrics.power_spectrum(torch.where(mask, x, float("nan")))[1], p)
-    # Welch by hand: every fully valid 24-pixel segment (hop 12), mean removed, one-sided periodogram.
+    # Welch by hand: every fully valid 24-pixel segment (hop 12), detrended, Hann-windowed.
     signal = pytest.importorskip("scipy.signal")
     pieces = [x[i, 0, r, c:c + 24].numpy() for i in range(6) for r in range(16) for c in range(0, 73, 12)
               if bool(mask[r, c:c + 24].all())]
-    _, P = signal.periodogram(np.stack(pieces), fs=1.0, window="boxcar", detrend="constant", scaling="spectrum")
-    np.testing.assert_allclose(p.numpy(), P.mean(0)[1:], rtol=1e-10)
+    _, P = signal.periodogram(np.stack(pieces), fs=1.0, window="hann", detrend="linear", scaling="density")
+    np.testing.assert_allclose(p.numpy(), P.mean(0)[1:] / 24, rtol=1e-10)
     # Square fields: only the fully valid ones enter the radial spectrum.
     square = torch.randn(4, 1, 32, 32, generator=g, dtype=torch.float64)
     holes = torch.ones_like(square, dtype=torch.bool)
