@@ -57,6 +57,22 @@ def pytest_configure(config):
     import cases
 
     cases.FULL = bool(config.getoption("--full"))
+    if not cases.FULL and _triton.INTERPRETED:
+        _without_overflow_sanitizer()
+
+
+def _without_overflow_sanitizer():
+    """The fast run turns off the Triton interpreter's int32-overflow check of every integer op,
+    half of its time: the interpreter's cases index arrays of a few thousand elements, where no
+    int32 index can overflow, and the values are checked against the references either way.
+    ``--full`` keeps it (and the compile checks build every kernel for the GPU)."""
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "interpreter_builder", None)
+    if builder is not None and hasattr(builder.options, "sanitize_overflow"):
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
 
 
 def pytest_collection_modifyitems(config, items):
