@@ -130,7 +130,7 @@ def _config(args, scale: int):
 
     kw = dict(scale=scale, patch_size=args.patch_size, basis=args.basis, preset=args.preset, seed=args.seed,
               schedule=args.schedule, prediction=args.prediction, sample_steps=args.sample_steps,
-              sampler=getattr(args, "sampler", None) or _Config.sampler,
+              sampler=args.sampler,
               batch_size=args.batch_size, lr=args.learning_rate, residual=args.residual,
               antithetic=args.antithetic)
     if args.steps is not None:

@@ -84,9 +84,10 @@ def evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, memb
     if "ridge" not in fitted:
         fitted["ridge"] = baselines_.RidgeBaseline(scale).fit(lr_train, hr_train)
     for name, model in fitted.items():
-        predictions[name] = model.predict(lr_test).cpu().to(target.dtype)
+        predictions[name] = model.predict(lr_test).cpu()
     for name, prediction in predictions.items():
-        result[name] = score(prediction.to(target.dtype), target)
+        predictions[name] = prediction.to(target.dtype)
+        result[name] = score(predictions[name], target)
     if min(target.shape[-2:]) >= SPECTRUM_MIN_SIZE:
         result["spectra"] = _spectra(target, mean, members, predictions)
     result["meta"] = dict(meta or {})
@@ -150,7 +151,7 @@ def _figures(folder: Path, lr, target, mean, variance, coverage: dict | None, po
     draw("fields.png", panels, ("LR input", "truth", "ensemble mean"))
     if comparisons:
         shown = [("truth", target[i, 0]), ("ensemble mean", mean[i, 0])]
-        shown += [(title, field[i, 0].to(target.dtype)) for title, field in comparisons.items()]
+        shown += [(title, field[i, 0]) for title, field in comparisons.items()]
         draw("members.png", shown, tuple(title for title, _ in shown))
     if spectra:
         fig, ax = plt.subplots(figsize=(4.6, 3.4))

@@ -152,7 +152,8 @@ class DiffusionScheduler:
         alpha_s, sigma2_s = log_ab_s.mul(0.5).exp(), torch.sigmoid(-lam_s)
         sigma2_t = torch.sigmoid(-lam_t)
         if self.multistep:
-            return SchedulerOutput(self._dpm_solver_step(x0, sample, lam_t, lam_s, alpha_s, noise, final), x0)
+            return SchedulerOutput(self._dpm_solver_step(x0, sample, lam_t, lam_s, alpha_s, sigma2_s, noise, final),
+                                   x0)
         one_minus_ratio = -torch.expm1(log_ab_t - log_ab_s)  # 1 − ᾱ_t/ᾱ_s = σ²_{t|s}/σ²_t·(...)
         if self.sampler == "ddim":
             var = (self.eta**2) * torch.where(sigma2_t > 0, sigma2_s / sigma2_t, torch.zeros_like(sigma2_t))
@@ -171,7 +172,7 @@ class DiffusionScheduler:
             prev = prev + var.clamp_min(0).sqrt() * noise(sample.shape, sample.dtype)
         return SchedulerOutput(prev, x0)
 
-    def _dpm_solver_step(self, x0, sample, lam_t, lam_s, alpha_s, noise: Noise, final: bool) -> torch.Tensor:
+    def _dpm_solver_step(self, x0, sample, lam_t, lam_s, alpha_s, sigma2_s, noise: Noise, final: bool) -> torch.Tensor:
         """DPM-Solver++ (2M), midpoint form (module doc); first order without a previous step or when
         ``final`` (landing on σ = 0, where the step ratio ``r`` vanishes)."""
         h = 0.5 * (lam_s - lam_t)  # +inf on the step from zero SNR: e^{−h} = 0, and the next r = ∞ gives D = x̂_0
@@ -184,9 +185,8 @@ class DiffusionScheduler:
         if self.sampler == "dpmsolver++":
             return log_sigma_ratio.exp() * sample + alpha_s * (-torch.expm1(-h)) * D
         one_minus = -torch.expm1(-2 * h)  # 1 − e^{−2h}
-        sigma_s = torch.sigmoid(-lam_s).sqrt()
         prev = (log_sigma_ratio - h).exp() * sample + alpha_s * one_minus * D
-        return prev + sigma_s * one_minus.clamp_min(0).sqrt() * noise(sample.shape, sample.dtype)
+        return prev + sigma2_s.sqrt() * one_minus.clamp_min(0).sqrt() * noise(sample.shape, sample.dtype)
 
     @torch.no_grad()
     def sample(self, denoiser, cond: torch.Tensor, steps: int, generator: torch.Generator | None = None,
