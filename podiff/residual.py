@@ -54,7 +54,7 @@ class MeanModel:
         lr64, hr64 = lr.detach().cpu().double(), hr.detach().cpu().double()
         for a, b in zip(bounds[:-1], bounds[1:]):
             keep = torch.cat([torch.arange(0, a), torch.arange(b, n)])
-            fold = RidgeBaseline(r.scale, r.k, r.alpha, r.per_location).fit(lr64[keep], hr64[keep])
+            fold = RidgeBaseline(**r.settings()).fit(lr64[keep], hr64[keep])
             out[a:b] = fold.predict(lr64[a:b])
         return out.to(device=lr.device, dtype=lr.dtype)
 

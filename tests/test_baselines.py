@@ -84,17 +84,67 @@ def test_per_location_ridge_equals_scikit_learn_at_each_location_with_masked_tar
     assert torch.isnan(ridge.predict(lr)[:, 0, :4, :4]).all()
 
 
-def test_tuned_ridge_chooses_on_validation_and_reports_every_candidate():
+def test_pooled_ridge_is_scikit_learn_ridge_on_what_the_shared_fit_leaves():
+    """Pooled per-location weights: ``W_l = W_s + D_l`` with ``D_l`` the ridge (no intercept, the
+    intercept column penalised too) of the shared fit's residual on that location's valid rows."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    hr = smooth(30, 5, size=16).double()
+    lr = F.avg_pool2d(hr, S)
+    hr[::4, 0, 9, 2] = float("nan")
+    ridge = baselines.RidgeBaseline(S, neighbourhood=3, alpha=1e-3, per_location=True, pooling=0.05).fit(lr, hr)
+    shared = baselines.RidgeBaseline(S, neighbourhood=3, alpha=1e-3).fit(lr, hr)
+    X = _design(lr, 3).double().reshape(30, 16, 9)
+    Xa = torch.cat([X - X.reshape(-1, 9).mean(0), torch.ones(30, 16, 1, dtype=torch.float64)], -1)
+    Y = F.unfold(torch.nan_to_num(hr, nan=0.0), S, stride=S).transpose(1, 2)
+    V = F.unfold((~torch.isnan(hr)).double(), S, stride=S).transpose(1, 2) > 0
+    location, sparse = 2 * 4 + 0, 1 * S + 2  # LR pixel (2, 0) holds HR pixel (9, 2) at output (1, 2)
+    for out_pixel in (0, sparse):
+        rows = V[:, location, out_pixel]
+        prior = shared.weights[0, out_pixel]
+        target = Y[rows, location, out_pixel] - Xa[rows, location] @ prior
+        ref = linear_model.Ridge(alpha=ridge.penalty, fit_intercept=False).fit(Xa[rows, location].numpy(), target.numpy())
+        torch.testing.assert_close(ridge.weights[location, out_pixel], prior + torch.from_numpy(ref.coef_),
+                                   rtol=1e-7, atol=1e-9)
+    assert int(V[:, location, sparse].sum()) == 22
+    # A huge pooling penalty leaves no room for a location of its own: the shared fit.
+    far = baselines.RidgeBaseline(S, 3, 1e-3, True, pooling=1e9).fit(lr, hr)
+    torch.testing.assert_close(far.predict(lr), shared.predict(lr), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="pooling=0.1 pools per-location weights: it needs per_location=True"):
+        baselines.RidgeBaseline(S, pooling=0.1)
+    with pytest.raises(ValueError, match="pooling must be >= 0; got -1"):
+        baselines.RidgeBaseline(S, per_location=True, pooling=-1)
+
+
+def test_tuned_ridge_chooses_on_validation_and_reports_every_candidate(tmp_path):
     hr = smooth(60, 4, size=16)
     lr = F.avg_pool2d(hr, S)
-    best, table = baselines.RidgeBaseline.tuned(S, lr[:40], hr[:40], lr[40:], hr[40:], penalties=(1e-6, 1e-2, 1e2))
-    assert len(table) == 3 * 2 * 3
+    best, table = baselines.RidgeBaseline.tuned(S, lr[:40], hr[:40], lr[40:], hr[40:], penalties=(1e-6, 1e-2, 1e2),
+                                                poolings=(1e-3, 1e-1))
+    assert len(table) == 3 * (2 * 3 + 2)
     winner = min(table, key=lambda row: row["val_rmse"])
-    assert (best.k, best.per_location, best.alpha) == (winner["neighbourhood"], winner["per_location"], winner["alpha"])
-    refit = baselines.RidgeBaseline(S, best.k, best.alpha, best.per_location).fit(lr[:40], hr[:40])
+    assert (best.k, best.per_location, best.alpha, best.pooling) == (
+        winner["neighbourhood"], winner["per_location"], winner["alpha"], winner["pooling"])
+    refit = baselines.RidgeBaseline(**best.settings()).fit(lr[:40], hr[:40])
     torch.testing.assert_close(best.predict(lr[40:]), refit.predict(lr[40:]))
+    # Each pooled row shrinks toward the shared fit that validated best for its k.
+    for k in (3, 5, 7):
+        shared = min((r for r in table if r["neighbourhood"] == k and not r["per_location"]), key=lambda r: r["val_rmse"])
+        assert {r["alpha"] for r in table if r["neighbourhood"] == k and r["pooling"] > 0} == {shared["alpha"]}
+    # The chosen model (whatever its placement) survives a save and load; a file from before pooling loads too.
+    pooled = baselines.RidgeBaseline(S, 5, 1e-2, True, pooling=1e-1).fit(lr[:40], hr[:40])
+    for model in (best, pooled):
+        model.save(tmp_path / "r.safetensors")
+        loaded, _ = baselines.RidgeBaseline.load(tmp_path / "r.safetensors")
+        assert loaded.settings() == model.settings()
+        torch.testing.assert_close(loaded.predict(lr[40:]), model.predict(lr[40:]))
+    state = {key: value for key, value in pooled.state().items() if key != "pooling"}
+    assert baselines.RidgeBaseline.from_state(state, pooled.tensors()).pooling == 0.0
     with pytest.raises(ValueError, match="neighbourhood must be a positive odd int; got 4"):
         baselines.RidgeBaseline(S, neighbourhood=4)
+    with pytest.raises(ValueError, match="'pooled' shrinks toward the tuned shared fit, so it needs 'shared' too"):
+        baselines.RidgeBaseline.tuned(S, lr[:40], hr[:40], lr[40:], hr[40:], placements=("pooled",))
+    with pytest.raises(ValueError, match="placements must be some of"):
+        baselines.RidgeBaseline.tuned(S, lr[:40], hr[:40], lr[40:], hr[40:], placements=("global",))
 
 
 def test_pod_projection_uses_the_pipeline_pod():
