@@ -38,7 +38,7 @@ class MeanModel:
         """Tuned on ``validation = (lr_val, hr_val)`` when given (fitted on ``lr, hr`` only)."""
         if validation is not None:
             ridge, table = RidgeBaseline.tuned(scale, lr, hr, *validation)
-            best = min(table, key=lambda row: row["val_rmse"])
+            best = next(row for row in table if row["chosen"])
             return cls(ridge, {"tuned_on_validation": True, **best, "candidates": len(table)})
         return cls(RidgeBaseline(scale).fit(lr, hr), {"tuned_on_validation": False})
 

@@ -212,11 +212,18 @@ class RidgeBaseline:
     def tuned(cls, scale: int, lr_train, hr_train, lr_val, hr_val, neighbourhoods=NEIGHBOURHOODS,
               penalties=PENALTIES, placements=("shared", "per-location", "pooled"),
               poolings=POOLINGS) -> tuple["RidgeBaseline", list[dict]]:
-        """The best ``(k, placement, α, pooling)`` by validation RMSE, fitted on the training
-        fields; and every candidate's validation RMSE (``[{"neighbourhood", "per_location",
-        "pooling", "alpha", "val_rmse"}]``). ``placements``: any of ``"shared"``,
-        ``"per-location"`` and ``"pooled"`` (per-location weights pooled toward the shared fit
-        with the best ``α`` for that ``k``; needs ``"shared"``)."""
+        """The chosen ``(k, placement, α, pooling)``, fitted on the training fields; and every
+        candidate's validation RMSE (``[{"neighbourhood", "per_location", "pooling", "alpha",
+        "val_rmse", "chosen"}]``). ``placements``: any of ``"shared"``, ``"per-location"`` and
+        ``"pooled"`` (per-location weights pooled toward the shared fit with the best ``α`` for
+        that ``k``; needs ``"shared"``).
+
+        The choice is the best validation RMSE, guarded against selection noise: a per-location
+        or pooled fit, which has far more weights, replaces the best shared one only if a
+        one-sided paired t-test on the per-field validation MSE finds it better at the 5 % level.
+        (On 8 validation fields of 4×4 locations a pooled fit validated 1.3 standard errors
+        better by chance and was worse on 168 test fields; on the packaged SST's 6 validation
+        months the pooled fit is 8.5 standard errors better.)"""
         unknown = set(placements) - {"shared", "per-location", "pooled"}
         if unknown or not placements:
             raise ValueError(f"placements must be some of 'shared', 'per-location', 'pooled'; got {placements}")
@@ -225,16 +232,20 @@ class RidgeBaseline:
         target = hr_val.detach().cpu().double()
         valid = ~torch.isnan(target)
         lr_val = lr_val.double()
-        table, best = [], None
+        table, best, best_shared = [], None, None  # best: (rmse, per-field squared errors, settings, row)
 
         def score(model, **row):
-            nonlocal best
+            nonlocal best, best_shared
             pred = model.predict(lr_val).double()
             ok = valid & ~torch.isnan(pred)
-            rmse = math.sqrt(float((pred - target)[ok].square().mean()))
-            table.append({"neighbourhood": model.k, **row, "val_rmse": rmse})
+            squared = torch.where(ok, (pred - target).square(), 0.0).flatten(1).sum(1)  # per field
+            rmse = math.sqrt(float(squared.sum() / ok.sum()))
+            table.append({"neighbourhood": model.k, **row, "val_rmse": rmse, "chosen": False})
+            entry = (rmse, squared / ok.flatten(1).sum(1).clamp_min(1), dict(model.settings(), **row), table[-1])
             if best is None or rmse < best[0]:
-                best = (rmse, dict(model.settings(), **row))
+                best = entry
+            if not model.per_location and (best_shared is None or rmse < best_shared[0]):
+                best_shared = entry
             return rmse
 
         for k in neighbourhoods:
@@ -257,7 +268,15 @@ class RidgeBaseline:
                     model.pooling, model.penalty = pooling, pooling * unit
                     model.weights = model._solve(gram, rhs, model.penalty, shared_best[2])
                     score(model, per_location=True, pooling=pooling, alpha=shared_best[1])
-        settings = best[1]
+        if best_shared is not None and best is not best_shared:
+            from scipy import stats
+
+            gain = best_shared[1] - best[1]  # per-field MSE the flexible fit saves
+            n = len(gain)
+            if n < 2 or float(gain.mean()) <= stats.t.ppf(0.95, n - 1) * float(gain.std()) / math.sqrt(n):
+                best = best_shared
+        best[3]["chosen"] = True
+        settings = best[2]
         chosen = cls(scale, settings["neighbourhood"], settings["alpha"], settings["per_location"], settings["pooling"])
         return chosen.fit(lr_train, hr_train), table
 
