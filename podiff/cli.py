@@ -187,32 +187,86 @@ def _fit_pod(args) -> int:
     return 0
 
 
-def train(args, ds=None) -> "object":
-    from .pipeline import PODiffPipeline
-    from .io import write_json
-    from .pod import PatchPOD
-
-    ds = ds or _data(args)
-    out = Path(args.out)
-    rank, world = distributed.rank_world()
-    if rank == 0:
-        _prepare_out(out, args.overwrite, resume=args.resume)
-        out.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    lr, hr, idx = ds.split(args.split)
+def _validation_count(args, idx) -> int:
+    """How many of the fields ``idx`` are held out for validation (the last ones)."""
     n_val = getattr(args, "val_count", None)
     if n_val is None:
         n_val = math.ceil(args.val_fraction * len(idx)) if args.val_fraction > 0 else 0
     if len(idx) - n_val < 2:
         raise CommandError(f"--split {args.split} holds {len(idx)} fields; holding out {n_val} for validation "
                            f"leaves {len(idx) - n_val} to train on (at least 2 needed; lower --val-fraction)")
+    return n_val
+
+
+def _training_stream(args):
+    """netCDF/Zarr training fields larger than ``--memory-mb``: ``(stream, lr_val, hr_val, idx, n)``
+    with the validation fields read (an evenly spaced subsample of them if they too exceed the
+    budget); ``None`` when the data fit (or are not netCDF/Zarr): the fields are then loaded."""
+    from .data import DATASETS, split_indices
+    from .fields import open_field, sniff
+    from .streaming import FieldStream
+
+    budget = getattr(args, "memory_mb", None)
+    if (budget is None or args.scale is None or args.data in DATASETS
+            or sniff(args.data) not in ("netcdf3", "netcdf4", "zarr", "glob")):
+        return None
+    field_, grid = open_field(args.data, args.var, **_selection(args))
+    n = field_.sizes[field_.dims[0]]
+    idx = split_indices(n, args.split)
+    n_val = _validation_count(args, idx)
+    label = f"{args.data}: variable {grid.var!r}"
+    stream = FieldStream(field_, idx[: len(idx) - n_val], args.scale, label)
+    budget_bytes = int(budget * 2**20)
+    if stream.nbytes <= budget_bytes:
+        return None
+    lr_val = hr_val = None
+    if n_val:
+        held = FieldStream(field_, idx[len(idx) - n_val :], args.scale, label)
+        lr_val, hr_val = held.read(held.subsample(budget_bytes))
+    return stream, lr_val, hr_val, idx, n
+
+
+def train(args, ds=None) -> "object":
+    from .pipeline import PODiffPipeline
+    from .io import write_json
+    from .pod import PatchPOD
+
+    streamed = None if ds is not None else _training_stream(args)
+    if streamed is None:
+        ds = ds or _data(args)
+        scale, n_fields = ds.scale, len(ds)
+        lr, hr, idx = ds.split(args.split)
+    else:
+        stream, lr_val, hr_val, idx, n_fields = streamed
+        scale = args.scale
+    out = Path(args.out)
+    rank, world = distributed.rank_world()
+    if streamed is not None and world > 1:
+        raise CommandError(f"{args.data}: training fields larger than --memory-mb stream in one process; "
+                           f"raise --memory-mb above {stream.nbytes / 2**20:.0f} to train under torchrun")
+    if rank == 0:
+        _prepare_out(out, args.overwrite, resume=args.resume)
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    n_val = _validation_count(args, idx)
     train_idx, val_idx = idx[: len(idx) - n_val], idx[len(idx) - n_val :]
-    lr_val, hr_val = lr[len(train_idx) :], hr[len(train_idx) :]
-    lr, hr = lr[: len(train_idx)], hr[: len(train_idx)]
+    if streamed is None:
+        lr_val, hr_val = lr[len(train_idx) :], hr[len(train_idx) :]
+        lr, hr = lr[: len(train_idx)], hr[: len(train_idx)]
     if rank == 0 and not args.quiet:
         held = (f"validating on the last {n_val} (fields {int(val_idx[0])}-{int(val_idx[-1])}, --val-fraction "
                 f"{args.val_fraction})" if n_val else "no validation (--val-fraction 0)")
-        print(f"training on {len(train_idx)} of the {len(ds)} fields of {args.data} (--split {args.split}), {held}")
+        print(f"training on {len(train_idx)} of the {n_fields} fields of {args.data} (--split {args.split}), {held}")
+    stream_info = None
+    if streamed is not None:
+        budget_bytes = int(args.memory_mb * 2**20)
+        fitted = stream.subsample(budget_bytes)
+        stream_info = {"memory_mb": args.memory_mb, "train_mib": stream.nbytes / 2**20,
+                       "fit_fields": len(fitted), "val_fields": 0 if hr_val is None else hr_val.shape[0]}
+        if not args.quiet:
+            print(f"streaming: the {len(stream)} training fields ({stream.nbytes / 2**20:.0f} MiB) exceed --memory-mb "
+                  f"{args.memory_mb:g}; scaling, ridge and POD are fitted on {len(fitted)} evenly spaced fields, "
+                  f"validation uses {stream_info['val_fields']} of {n_val}, and each step reads its batch from the file")
     if world > 1:  # each rank reads its contiguous shard; the pipeline reduces and gathers exactly
         rows = distributed.shard(len(train_idx), rank, world)
         lr, hr = lr[rows], hr[rows]
@@ -221,11 +275,16 @@ def train(args, ds=None) -> "object":
         raise CommandError("--pod gives a POD of the fields themselves; use it with --residual none "
                            "(a residual model fits its POD to what the ridge misses)")
     pod = PatchPOD.load(args.pod) if args.pod else None
-    pipe = PODiffPipeline(_config(args, ds.scale), pod=pod, device=device)  # fit moves the data there
+    pipe = PODiffPipeline(_config(args, scale), pod=pod, device=device)  # fit moves the data there
     t0 = time.perf_counter()
-    pipe.fit(lr, hr, progress=not args.quiet, checkpoint=out / "checkpoint.pt", resume=args.resume,
-             checkpoint_every=args.checkpoint_every, validation=(lr_val, hr_val) if n_val else None,
-             eval_every=args.eval_every, patience=args.patience or None)
+    fit_options = dict(progress=not args.quiet, checkpoint=out / "checkpoint.pt", resume=args.resume,
+                       checkpoint_every=args.checkpoint_every, validation=(lr_val, hr_val) if n_val else None,
+                       eval_every=args.eval_every, patience=args.patience or None)
+    if streamed is None:
+        pipe.fit(lr, hr, **fit_options)
+    else:
+        pipe.fit_streamed(stream, memory_bytes=budget_bytes, **fit_options)
+        lr, hr = stream.read(fitted)  # the baselines are fitted on the same fields as the ridge and POD
     seconds = time.perf_counter() - t0
     if rank != 0:
         return pipe
@@ -243,8 +302,8 @@ def train(args, ds=None) -> "object":
         baseline_info = {"skipped": "under torchrun; evaluate fits a ridge on the data's train split"}
     else:
         baseline_info = train_baselines(pipe, args, lr, hr, (lr_val, hr_val) if n_val else None, out / "model")
-    scores = validation_scores(pipe, lr_val, hr_val, ds.scale, args.seed, out / "model") if n_val else None
-    info = {"data": args.data, "scale": ds.scale, "split": args.split,
+    scores = validation_scores(pipe, lr_val, hr_val, scale, args.seed, out / "model") if n_val else None
+    info = {"data": args.data, "scale": scale, "split": args.split, "streamed": stream_info,
             "train_indices": [int(train_idx[0]), int(train_idx[-1])],
             "val_indices": [int(val_idx[0]), int(val_idx[-1])] if n_val else None,
             "train_seconds": seconds, "steps": pipe.step_count, "best_step": pipe.best_step,
@@ -632,6 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the ensemble's spread as sampled (default: scaled to match its validation error)")
     p.add_argument("--no-regression-baseline", dest="regression_baseline", action="store_false",
                    help="skip training the regression ViT baseline (the ridge baseline is always fitted)")
+    p.add_argument("--memory-mb", type=_positive_float, default=2048.0,
+                   help="netCDF/Zarr training fields larger than this many MiB stream: scaling, ridge, POD and "
+                        "baselines are fitted on an evenly spaced subsample of this size, and each step reads "
+                        "its batch from the file (default 2048)")
     _add_model_options(p)
     _add_device_option(p)
     p.set_defaults(func=cmd_train)

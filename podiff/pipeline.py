@@ -355,15 +355,54 @@ class PODiffPipeline:
         with torch.no_grad():
             x0_all = distributed_.all_gather_rows(self.target_tokens(hr, lr, prediction).float())
             cond_all = distributed_.all_gather_rows(self.condition_tokens(lr, prediction).float())
-            val_tokens = None
-            if validation is not None:
-                lr_val, hr_val = (t.to(self._device) for t in validation)
-                _check_pair(lr_val, hr_val, cfg.scale)
-                val_tokens = (self.target_tokens(hr_val, lr_val).float(), self.condition_tokens(lr_val).float())
         trainer = Trainer(self, amp=amp, distributed=distributed)
         return trainer.fit(x0_all, cond_all, steps, progress=progress, checkpoint=checkpoint,
                            checkpoint_every=checkpoint_every, resume=resume, log_every=log_every,
-                           validation=val_tokens, eval_every=eval_every, patience=patience)
+                           validation=self._validation_tokens(validation), eval_every=eval_every, patience=patience)
+
+    @torch.no_grad()
+    def _validation_tokens(self, validation):
+        if validation is None:
+            return None
+        lr_val, hr_val = (t.to(self._device) for t in validation)
+        _check_pair(lr_val, hr_val, self.config.scale)
+        return self.target_tokens(hr_val, lr_val).float(), self.condition_tokens(lr_val).float()
+
+    def fit_streamed(self, stream, validation: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                     memory_bytes: int = 1 << 30, steps: int | None = None, progress: bool = True,
+                     checkpoint: str | Path | None = None, checkpoint_every: int = 200, resume: bool = True,
+                     log_every: int = 50, device=None, amp: bool | None = None, eval_every: int = 50,
+                     patience: int | None = 8) -> list[float]:
+        """``fit`` for training fields that do not fit in memory: a ``streaming.FieldStream``.
+
+        The data scaling, the ridge (tuned on ``validation``), the POD (and its choice) and the
+        condition statistics are fitted on an evenly spaced subsample of the stream's fields of
+        at most ``memory_bytes`` (``stream.subsample``); the denoiser is trained on all of them,
+        each step reading and encoding its batch (``streaming.StreamedTokens``). ``validation``
+        (``(lr_val, hr_val)``, in memory) and the other arguments are as in ``fit``. One process.
+        """
+        from .streaming import StreamedTokens
+
+        if device is not None:
+            self.to(device)
+        positions = stream.subsample(memory_bytes)
+        lr, hr = stream.read(positions)
+        lr, hr, _ = self._checked_on_device(lr, hr, None)
+        if self.denoiser is None:
+            hr_fit, hr_val_fit, prediction = self._fit_mean_model(lr, hr, validation)
+            self._build(hr_fit, None, progress, False, hr_val=hr_val_fit)
+            self._fit_condition(prediction)
+        else:  # built or resumed: the same out-of-fold predictions again
+            prediction = self.mean_model.out_of_fold(lr, hr) if self.mean_model is not None else None
+        del lr, hr
+        steps = self.config.train_steps if steps is None else int(steps)
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0; got {steps}")
+        tokens = StreamedTokens(self, stream, positions, prediction)
+        return Trainer(self, amp=amp).fit(tokens, None, steps, progress=progress, checkpoint=checkpoint,
+                                          checkpoint_every=checkpoint_every, resume=resume, log_every=log_every,
+                                          validation=self._validation_tokens(validation), eval_every=eval_every,
+                                          patience=patience)
 
     # ------------------------------------------------------------------ sampling
 

@@ -136,9 +136,10 @@ class RidgeBaseline:
         if prior is None:
             penalty[-1] = 0.0  # the intercept is not penalised
         A = gram + lam_per_row * torch.diag(penalty)
-        A = A.expand(*rhs.shape[:2], Fp, Fp)
         if prior is not None:
             rhs = rhs + lam_per_row * prior
+        if A.shape[1] == 1:  # one Gram for every output: the outputs are right-hand sides of one solve
+            return torch.linalg.solve_ex(A[:, 0], rhs.transpose(-1, -2))[0].transpose(-1, -2)  # G, D, F+1
         return torch.linalg.solve_ex(A, rhs.unsqueeze(-1))[0].squeeze(-1)  # G, D, F+1
 
     def fit(self, lr: torch.Tensor, hr: torch.Tensor) -> "RidgeBaseline":

@@ -1,4 +1,4 @@
-"""Fitting the POD of a dataset larger than memory: chunks of samples streamed from netCDF / Zarr.
+"""Datasets larger than memory, streamed from netCDF / Zarr: fitting a POD, and training.
 
 ``fit_pod_streaming`` reads the variable lazily (xarray + dask) in chunks of at most
 ``budget_bytes`` and makes two passes: the per-channel scaling (float64 counts, means and
@@ -6,6 +6,11 @@ centred sums of squares merged across chunks, Chan et al.), then ``PatchPOD.fit`
 standardised chunks, whose statistics already merge batch by batch. The result equals fitting
 the whole array at once (``podiff fit-pod`` on an ``.npz``) to float rounding; peak memory is a
 few chunks, not the dataset.
+
+``FieldStream`` is the training part of such a variable, read a few fields at a time, and
+``StreamedTokens`` the token source a ``Trainer`` draws its batches from when the fields do not
+fit in memory (``PODiffPipeline.fit_streamed``, ``podiff train --memory-mb``): every step reads
+its batch of fields from the file and encodes them.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import _check_finite, crop_size, split_indices
+from .data import _check_finite, block_average, crop_size, split_indices
 from .fields import open_field
 
 
@@ -80,4 +85,87 @@ def fit_pod_streaming(pod, source, var, scale: int, *, split: str = "all", dims=
     return pod.fit(standardised(), progress=progress)
 
 
-__all__ = ["fit_pod_streaming", "streaming_scaling"]
+class FieldStream:
+    """Fields ``indices`` of a lazily opened variable (``fields.open_field``), read on demand.
+
+    Args:
+        field_: a lazy ``xr.DataArray`` ``(sample, channel, y, x)``.
+        indices: the sample indices this stream holds (``[N]``, in order).
+        scale: the super-resolution factor: the grid is cropped to a multiple of it and the
+            low-resolution fields are block averages.
+        label: names the file and variable in errors.
+
+    ``read(positions)`` gives ``(lr [B, C, h, w], hr [B, C, H, W])`` for positions into
+    ``indices`` (any order, repeats allowed), reading each distinct field once.
+    """
+
+    def __init__(self, field_, indices, scale: int, label: str):
+        sample, _, y, x = field_.dims
+        H, W = crop_size(field_.sizes[y], field_.sizes[x], scale, label)
+        self.field = field_.isel({y: slice(0, H), x: slice(0, W)})
+        self.sample_dim = sample
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.scale, self.label = int(scale), label
+        self.shape = (int(field_.sizes["channel"]), H, W)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def field_bytes(self) -> int:
+        """Bytes of one high-resolution field (float32)."""
+        return int(np.prod(self.shape)) * 4
+
+    @property
+    def nbytes(self) -> int:
+        return self.field_bytes * len(self)
+
+    def subsample(self, budget_bytes: int) -> np.ndarray:
+        """Evenly spaced positions, as many as fit ``budget_bytes`` (at least 2, at most all)."""
+        count = int(min(len(self), max(2, budget_bytes // self.field_bytes)))
+        return np.unique(np.linspace(0, len(self) - 1, count).round().astype(np.int64))
+
+    def read(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
+            raise IndexError(f"positions must lie in [0, {len(self)}); got {positions.min()}..{positions.max()}")
+        distinct, inverse = np.unique(self.indices[positions], return_inverse=True)
+        values = np.asarray(self.field.isel({self.sample_dim: distinct}).values, dtype=np.float32)
+        hr = torch.from_numpy(values)[torch.from_numpy(inverse.reshape(-1))]
+        _check_finite(hr, f"{self.label} (samples {int(distinct[0])}-{int(distinct[-1])})")
+        return block_average(hr, self.scale), hr
+
+
+class StreamedTokens:
+    """The training tokens of a ``FieldStream``, made per batch: a ``Trainer`` token source.
+
+    ``rows(idx)`` reads fields ``idx``, and returns their target and condition tokens on the
+    pipeline's device. For a residual pipeline, the fields its ridge was fitted on (``fitted``
+    positions) use their out-of-fold predictions (``prediction``, in the same order), as
+    in-memory training does; every other field's ridge prediction is out of sample already.
+    """
+
+    def __init__(self, pipe, stream: FieldStream, fitted=None, prediction: torch.Tensor | None = None):
+        self.pipe, self.stream = pipe, stream
+        self.prediction = prediction.to(pipe.device) if prediction is not None else None
+        self.row_of = {int(p): i for i, p in enumerate(fitted)} if prediction is not None else {}
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    @torch.no_grad()
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pipe = self.pipe
+        positions = idx.cpu().numpy()
+        lr, hr = (t.to(pipe.device) for t in self.stream.read(positions))
+        prediction = None
+        if pipe.mean_model is not None:
+            prediction = pipe.mean_model.predict(lr)
+            own = [(i, self.row_of[int(p)]) for i, p in enumerate(positions) if int(p) in self.row_of]
+            if own:
+                at, rows = (torch.tensor(v, device=lr.device) for v in zip(*own))
+                prediction[at] = self.prediction[rows].to(prediction.dtype)
+        return (pipe.target_tokens(hr, lr, prediction).float(), pipe.condition_tokens(lr, prediction).float())
+
+
+__all__ = ["FieldStream", "StreamedTokens", "fit_pod_streaming", "streaming_scaling"]

@@ -92,6 +92,24 @@ def rank_rows(batch: int, rank: int, world: int) -> slice:
     return slice(rank * batch // world, (rank + 1) * batch // world)
 
 
+class TokenTensors:
+    """All training tokens in memory, ``x0, cond [N, L, r]``: the ``Trainer``'s usual token source.
+    A source is anything with ``len()`` and ``rows(idx) -> (x0 [B, L, r], cond [B, L, r])`` on
+    the trainer's device (``streaming.StreamedTokens`` reads and encodes each batch instead)."""
+
+    def __init__(self, x0: torch.Tensor, cond: torch.Tensor):
+        if x0.shape != cond.shape:
+            raise ValueError(f"x0 and cond must have one shape [N, L, r]; got {tuple(x0.shape)} and {tuple(cond.shape)}")
+        self.x0, self.cond = x0, cond
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = idx.to(self.x0.device)
+        return self.x0[idx], self.cond[idx]
+
+
 class Trainer:
     """Trains a built ``PODiffPipeline``'s denoiser (and learned schedule) on its device.
 
@@ -127,12 +145,14 @@ class Trainer:
 
     # -------------------------------------------------------------- one step (no host sync)
 
-    def batch(self, x0_all: torch.Tensor, cond_all: torch.Tensor, batch: int):
-        """The next global batch: indices and noise from the CPU generator, on the tokens' device."""
-        idx = torch.randint(0, x0_all.shape[0], (batch,), generator=self.generator).to(x0_all.device)
-        x0 = x0_all[idx]
+    def batch(self, x0_all, cond_all: torch.Tensor | None, batch: int):
+        """The next global batch: indices and noise from the CPU generator, on the tokens' device.
+        ``x0_all, cond_all``: all tokens ``[N, L, r]``, or a token source and ``None``."""
+        source = TokenTensors(x0_all, cond_all) if cond_all is not None else x0_all
+        idx = torch.randint(0, len(source), (batch,), generator=self.generator)
+        x0, cond = source.rows(idx)
         t, eps = self.pipe.draw_noise(x0, self.generator)
-        return x0, cond_all[idx], t, eps
+        return x0, cond, t, eps
 
     def step(self, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """One optimiser step on a batch; returns the loss as a tensor (not read off the device)."""
@@ -185,11 +205,12 @@ class Trainer:
         denoiser.train(was_training)
         return total / count
 
-    def fit(self, x0_all: torch.Tensor, cond_all: torch.Tensor, steps: int, *, progress: bool = True,
+    def fit(self, x0_all, cond_all: torch.Tensor | None, steps: int, *, progress: bool = True,
             checkpoint: str | Path | None = None, checkpoint_every: int = 200, resume: bool = True,
             log_every: int = 50, validation: tuple[torch.Tensor, torch.Tensor] | None = None,
             eval_every: int = 50, patience: int | None = 8) -> list[float]:
-        """Trains on all tokens ``x0_all, cond_all [N, L, r]`` until ``pipe.step_count == steps``,
+        """Trains on all tokens ``x0_all, cond_all [N, L, r]`` (or a token source, see
+        ``TokenTensors``, and ``cond_all=None``) until ``pipe.step_count == steps``,
         or, with ``validation = (x0_val, cond_val)``, until the EMA model's validation loss
         (``validation_loss``, every ``eval_every`` steps) has not improved for ``patience``
         evaluations (None: never stop early). The weights of the best evaluation are kept and
@@ -201,12 +222,12 @@ class Trainer:
             raise ValueError(f"eval_every must be >= 1; got {eval_every}")
         if patience is not None and int(patience) < 1:
             raise ValueError(f"patience must be >= 1 or None; got {patience}")
-        x0_all, cond_all = x0_all.to(self.device), cond_all.to(self.device)
+        source = TokenTensors(x0_all.to(self.device), cond_all.to(self.device)) if cond_all is not None else x0_all
         if validation is not None:
             validation = (validation[0].to(self.device), validation[1].to(self.device))
             if validation[0].shape[0] == 0:
                 raise ValueError("validation holds no fields; pass None to train without validation")
-        batch = min(cfg.batch_size, x0_all.shape[0])
+        batch = min(cfg.batch_size, len(source))
         rows = rank_rows(batch, self.rank, self.world)
         path = Path(checkpoint) if checkpoint is not None else None
         if path is not None and resume and path.is_file():
@@ -214,7 +235,7 @@ class Trainer:
         bar = tqdm(total=steps, initial=min(pipe.step_count, steps), disable=not progress or self.rank != 0,
                    desc="train", unit="step")
         while pipe.step_count < steps and not self._stopped(patience):
-            x0, cond, t, eps = self.batch(x0_all, cond_all, batch)  # every rank draws the global batch
+            x0, cond, t, eps = self.batch(source, None, batch)  # every rank draws the global batch
             loss = self.step(x0[rows], cond[rows], t[rows], eps[rows])
             value = float(distributed_.all_sum(loss.float()) / self.world)
             if not math.isfinite(value):
@@ -301,4 +322,4 @@ class Trainer:
         self.best = state.get("best")
 
 
-__all__ = ["Trainer", "TrainingModule", "autocast", "diffusion_loss", "draw_noise", "rank_rows"]
+__all__ = ["TokenTensors", "Trainer", "TrainingModule", "autocast", "diffusion_loss", "draw_noise", "rank_rows"]
