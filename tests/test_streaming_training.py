@@ -65,6 +65,18 @@ def test_a_stream_reads_any_positions_as_the_loaded_fields(field_file):
         stream.read([0, 26])
 
 
+def test_a_field_that_cannot_be_read_mid_training_is_a_one_line_error(tmp_path):
+    store = tmp_path / "f.zarr"
+    xr.Dataset({"sst": (("time", "lat", "lon"), np.ones((8, H, W), "f4"))}).chunk({"time": 2}).to_zarr(
+        store, mode="w", consolidated=False)
+    stream = stream_of(store, np.arange(8))
+    metadata = {"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"}
+    chunk = next(path for path in sorted((store / "sst").rglob("*")) if path.is_file() and path.name not in metadata)
+    chunk.write_bytes(b"not a compressed chunk" * 20)  # a corrupt chunk, as a failing disk leaves one
+    with pytest.raises(ValueError, match=r"f.zarr: variable 'sst' \(samples .*\) could not be read: "):
+        stream.read(np.arange(8))
+
+
 def test_streamed_training_with_room_for_every_field_is_in_memory_training(field_file):
     """When the budget holds every training field, the fits are the in-memory ones and each
     batch's tokens are the same rows: the same loss curve, validation and ensemble."""
