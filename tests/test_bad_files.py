@@ -132,7 +132,8 @@ def test_netcdf_and_zarr_inputs(tmp_path_factory, spec, scale, var):
 NUMERIC = {"--scale": (int, 1, math.inf), "--steps": (int, 0, math.inf), "--batch-size": (int, 1, math.inf),
            "--rank": (int, 1, math.inf), "--patch-size": (int, 1, math.inf), "--eval-every": (int, 1, math.inf),
            "--patience": (int, 0, math.inf), "--sample-steps": (int, 1, math.inf),
-           "--val-fraction": (float, 0.0, 1.0), "--energy": (float, 0.0, 1.0), "--learning-rate": (float, 0.0, math.inf)}
+           "--val-fraction": (float, 0.0, 1.0), "--energy": (float, 0.0, 1.0), "--learning-rate": (float, 0.0, math.inf),
+           "--memory-mb": (float, 0.0, math.inf)}
 
 
 @settings(max_examples=150, deadline=None)
@@ -153,7 +154,7 @@ def test_numeric_options_are_validated(option, text):
     assert isinstance(value, kind) and math.isfinite(value) and low <= value <= high
     if option in ("--val-fraction",):
         assert value < 1.0
-    if option in ("--energy", "--learning-rate"):
+    if option in ("--energy", "--learning-rate", "--memory-mb"):
         assert value > 0.0
 
 
