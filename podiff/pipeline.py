@@ -337,21 +337,12 @@ class PODiffPipeline:
                  else hr.shape[0])
         if total < 2:
             raise ValueError(f"training needs at least two samples; got {total}")
-        if self.denoiser is None:
-            rank = distributed_.rank_world()[0] if distributed else 0
-            if distributed and cfg.residual != "none":
-                raise ValueError("residual training is not distributed yet; train it in one process "
-                                 "(or pass --residual none)")
-            hr_fit, hr_val_fit, prediction = self._fit_mean_model(lr, hr, validation)
-            self._build(hr_fit, mask, progress and rank == 0, distributed, hr_val=hr_val_fit)
-            self._fit_condition(prediction)
-        elif self.mean_model is not None:  # built or resumed: the same out-of-fold predictions again
-            prediction = self.mean_model.out_of_fold(lr, hr)
-        else:
-            prediction = None
-        steps = cfg.train_steps if steps is None else int(steps)
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0; got {steps}")
+        if self.denoiser is None and distributed and cfg.residual != "none":
+            raise ValueError("residual training is not distributed yet; train it in one process "
+                             "(or pass --residual none)")
+        rank = distributed_.rank_world()[0] if distributed else 0
+        prediction = self._prepare(lr, hr, mask, validation, progress and rank == 0, distributed)
+        steps = self._checked_steps(steps)
         with torch.no_grad():
             x0_all = distributed_.all_gather_rows(self.target_tokens(hr, lr, prediction).float())
             cond_all = distributed_.all_gather_rows(self.condition_tokens(lr, prediction).float())
@@ -359,6 +350,23 @@ class PODiffPipeline:
         return trainer.fit(x0_all, cond_all, steps, progress=progress, checkpoint=checkpoint,
                            checkpoint_every=checkpoint_every, resume=resume, log_every=log_every,
                            validation=self._validation_tokens(validation), eval_every=eval_every, patience=patience)
+
+    def _prepare(self, lr, hr, mask, validation, progress: bool, distributed: bool):
+        """Builds the pipeline on ``lr, hr`` unless built (mean model, scaling, POD, model) and
+        returns the mean model's out-of-fold predictions of these fields (None without one)."""
+        if self.denoiser is None:
+            hr_fit, hr_val_fit, prediction = self._fit_mean_model(lr, hr, validation)
+            self._build(hr_fit, mask, progress, distributed, hr_val=hr_val_fit)
+            self._fit_condition(prediction)
+            return prediction
+        # built or resumed: the same out-of-fold predictions again
+        return self.mean_model.out_of_fold(lr, hr) if self.mean_model is not None else None
+
+    def _checked_steps(self, steps: int | None) -> int:
+        steps = self.config.train_steps if steps is None else int(steps)
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0; got {steps}")
+        return steps
 
     @torch.no_grad()
     def _validation_tokens(self, validation):
@@ -388,16 +396,9 @@ class PODiffPipeline:
         positions = stream.subsample(memory_bytes)
         lr, hr = stream.read(positions)
         lr, hr, _ = self._checked_on_device(lr, hr, None)
-        if self.denoiser is None:
-            hr_fit, hr_val_fit, prediction = self._fit_mean_model(lr, hr, validation)
-            self._build(hr_fit, None, progress, False, hr_val=hr_val_fit)
-            self._fit_condition(prediction)
-        else:  # built or resumed: the same out-of-fold predictions again
-            prediction = self.mean_model.out_of_fold(lr, hr) if self.mean_model is not None else None
+        prediction = self._prepare(lr, hr, None, validation, progress, False)
         del lr, hr
-        steps = self.config.train_steps if steps is None else int(steps)
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0; got {steps}")
+        steps = self._checked_steps(steps)
         tokens = StreamedTokens(self, stream, positions, prediction)
         return Trainer(self, amp=amp).fit(tokens, None, steps, progress=progress, checkpoint=checkpoint,
                                           checkpoint_every=checkpoint_every, resume=resume, log_every=log_every,

@@ -250,25 +250,31 @@ class RidgeBaseline:
             return rmse
 
         for k in neighbourhoods:
-            shared_best = None  # (rmse, alpha, weights)
+            k_shared = None  # this k's best shared fit: (rmse, alpha, weights)
+            local = None  # this k's per-location normal equations, made once for both placements
             for placement in [p for p in ("shared", "per-location") if p in placements]:
                 model = cls(scale, k, penalties[0], placement == "per-location")
                 gram, rhs, unit = model._normal_equations(lr_train, hr_train)
                 model.lr_size = tuple(lr_train.shape[-2:])
+                if model.per_location:
+                    local = (gram, rhs, unit, model.feature_mean)
                 for alpha in penalties:
                     model.alpha, model.penalty = alpha, alpha * unit
                     model.weights = model._solve(gram, rhs, model.penalty)
                     rmse = score(model, per_location=model.per_location, pooling=0.0, alpha=alpha)
-                    if placement == "shared" and (shared_best is None or rmse < shared_best[0]):
-                        shared_best = (rmse, alpha, model.weights[0])
+                    if placement == "shared" and (k_shared is None or rmse < k_shared[0]):
+                        k_shared = (rmse, alpha, model.weights[0])
             if "pooled" in placements:
-                model = cls(scale, k, shared_best[1], True, poolings[0])
-                gram, rhs, unit = model._normal_equations(lr_train, hr_train)
+                model = cls(scale, k, k_shared[1], True, poolings[0])
+                if local is None:
+                    gram, rhs, unit = model._normal_equations(lr_train, hr_train)
+                else:  # the same k and fields: the per-location candidates' equations and feature centre
+                    gram, rhs, unit, model.feature_mean = local
                 model.lr_size = tuple(lr_train.shape[-2:])
                 for pooling in poolings:
                     model.pooling, model.penalty = pooling, pooling * unit
-                    model.weights = model._solve(gram, rhs, model.penalty, shared_best[2])
-                    score(model, per_location=True, pooling=pooling, alpha=shared_best[1])
+                    model.weights = model._solve(gram, rhs, model.penalty, k_shared[2])
+                    score(model, per_location=True, pooling=pooling, alpha=k_shared[1])
         if best_shared is not None and best is not best_shared:
             from scipy import stats
 
@@ -277,9 +283,7 @@ class RidgeBaseline:
             if n < 2 or float(gain.mean()) <= stats.t.ppf(0.95, n - 1) * float(gain.std()) / math.sqrt(n):
                 best = best_shared
         best[3]["chosen"] = True
-        settings = best[2]
-        chosen = cls(scale, settings["neighbourhood"], settings["alpha"], settings["per_location"], settings["pooling"])
-        return chosen.fit(lr_train, hr_train), table
+        return cls(**best[2]).fit(lr_train, hr_train), table
 
 
 __all__ = ["RidgeBaseline", "fill_nearest", "NEIGHBOURHOODS", "PENALTIES", "POOLINGS"]

@@ -130,15 +130,15 @@ class FieldStream:
         if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
             raise IndexError(f"positions must lie in [0, {len(self)}); got {positions.min()}..{positions.max()}")
         distinct, inverse = np.unique(self.indices[positions], return_inverse=True)
+        where = f"{self.label} (samples {int(distinct[0])}-{int(distinct[-1])})"
         try:
             values = np.asarray(self.field.isel({self.sample_dim: distinct}).values, dtype=np.float32)
         except Exception as exc:  # a corrupt chunk, a codec that is missing, a file moved away
             from .fields import one_line
 
-            raise ValueError(f"{self.label} (samples {int(distinct[0])}-{int(distinct[-1])}) could not be read: "
-                             f"{one_line(exc)}") from None
+            raise ValueError(f"{where} could not be read: {one_line(exc)}") from None
         hr = torch.from_numpy(values)[torch.from_numpy(inverse.reshape(-1))]
-        _check_finite(hr, f"{self.label} (samples {int(distinct[0])}-{int(distinct[-1])})")
+        _check_finite(hr, where)
         return block_average(hr, self.scale), hr
 
 
