@@ -132,7 +132,7 @@ def _config(args, scale: int):
               schedule=args.schedule, prediction=args.prediction, sample_steps=args.sample_steps,
               sampler=args.sampler,
               batch_size=args.batch_size, lr=args.learning_rate, residual=args.residual,
-              antithetic=args.antithetic)
+              antithetic=args.antithetic, correlated_noise=args.correlated_noise)
     if args.steps is not None:
         kw["train_steps"] = args.steps
     if args.stride is not None:
@@ -621,6 +621,8 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--preset", choices=("tiny", "small", "paper"), default="tiny")
     p.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=True,
                    help="sample members in mirrored pairs (same noise, negated): a less noisy ensemble mean")
+    p.add_argument("--correlated-noise", action=argparse.BooleanOptionalAction, default=True,
+                   help="diffusion noise correlated across patches as the training tokens are (default on)")
     p.add_argument("--residual", choices=("ridge", "none"), default="ridge",
                    help="ridge (default): diffuse what a ridge regression tuned on the validation fields "
                         "misses (CorrDiff-style); none: diffuse the field itself")

@@ -26,7 +26,9 @@ class PipelineConfig:
     ``antithetic``: members in mirrored pairs (the same noise, negated), a variance reduction for
     the ensemble mean. ``spread``: the members' deviations from the ensemble mean are scaled by
     it (the variance by its square); ``PODiffPipeline.calibrate_spread`` sets it on validation
-    fields.
+    fields. ``correlated_noise``: the diffusion noise is correlated across the patch grid as the
+    training tokens are (``podiff.token_noise``); ``fit`` measures the correlations and stores
+    them in ``noise_correlation`` (None: white noise, as in models saved before it existed).
 
     The device is not part of the config: it is a runtime choice (``fit(device=...)``,
     ``to(device)``, ``load(..., device=...)``), so a saved model loads on any device.
@@ -58,6 +60,8 @@ class PipelineConfig:
     residual: str = "none"
     antithetic: bool = False
     spread: float = 1.0
+    correlated_noise: bool = True
+    noise_correlation: dict | None = None
 
     def __post_init__(self):
         if int(self.scale) < 1:

@@ -51,6 +51,7 @@ from .sample_output import SampleOutput
 from .sampling import DiffusionScheduler, RowNoise, member_seed
 from .schedules import make_schedule
 from .standardise import fit_scaling, standardise, unstandardise
+from .token_noise import GridCorrelation
 from .training import Trainer, autocast, diffusion_loss, draw_noise
 
 
@@ -192,12 +193,17 @@ class PODiffPipeline:
     def build(self, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = None, *,
               progress: bool = False, distributed: bool = False) -> "PODiffPipeline":
         """Fits the data scaling and the POD (unless a fitted one was given) on ``hr``, then builds
-        the denoiser, schedule and EMA copy; no training (``lr`` is only checked against ``hr``).
+        the denoiser, schedule and EMA copy and measures the tokens' grid correlation (the noise,
+        ``token_noise``); no training (``lr`` is only checked against ``hr``).
         The data are moved to ``self.device`` first: the fits and the model all run there."""
         lr, hr, mask = self._checked_on_device(lr, hr, mask)
         hr_fit, _, prediction = self._fit_mean_model(lr, hr, None)
         self._build(hr_fit, mask, progress, distributed)
-        return self._fit_condition(prediction)
+        self._fit_condition(prediction)
+        with torch.no_grad():
+            tokens = self.target_tokens(hr, lr, prediction).float()
+            self._fit_noise_correlation(distributed_.all_gather_rows(tokens) if distributed else tokens)
+        return self
 
     def _fit_mean_model(self, lr, hr, validation):
         """``residual="ridge"``: fits ``μ`` (tuned on ``validation``) and returns the residual fields
@@ -277,7 +283,36 @@ class PODiffPipeline:
         """The training noise for tokens ``x0 [B, L, r]``: times ``t [B] ~ U(0, t_max)`` and ``ε``
         (drawn from ``generator`` on its device, the CPU by default, and moved to ``x0``'s)."""
         schedule = schedule or self.schedule
-        return draw_noise(x0.shape, schedule.t_max(self.config.prediction), generator, x0.device, x0.dtype)
+        t, eps = draw_noise(x0.shape, schedule.t_max(self.config.prediction), generator, x0.device, x0.dtype)
+        colour = self.token_noise
+        return t, (eps if colour is None else colour(eps))
+
+    @property
+    def token_noise(self) -> GridCorrelation | None:
+        """The grid-correlated noise map (``config.noise_correlation``), or None for white noise."""
+        state = self.config.noise_correlation
+        if state is None:
+            return None
+        if getattr(self, "_token_noise_state", None) is not state:  # cached per fitted state
+            self._token_noise, self._token_noise_state = GridCorrelation.from_state(state), state
+        return self._token_noise
+
+    def valid_tokens(self) -> torch.Tensor:
+        """``[L]`` bool: the patches holding at least one valid pixel of the fit data."""
+        pod = self.pod
+        if not hasattr(pod, "valid_pixels") or tuple(pod.grid) == (1, 1):
+            return torch.ones(pod.num_locations if hasattr(pod, "num_locations") else 1, dtype=torch.bool)
+        valid = pod._pad(pod.valid_pixels.cpu()[None].float())
+        cols = F.unfold(valid, pod.patch_size, stride=pod.stride)  # [1, C·p², L]
+        return cols[0].amax(0) > 0
+
+    def _fit_noise_correlation(self, x0: torch.Tensor) -> None:
+        """``correlated_noise``: the training tokens' lag-one grid correlations (``token_noise``)."""
+        grid = tuple(self.pod.grid)
+        if not self.config.correlated_noise or grid == (1, 1):
+            self.config.noise_correlation = None
+            return
+        self.config.noise_correlation = GridCorrelation.fit(x0, grid, self.valid_tokens()).state()
 
     def loss(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
              denoiser=None, schedule=None, noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -346,6 +381,7 @@ class PODiffPipeline:
         with torch.no_grad():
             x0_all = distributed_.all_gather_rows(self.target_tokens(hr, lr, prediction).float())
             cond_all = distributed_.all_gather_rows(self.condition_tokens(lr, prediction).float())
+        self._fit_noise_correlation(x0_all)
         trainer = Trainer(self, amp=amp, distributed=distributed)
         return trainer.fit(x0_all, cond_all, steps, progress=progress, checkpoint=checkpoint,
                            checkpoint_every=checkpoint_every, resume=resume, log_every=log_every,
@@ -397,6 +433,8 @@ class PODiffPipeline:
         lr, hr = stream.read(positions)
         lr, hr, _ = self._checked_on_device(lr, hr, None)
         prediction = self._prepare(lr, hr, None, validation, progress, False)
+        with torch.no_grad():  # the subsample's tokens stand for all: one budget in memory
+            self._fit_noise_correlation(self.target_tokens(hr, lr, prediction).float())
         del lr, hr
         steps = self._checked_steps(steps)
         tokens = StreamedTokens(self, stream, positions, prediction)
@@ -442,12 +480,18 @@ class PODiffPipeline:
         signs = [(-1.0 if cfg.antithetic and m % 2 else 1.0) for m in range(num_samples) for _ in ids]
         flat = cond[None].expand(num_samples, B, L, r).reshape(num_samples * B, L, r)
         chunk = max(1, member_budget // max(1, L * r))
+        colour = self.token_noise
+
+        def noise_for(rows: slice):
+            white = RowNoise(seeds[rows], cond.device, signs[rows])
+            return white if colour is None else (lambda shape, dtype: colour(white(shape, dtype)))
+
         was_training = denoiser.training
         denoiser.eval()
         starts = range(0, flat.shape[0], chunk)
         with autocast(cond.device, amp):
             out = [scheduler.sample(denoiser, flat[i : i + chunk], steps, noise_input=self.noise_input,
-                                    noise=RowNoise(seeds[i : i + chunk], cond.device, signs[i : i + chunk]))
+                                    noise=noise_for(slice(i, i + chunk)))
                    for i in tqdm(starts, disable=not progress, desc="sample", unit="chunk")]
         denoiser.train(was_training)
         return torch.cat(out).view(num_samples, B, L, r)

@@ -39,7 +39,9 @@ def _built(basis, stride, schedule, prediction, sampler) -> PODiffPipeline:
                          prediction=prediction, sampler=sampler, eta=0.0, denoiser=dict(width=16, depth=1, heads=2),
                          batch_size=4, sample_steps=2)
     lr, hr = _data()
-    return PODiffPipeline(cfg).build(lr, hr)  # real, on the CPU: the fits read data
+    pipe = PODiffPipeline(cfg).build(lr, hr)  # real, on the CPU: the fits read data
+    assert pipe.token_noise is not None  # the chain's noise is coloured on the device too
+    return pipe
 
 
 def _fake_cuda_run(pipe: PODiffPipeline):
