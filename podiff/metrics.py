@@ -193,6 +193,35 @@ def spread_skill_ratio(members: torch.Tensor, obs: torch.Tensor, mask: torch.Ten
     return math.sqrt(spread) / skill if skill > 0 else float("inf")
 
 
+def grid_imprint(field: torch.Tensor, period: int) -> float:
+    """How much a positive map ``field [..., H, W]`` (a predicted-std map) varies with the position
+    within a ``period``-pixel grid cell: the map is folded onto one ``period × period`` cell (the
+    mean over all cells and leading dimensions, NaN left out), and the result is that pattern's
+    standard deviation over its mean. About 0 for a map with no grid in it (the noise of the
+    fold: compare another period); a patch-wise spread that rises toward patch edges gives tens
+    of per cent. The cells start at pixel 0 (patches tile from the top-left corner).
+
+    >>> bumps = (torch.arange(16.) % 4 == 0).double().expand(16, 16) + 1   # every 4th column higher
+    >>> round(grid_imprint(bumps, 4), 3), round(grid_imprint(bumps, 3), 3)   # the grid, and another period
+    (0.346, 0.074)
+    """
+    if field.dim() < 2:
+        raise ValueError(f"field must be [..., H, W]; got shape {tuple(field.shape)}")
+    period = int(period)
+    H, W = field.shape[-2:]
+    if not 2 <= period <= min(H, W):
+        raise ValueError(f"period must be in [2, {min(H, W)}] pixels; got {period}")
+    h, w = H - H % period, W - W % period
+    x = field.double()[..., :h, :w].reshape(-1, h // period, period, w // period, period)
+    pattern = torch.nanmean(x.permute(2, 4, 0, 1, 3).reshape(period, period, -1), -1)
+    if bool(torch.isnan(pattern).any()):
+        raise ValueError(f"some position of the {period}-pixel cell is masked in every cell")
+    level = float(pattern.mean())
+    if not level > 0:
+        raise ValueError(f"field must be a positive map (a predicted std); its mean is {level:.3g}")
+    return float(pattern.std(unbiased=False)) / level
+
+
 def rank_histogram(members: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Counts ``[M + 1]`` of the observation's rank among the members (ties split at random
     positions with a fixed seed); flat for a calibrated ensemble."""

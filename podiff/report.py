@@ -12,7 +12,8 @@ form, central-interval coverage, MACE, spread–skill; with members, the ensembl
 ``high_k_power``: the prediction's power over the truth's in the upper half of the wavenumbers
 (``metrics.high_wavenumber_power_ratio``; the model's ``members_high_k_power`` is its members'),
 and ``spectra`` the power spectra behind it: an ensemble mean and a regression lose the small
-scales, a member should keep them.
+scales, a member should keep them. ``std_seams``: how much the predicted std varies with the position
+within a patch (``metrics.grid_imprint``; 0 without seams).
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, memb
     ``predictions``: a dict to fill with each baseline's prediction (for the report's figures)."""
     result = {"model": score(mean, target, variance, members)}
     scale = pipeline.config.scale
+    period = getattr(pipeline.pod, "stride", None)
+    if variance is not None and period is not None and period >= 2 and min(target.shape[-2:]) > period:
+        # the predicted spread's patch grid: how it varies with the position within a patch
+        std = torch.where(torch.isnan(target), float("nan"), variance.double().clamp_min(0).sqrt())
+        result["model"]["std_seams"] = metrics.grid_imprint(std, period)
     predictions = {} if predictions is None else predictions
     predictions["bicubic"] = baselines_.bicubic(lr_test, scale)
     predictions["pod_projection"] = baselines_.PODProjectionBaseline(pipeline).fit().predict(lr_test).cpu()
@@ -250,6 +256,10 @@ def write_report(folder: str | Path, result: dict, lr, target, mean, variance, p
                   f"{result['model']['members_high_k_power']:.3f}, ensemble mean {result['model']['high_k_power']:.3f}"
                   + (f", ridge {result['ridge']['high_k_power']:.3f}" if "high_k_power" in result.get("ridge", {})
                      else "") + ".", ""]
+    if "std_seams" in result["model"]:
+        lines += ["Patch seams: the predicted standard deviation varies by "
+                  f"{result['model']['std_seams']:.1%} (std over mean) with the position within a patch "
+                  "(0 without seams).", ""]
     lines += [f"![{name}]({name})" for name in figures]
     lines += ["", "```", json.dumps(result["meta"], indent=2), "```", ""]
     report = folder / "report.md"

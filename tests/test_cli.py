@@ -129,6 +129,7 @@ def test_demo_runs_end_to_end_on_packaged_images(tmp_path, capsys):
     assert {"wavenumber", "truth", "ensemble mean", "members", "ridge"} <= set(spectra)
     assert all(len(v) == len(spectra["wavenumber"]) for v in spectra.values())
     assert 0 < result["model"]["members_high_k_power"] and 0 < result["ridge"]["high_k_power"]
+    assert result["model"]["std_seams"] >= 0 and "Patch seams" in (report / "report.md").read_text()
     from PIL import Image
 
     for figure in ("fields.png", "members.png"):

@@ -224,3 +224,23 @@ def test_high_wavenumber_power_ratio_sees_lost_small_scales():
         metrics.high_wavenumber_power_ratio(truth[..., :16], truth)
     with pytest.raises(ValueError, match="kind must be 'auto', 'radial' or 'axis'; got 'x'"):
         metrics.power_spectrum(truth, kind="x")
+
+
+def test_grid_imprint_measures_a_patch_periodic_pattern():
+    g = torch.Generator().manual_seed(0)
+    cell = 1 + torch.rand(4, 4, generator=g, dtype=torch.float64)  # one patch's std pattern
+    tiled = cell.repeat(3, 5)                                          # [12, 20]: 15 patches
+    expected = float(cell.numpy().std() / cell.numpy().mean())
+    assert metrics.grid_imprint(tiled, 4) == pytest.approx(expected, rel=1e-12)
+    assert metrics.grid_imprint(torch.full((12, 20), 2.0), 4) == 0.0
+    # a smooth map has almost no imprint at any period; the tiled one only at its own
+    smooth = 2 + torch.sin(torch.arange(40.) / 7).double()[None].expand(40, 40)
+    assert metrics.grid_imprint(smooth, 4) < 0.02 and metrics.grid_imprint(tiled, 3) < expected / 3
+    # masked pixels are left out, leading dimensions are folded in too
+    masked = tiled.clone().expand(2, 12, 20).clone()
+    masked[0, :4, :4] = float("nan")
+    assert metrics.grid_imprint(masked, 4) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="period must be in"):
+        metrics.grid_imprint(tiled, 13)
+    with pytest.raises(ValueError, match="positive map"):
+        metrics.grid_imprint(tiled - 10, 4)
