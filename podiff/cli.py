@@ -132,7 +132,8 @@ def _config(args, scale: int):
               schedule=args.schedule, prediction=args.prediction, sample_steps=args.sample_steps,
               sampler=args.sampler,
               batch_size=args.batch_size, lr=args.learning_rate, residual=args.residual,
-              antithetic=args.antithetic, correlated_noise=args.correlated_noise)
+              antithetic=args.antithetic, correlated_noise=args.correlated_noise,
+              condition=args.condition)
     if args.steps is not None:
         kw["train_steps"] = args.steps
     if args.stride is not None:
@@ -626,6 +627,9 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--residual", choices=("ridge", "none"), default="ridge",
                    help="ridge (default): diffuse what a ridge regression tuned on the validation fields "
                         "misses (CorrDiff-style); none: diffuse the field itself")
+    p.add_argument("--condition", choices=("anomaly", "detail"), default="anomaly",
+                   help="a residual model's condition: the ridge's anomaly (default) or only what it adds "
+                        "below the input grid (blind to level and trend)")
     p.add_argument("--schedule", choices=("cosine", "linear", "learned"), default="cosine")
     p.add_argument("--prediction", choices=("v", "epsilon"), default="v")
     p.add_argument("--steps", type=_nonnegative_int, default=None,

@@ -61,6 +61,7 @@ class PipelineConfig:
     antithetic: bool = False
     spread: float = 1.0
     correlated_noise: bool = True
+    condition: str = "anomaly"
     noise_correlation: dict | None = None
 
     def __post_init__(self):
@@ -74,6 +75,8 @@ class PipelineConfig:
             raise ValueError(f"residual must be 'none' or 'ridge'; got {self.residual!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}; got {self.sampler!r}")
+        if self.condition not in ("anomaly", "detail"):
+            raise ValueError(f"condition must be 'anomaly' or 'detail'; got {self.condition!r}")
         if self.basis not in ("auto", "shared", "local"):
             raise ValueError(f"basis must be 'auto', 'shared' or 'local'; got {self.basis!r}")
         if self.rank is not None:

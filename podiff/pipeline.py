@@ -41,6 +41,7 @@ import podiff_kernels as pk
 
 from . import distributed as distributed_
 from .config import PipelineConfig
+from .data import block_average
 from .denoiser import DenoiserConfig, MLPDenoiser, PODDenoiser
 from .persistence import load_pipeline, save_pipeline
 from .io import atomic_write  # noqa: F401  (re-exported for callers)
@@ -174,7 +175,11 @@ class PODiffPipeline:
         return self.pod.encode(up.masked_fill(~self.pod.valid_pixels.to(up.device), float("nan")))
 
     def _condition_coefficients(self, prediction: torch.Tensor) -> torch.Tensor:
-        field = self.mean_model.condition_field(prediction) / self.data_scale.view(1, -1, 1, 1).to(prediction)
+        if self.config.condition == "detail":  # what μ adds below the input grid: blind to level and trend
+            field = prediction - upsample(block_average(prediction, self.config.scale), self.image_size)
+        else:
+            field = self.mean_model.condition_field(prediction)
+        field = field / self.data_scale.view(1, -1, 1, 1).to(prediction)
         field = field.masked_fill(~self.pod.valid_pixels.to(field.device), float("nan"))
         return self.pod.encode(field, standardized=False)
 

@@ -4,7 +4,10 @@ With ``PipelineConfig(residual="ridge")`` the high-resolution field is ``x = μ(
 is a ``RidgeBaseline`` tuned on the validation fields (``RidgeBaseline.tuned``; fixed defaults
 without them), and the POD, the scaling and the diffusion model are fitted to the residual
 ``ρ``. The condition is ``μ(lr)``'s anomaly (minus its training mean per pixel) encoded on the
-residual POD, each mode scaled to unit RMS over the training fields. The ensemble is
+residual POD, each mode scaled to unit RMS over the training fields; with
+``PipelineConfig(condition="detail")`` it is instead what ``μ`` adds below the input grid
+(``μ`` minus the bicubic upsampling of its own block means), which no change of level or
+large-scale trend moves. The ensemble is
 ``μ(lr) + ρ_m``: its mean is ``μ(lr) + mean(ρ)``, its variance the residual's, both still in
 closed form. If the diffusion learned nothing the ensemble mean would be the ridge's; what it
 learns of the residual is what podiff adds.
@@ -67,9 +70,12 @@ class MeanModel:
 
     def fit_condition(self, prediction: torch.Tensor, raw_tokens) -> None:
         """``cond_mean`` from the training predictions ``[N, C, H, W]``, then ``cond_scale`` from
-        ``raw_tokens(anomaly)`` (the encoded anomalies, ``[N, L, r]``)."""
+        ``raw_tokens(prediction)`` (the encoded condition fields, ``[N, L, r]``; the function
+        forms the anomaly itself)."""
         self.cond_mean = torch.nanmean(prediction.double(), 0).float().cpu()
-        coeffs = raw_tokens(self.condition_field(prediction))
+        # (it used to be handed the anomaly, so the mean was taken off twice and the scale came
+        # out too large: condition tokens of RMS 0.4–0.9 instead of 1)
+        coeffs = raw_tokens(prediction)
         rms = coeffs.double().square().mean(0)  # [L, r]
         rms = rms.mean(0) if rms.dim() == 2 else rms
         self.cond_scale = rms.sqrt().clamp_min(1e-12).float().cpu()

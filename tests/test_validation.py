@@ -125,6 +125,25 @@ def test_residual_pipeline_adds_the_tuned_ridge_and_learns_out_of_fold_residuals
     torch.testing.assert_close(loaded.predict(lr[32:]), reg.predict(lr[32:]))
 
 
+def test_residual_condition_tokens_have_unit_rms_and_detail_ignores_the_level():
+    """The anomaly condition is scaled to unit RMS per mode over the training fields' out-of-fold
+    predictions (it was not: the training mean was taken off twice); the detail condition does
+    not move when the mean model's prediction warms by the same amount everywhere, the anomaly
+    one does."""
+    lr, hr = fields(40, seed=5)
+    tokens = {}
+    for condition in ("anomaly", "detail"):
+        pipe = PODiffPipeline(config(residual="ridge", condition=condition, train_steps=0))
+        pipe.fit(lr[:32], hr[:32], validation=0.25, progress=False)
+        oof = pipe.mean_model.out_of_fold(lr[:24], hr[:24])
+        rms = pipe.condition_tokens(lr[:24], oof).double().square().mean((0, 1)).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=0)
+        mu = pipe.mean_model.predict(lr[32:])
+        warm = pipe.condition_tokens(lr[32:], mu + 3.0) - pipe.condition_tokens(lr[32:], mu)
+        tokens[condition] = float(warm.abs().max())
+    assert tokens["detail"] < 1e-4 < 0.01 < tokens["anomaly"], tokens
+
+
 def test_antithetic_members_run_mirrored_chains():
     """Member 2k+1 starts from member 2k's noise negated; with the untrained (zero-head) denoiser the
     DDIM chain is linear, so the pair's tokens are exact negatives and their mean is zero."""
