@@ -302,22 +302,13 @@ class PODiffPipeline:
             self._token_noise, self._token_noise_state = GridCorrelation.from_state(state), state
         return self._token_noise
 
-    def valid_tokens(self) -> torch.Tensor:
-        """``[L]`` bool: the patches holding at least one valid pixel of the fit data."""
-        pod = self.pod
-        if not hasattr(pod, "valid_pixels") or tuple(pod.grid) == (1, 1):
-            return torch.ones(pod.num_locations if hasattr(pod, "num_locations") else 1, dtype=torch.bool)
-        valid = pod._pad(pod.valid_pixels.cpu()[None].float())
-        cols = F.unfold(valid, pod.patch_size, stride=pod.stride)  # [1, C·p², L]
-        return cols[0].amax(0) > 0
-
     def _fit_noise_correlation(self, x0: torch.Tensor) -> None:
         """``correlated_noise``: the training tokens' lag-one grid correlations (``token_noise``)."""
         grid = tuple(self.pod.grid)
         if not self.config.correlated_noise or grid == (1, 1):
             self.config.noise_correlation = None
             return
-        self.config.noise_correlation = GridCorrelation.fit(x0, grid, self.valid_tokens()).state()
+        self.config.noise_correlation = GridCorrelation.fit(x0, grid, self.pod.valid_locations()).state()
 
     def loss(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
              denoiser=None, schedule=None, noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

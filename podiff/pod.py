@@ -391,6 +391,12 @@ class PatchPOD:
         Hp, Wp = self._padded_size(*self.image_size)
         return (Hp - self.patch_size) // self.stride + 1, (Wp - self.patch_size) // self.stride + 1
 
+    def valid_locations(self) -> torch.Tensor:
+        """``[L]`` bool (CPU): the patch locations holding at least one valid pixel of the fit data."""
+        self._check_fitted()
+        valid = self._pad(self.valid_pixels.cpu()[None].float())
+        return F.unfold(valid, self.patch_size, stride=self.stride)[0].amax(0) > 0  # [C·p², L] -> [L]
+
     @property
     def num_locations(self) -> int:
         nH, nW = self.grid

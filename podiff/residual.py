@@ -73,8 +73,6 @@ class MeanModel:
         ``raw_tokens(prediction)`` (the encoded condition fields, ``[N, L, r]``; the function
         forms the anomaly itself)."""
         self.cond_mean = torch.nanmean(prediction.double(), 0).float().cpu()
-        # (it used to be handed the anomaly, so the mean was taken off twice and the scale came
-        # out too large: condition tokens of RMS 0.4–0.9 instead of 1)
         coeffs = raw_tokens(prediction)
         rms = coeffs.double().square().mean(0)  # [L, r]
         rms = rms.mean(0) if rms.dim() == 2 else rms

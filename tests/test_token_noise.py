@@ -154,3 +154,13 @@ def test_correlated_noise_off_draws_white_noise():
     pipe = PODiffPipeline(tiny(correlated_noise=False))
     pipe.fit(lr, hr, progress=False)
     assert pipe.config.noise_correlation is None and pipe.token_noise is None
+
+
+def test_valid_locations_mark_patches_with_a_valid_pixel():
+    from podiff.pod import PatchPOD
+
+    x = torch.randn(6, 1, 8, 12, generator=torch.Generator().manual_seed(0))
+    x[:, :, :4, :4] = float("nan")   # the top-left patch is all land
+    x[:, :, 4, 11] = float("nan")    # one land pixel leaves its patch valid
+    pod = PatchPOD(4, rank=3).fit(x)
+    assert pod.valid_locations().tolist() == [False, True, True, True, True, True]
