@@ -294,10 +294,11 @@ def train(args, ds=None) -> "object":
 
         print(describe(pipe.pod_choice))
     spread = None
+    spread_method = getattr(args, "spread_calibration", "crps")
     if n_val and getattr(args, "calibrate", True):
-        spread = pipe.calibrate_spread(lr_val, hr_val, seed=args.seed)
+        spread = pipe.calibrate_spread(lr_val, hr_val, seed=args.seed, method=spread_method)
         if not args.quiet:
-            print(f"spread calibrated on the validation fields: ×{spread:.3f} (--no-calibrate to keep ×1)")
+            print(f"spread calibrated on the validation fields ({spread_method}): ×{spread:.3f} (--no-calibrate to keep ×1)")
     pipe.save(out / "model")
     if world > 1:  # rank 0 holds only its shard of the training fields: no baselines from it
         baseline_info = {"skipped": "under torchrun; evaluate fits a ridge on the data's train split"}
@@ -311,7 +312,8 @@ def train(args, ds=None) -> "object":
             "parameters": pipe.num_parameters(), "world_size": world,
             "final_loss": float(np.mean(pipe.history[-50:])) if pipe.history else None,
             "val_loss": [list(v) for v in pipe.val_history], "pod": pipe.pod_choice, "validation": scores,
-            "spread": spread, "residual": pipe.config.residual, "mean_model": pipe.mean_model.choice if pipe.mean_model else None,
+            "spread": spread, "spread_calibration": spread_method if spread is not None else None,
+            "residual": pipe.config.residual, "mean_model": pipe.mean_model.choice if pipe.mean_model else None,
             "baselines": baseline_info}
     write_json(out / "train.json", info)
     if not args.quiet:
@@ -694,7 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fields of the file to use (default all; the last --val-fraction of them validate)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="keep the ensemble's spread as sampled (default: scaled to match its validation error)")
+                   help="keep the ensemble's spread as sampled (default: scaled on the validation fields)")
+    p.add_argument("--spread-calibration", choices=("crps", "moments"), default="crps",
+                   help="how the spread is scaled: minimise the validation CRPS (default) or match the "
+                        "validation mean squared error")
     p.add_argument("--no-regression-baseline", dest="regression_baseline", action="store_false",
                    help="skip training the regression ViT baseline (the ridge baseline is always fitted)")
     p.add_argument("--memory-mb", type=_positive_float, default=2048.0,

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import podiff_kernels as pk
 
 from . import distributed as distributed_
+from . import metrics
 from .config import PipelineConfig
 from .data import block_average
 from .denoiser import DenoiserConfig, MLPDenoiser, PODDenoiser
@@ -572,19 +573,15 @@ class PODiffPipeline:
         return out
 
     def calibrate_spread(self, lr_val: torch.Tensor, hr_val: torch.Tensor, num_samples: int = 16,
-                         seed: int | None = None, limits=(0.5, 2.0)) -> float:
-        """Sets ``config.spread`` so that the predictive variance matches the ensemble mean's squared
-        error on the validation fields, ``spread² = mean((y − m)²) / mean(σ²)`` over their valid
-        pixels (moment matching of the Gaussian predictive, like temperature scaling), clipped to
-        ``limits``; returns it. The ensemble is drawn with ``spread = 1``."""
+                         seed: int | None = None, limits=(0.5, 2.0), method: str = "crps") -> float:
+        """Sets ``config.spread`` from the validation fields ``[N, C, H, W]`` and returns it: the
+        factor ``k`` of ``metrics.calibrated_spread`` (``method`` ``"crps"``, the default, minimises
+        the validation CRPS of ``N(m, k² σ²)``; ``"moments"`` matches the mean squared error),
+        clipped to ``limits``. The ensemble is drawn once with ``spread = 1``."""
+        metrics.check_spread_options(method, limits)
         self.config.spread = 1.0
         out = self.sample(lr_val, num_samples=num_samples, seed=seed)
-        hr_val = hr_val.to(out.mean)
-        valid = ~torch.isnan(hr_val) & ~torch.isnan(out.mean)
-        mse = float((out.mean - hr_val)[valid].double().square().mean())
-        var = float(out.variance[valid].double().mean())
-        spread = (mse / var) ** 0.5 if var > 0 else 1.0
-        self.config.spread = float(min(max(spread, limits[0]), limits[1]))
+        self.config.spread = metrics.calibrated_spread(out.mean, out.variance, hr_val.to(out.mean), method, limits)
         return self.config.spread
 
     # ------------------------------------------------------------------ save / load

@@ -39,9 +39,14 @@ def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):
     assert code == 1 and "exists and is not empty; pass --overwrite" in err and len(err.strip().splitlines()) == 1
 
     more = [a if a != "3" else "6" for a in TRAIN]
-    code, _, err = run(capsys, "train", "--data", tiny_npz, "--scale", 4, "--out", run_dir, "--resume", *more)
+    code, _, err = run(capsys, "train", "--data", tiny_npz, "--scale", 4, "--out", run_dir, "--resume", *more,
+                       "--spread-calibration", "moments")
     assert code == 0, err
-    assert json.loads((run_dir / "train.json").read_text())["steps"] == 6
+    info = json.loads((run_dir / "train.json").read_text())
+    assert info["steps"] == 6 and info["spread_calibration"] == "moments"
+    from podiff.pipeline import PODiffPipeline
+
+    assert PODiffPipeline.load(run_dir / "model").config.spread == info["spread"]
 
     pred = tmp_path / "pred.npz"
     code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tiny_npz, "--scale", 4, "--num-samples", 3,
@@ -194,6 +199,7 @@ def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held
     assert "training on 27 of the 32 fields" in out and "validating on the last 5" in out and "POD:" in out
     info = json.loads((run_dir / "train.json").read_text())
     assert info["val_indices"] == [27, 31] and info["best_step"] is not None
+    assert info["spread_calibration"] == "crps" and 0.5 <= info["spread"] <= 2.0
     assert {"ridge", "regression"} <= set(info["baselines"]) and info["validation"]["rmse"] > 0
     best = min(info["val_loss"], key=lambda v: v[1])
     assert info["best_step"] == best[0]

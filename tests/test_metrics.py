@@ -244,3 +244,59 @@ def test_grid_imprint_measures_a_patch_periodic_pattern():
         metrics.grid_imprint(tiled, 13)
     with pytest.raises(ValueError, match="positive map"):
         metrics.grid_imprint(tiled - 10, 4)
+
+
+def _spread_case(seed, heavy):
+    g = torch.Generator().manual_seed(seed)
+    n = 200_000
+    var = 0.2 + torch.rand(n, generator=g, dtype=torch.float64)  # heteroscedastic predicted variance
+    z = torch.randn(n, generator=g, dtype=torch.float64)
+    if heavy:  # mostly well predicted, a few gross errors (edges on a flat background)
+        z = torch.where(torch.rand(n, generator=g, dtype=torch.float64) < 0.05, 8 * z, 0.5 * z)
+    else:
+        z = 1.5 * z  # an ensemble 1.5× too narrow
+    mean = torch.zeros(n, dtype=torch.float64)
+    return mean, var, mean + z * var.sqrt()
+
+
+def test_calibrated_spread_moment_matching_is_the_mse_ratio():
+    mean, var, obs = _spread_case(0, heavy=False)
+    k = metrics.calibrated_spread(mean, var, obs, method="moments", limits=(0.01, 100))
+    assert k**2 == pytest.approx(float((obs - mean).square().mean() / var.mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("heavy", [False, True])
+def test_calibrated_spread_minimises_the_crps_of_properscoring(heavy):
+    mean, var, obs = _spread_case(1, heavy)
+    k = metrics.calibrated_spread(mean, var, obs, method="crps", limits=(0.01, 100))
+    sd = var.sqrt().numpy()
+
+    def crps(scale):  # an independent implementation
+        return properscoring.crps_gaussian(obs.numpy(), mean.numpy(), scale * sd).mean()
+
+    grid = np.linspace(0.3, 3.0, 541)
+    best = grid[np.argmin([crps(s) for s in grid])]
+    assert k == pytest.approx(best, abs=0.006)
+    assert crps(k) <= min(crps(k * 1.01), crps(k / 1.01))
+    if heavy:  # the few gross errors inflate the moment-matched spread far past the CRPS optimum
+        assert metrics.calibrated_spread(mean, var, obs, method="moments", limits=(0.01, 100)) > 1.5 * k
+    else:
+        assert k == pytest.approx(1.5, abs=0.02)
+
+
+def test_calibrated_spread_clips_masks_and_rejects_bad_input():
+    mean, var, obs = _spread_case(2, heavy=False)
+    assert metrics.calibrated_spread(mean, var, obs, limits=(0.5, 1.2)) == 1.2
+    assert metrics.calibrated_spread(mean, var, obs / 10, limits=(0.5, 1.2)) == 0.5
+    spoiled = obs.clone()
+    spoiled[:1000] = float("nan")  # masked pixels are left out
+    mask = torch.ones_like(obs, dtype=torch.bool)
+    mask[1000:2000] = False
+    full = metrics.calibrated_spread(mean[2000:], var[2000:], obs[2000:], limits=(0.01, 100))
+    assert metrics.calibrated_spread(mean, var, spoiled, mask=mask, limits=(0.01, 100)) == pytest.approx(full, rel=1e-9)
+    with pytest.raises(ValueError, match="method must be one of"):
+        metrics.calibrated_spread(mean, var, obs, method="mse")
+    with pytest.raises(ValueError, match="limits must satisfy 0 < low <= high; got \\(2, 1\\)"):
+        metrics.calibrated_spread(mean, var, obs, limits=(2, 1))
+    with pytest.raises(ValueError, match="no valid pixel"):
+        metrics.calibrated_spread(mean, var, torch.full_like(obs, float("nan")))

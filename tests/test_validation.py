@@ -162,7 +162,7 @@ def test_calibrated_spread_matches_the_validation_error():
     lr, hr = fields(24, seed=6)
     pipe = PODiffPipeline(config(train_steps=30))
     pipe.fit(lr[:18], hr[:18], progress=False)
-    spread = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0))
+    spread = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0), method="moments")
     out = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True)
     mse = float((out.mean - hr[18:]).square().mean())
     assert float(out.variance.mean()) == pytest.approx(mse, rel=1e-4)  # the moment matched
@@ -171,3 +171,12 @@ def test_calibrated_spread_matches_the_validation_error():
         float(out.variance.mean()) / spread**2, rel=1e-4)
     with pytest.raises(ValueError, match="spread must be > 0"):
         PipelineConfig(spread=0)
+    # the default minimises the validation CRPS of the scaled Gaussian predictive
+    k = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0))
+    assert pipe.config.spread == k
+    pipe.config.spread = 1.0
+    base = pipe.sample(lr[18:], num_samples=8, seed=3)
+    crps = lambda s: metrics.crps_gaussian(base.mean, s * s * base.variance, hr[18:])  # noqa: E731
+    assert crps(k) <= min(crps(1.02 * k), crps(k / 1.02))
+    with pytest.raises(ValueError, match="method must be one of"):
+        pipe.calibrate_spread(lr[18:], hr[18:], method="mse")
