@@ -26,7 +26,7 @@ class PipelineConfig:
     ``antithetic``: members in mirrored pairs (the same noise, negated), a variance reduction for
     the ensemble mean. ``spread``: the members' deviations from the ensemble mean are scaled by
     it (the variance by its square); ``PODiffPipeline.calibrate_spread`` sets it on validation
-    fields. ``correlated_noise``: the diffusion noise is correlated across the patch grid as the
+    fields (the factor minimising their CRPS). ``correlated_noise``: the diffusion noise is correlated across the patch grid as the
     training tokens are (``podiff.token_noise``); ``fit`` measures the correlations and stores
     them in ``noise_correlation`` (None: white noise, as in models saved before it existed).
 

@@ -6,6 +6,10 @@ then builds from ``csrc/`` with ``torch.utils.cpp_extension.load``. The build
 folder name carries a hash of the sources, flags and torch version, so any change
 rebuilds and nothing stale is loaded. ``PODIFF_NO_EXTENSION=1`` turns it off;
 ``PODIFF_EXTENSION_DIR`` moves the cache (default ``~/.cache/podiff/extensions``).
+
+Processes share the cache through an ``flock`` that the kernel releases when its holder dies.
+torch's own build lock is a plain file that a killed build leaves behind, after which every
+later process waits on it forever; whoever holds the ``flock`` knows such a file is stale.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import shutil
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -109,6 +114,30 @@ def status() -> tuple[bool, str]:
     return True, f"builds on first use into {cache_dir()}"
 
 
+@contextmanager
+def _build_lock(build_dir: Path):
+    """Holds an exclusive ``flock`` on ``build_dir`` and removes a stale torch build lock."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's file lock alone
+        yield
+        return
+    with open(build_dir / ".podiff-build.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"podiff: waiting for another process building the extension in {build_dir}", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if its holder dies
+        try:
+            stale = build_dir / "lock"  # torch's FileBaton; no live builder holds it now
+            if stale.exists():
+                print(f"podiff: removing a stale build lock left by a killed build: {stale}", file=sys.stderr, flush=True)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load():
     """The compiled module, building it once if needed. Raises ``ExtensionError``."""
     global _module, _failure
@@ -135,16 +164,17 @@ def load():
                 flush=True,
             )
         try:
-            _module = cpp_extension.load(
-                name=_module_name(),
-                sources=[str(p) for p in _sources()],
-                extra_cflags=list(CXX_FLAGS) + (["-DPODIFF_WITH_CUDA"] if _with_cuda() else []),
-                extra_ldflags=list(LD_FLAGS),
-                extra_cuda_cflags=list(NVCC_FLAGS),
-                build_directory=str(build_dir),
-                with_cuda=_with_cuda(),
-                verbose=False,
-            )
+            with _build_lock(build_dir):
+                _module = cpp_extension.load(
+                    name=_module_name(),
+                    sources=[str(p) for p in _sources()],
+                    extra_cflags=list(CXX_FLAGS) + (["-DPODIFF_WITH_CUDA"] if _with_cuda() else []),
+                    extra_ldflags=list(LD_FLAGS),
+                    extra_cuda_cflags=list(NVCC_FLAGS),
+                    build_directory=str(build_dir),
+                    with_cuda=_with_cuda(),
+                    verbose=False,
+                )
         except Exception as exc:  # compiler errors, missing ninja, ...
             lines = str(exc).strip().splitlines() or [repr(exc)]
             errors = [ln.strip() for ln in lines if "error" in ln.lower()]

@@ -41,6 +41,23 @@ def test_missing_compiler_is_reported_and_cpu_path_falls_back(tmp_path):
     assert out.stdout.strip().endswith("torch")
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next(tmp_path):
+    """torch's build lock is a plain file: a build killed mid-way leaves it, and torch alone would
+    wait on it forever. load() holds an flock (freed by the kernel on death) and clears it."""
+    import fcntl
+
+    _extension.load()  # a cached build, so the subprocess only loads
+    build_dir = _extension.cache_dir()
+    with open(build_dir / ".podiff-build.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # no live builder while the stale file is planted
+        (build_dir / "lock").write_text("")
+    out = _run("from podiff_kernels import _extension as e; print(e.load().patch_encode.__doc__ is not None)", {})
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+    assert "removing a stale build lock left by a killed build" in out.stderr
+    assert not (build_dir / "lock").exists()
+
+
 def test_disable_switch():
     out = _run("from podiff_kernels import _extension; print(_extension.status())", {"PODIFF_NO_EXTENSION": "1"})
     assert "disabled by PODIFF_NO_EXTENSION=1" in out.stdout
