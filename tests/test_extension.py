@@ -42,20 +42,44 @@ def test_missing_compiler_is_reported_and_cpu_path_falls_back(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
-def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next(tmp_path):
+def test_the_build_lock_clears_a_stale_torch_lock_and_waits_for_a_live_builder(tmp_path, capsys):
     """torch's build lock is a plain file: a build killed mid-way leaves it, and torch alone would
-    wait on it forever. load() holds an flock (freed by the kernel on death) and clears it."""
+    wait on it forever. load() holds an flock around the build (freed by the kernel when its
+    holder dies); whoever holds it knows a torch lock file is stale."""
     import fcntl
+    import threading
 
+    (tmp_path / "lock").write_text("")
+    with _extension._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    assert "removing a stale build lock left by a killed build" in capsys.readouterr().err
+
+    entered = threading.Event()
+    with open(tmp_path / ".podiff-build.lock", "a") as live:  # a live builder holds the flock
+        fcntl.flock(live, fcntl.LOCK_EX)
+        (tmp_path / "lock").write_text("")  # ... and torch's lock, which is not stale
+
+        def build():
+            with _extension._build_lock(tmp_path):
+                entered.set()
+
+        waiter = threading.Thread(target=build)
+        waiter.start()
+        assert not entered.wait(1.0) and (tmp_path / "lock").exists()  # it waits, and leaves the live lock
+        (tmp_path / "lock").unlink()  # the builder finishes (torch removes its lock) and lets go
+        fcntl.flock(live, fcntl.LOCK_UN)
+    waiter.join(30)
+    assert entered.is_set()
+    assert "waiting for another process building the extension" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_process_after_a_killed_build_loads_instead_of_hanging():
     _extension.load()  # a cached build, so the subprocess only loads
-    build_dir = _extension.cache_dir()
-    with open(build_dir / ".podiff-build.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # no live builder while the stale file is planted
-        (build_dir / "lock").write_text("")
+    (_extension.cache_dir() / "lock").write_text("")  # what a killed build leaves
     out = _run("from podiff_kernels import _extension as e; print(e.load().patch_encode.__doc__ is not None)", {})
-    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
-    assert "removing a stale build lock left by a killed build" in out.stderr
-    assert not (build_dir / "lock").exists()
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr  # torch alone waits forever here
+    assert not (_extension.cache_dir() / "lock").exists()
 
 
 def test_disable_switch():
