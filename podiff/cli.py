@@ -697,9 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="keep the ensemble's spread as sampled (default: scaled on the validation fields)")
-    p.add_argument("--spread-calibration", choices=("crps", "moments"), default="crps",
-                   help="how the spread is scaled: minimise the validation CRPS (default) or match the "
-                        "validation mean squared error")
+    p.add_argument("--spread-calibration", choices=("crps", "modes", "moments"), default="crps",
+                   help="how the spread is scaled: minimise the validation CRPS (crps, the default), first per "
+                        "POD mode then overall (modes), or match the validation mean squared error (moments)")
     p.add_argument("--no-regression-baseline", dest="regression_baseline", action="store_false",
                    help="skip training the regression ViT baseline (the ridge baseline is always fitted)")
     p.add_argument("--memory-mb", type=_positive_float, default=2048.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .sampling import SAMPLERS
@@ -26,7 +27,9 @@ class PipelineConfig:
     ``antithetic``: members in mirrored pairs (the same noise, negated), a variance reduction for
     the ensemble mean. ``spread``: the members' deviations from the ensemble mean are scaled by
     it (the variance by its square); ``PODiffPipeline.calibrate_spread`` sets it on validation
-    fields (the factor minimising their CRPS). ``correlated_noise``: the diffusion noise is correlated across the patch grid as the
+    fields (the factor minimising their CRPS). ``mode_spread``: one factor per POD mode
+    for the members' token deviations, applied before ``spread`` (None: all 1; set by
+    ``calibrate_spread(method="modes")``, which fits them on the validation tokens). ``correlated_noise``: the diffusion noise is correlated across the patch grid as the
     training tokens are (``podiff.token_noise``); ``fit`` measures the correlations and stores
     them in ``noise_correlation`` (None: white noise, as in models saved before it existed).
 
@@ -60,6 +63,7 @@ class PipelineConfig:
     residual: str = "none"
     antithetic: bool = False
     spread: float = 1.0
+    mode_spread: list | None = None
     correlated_noise: bool = True
     condition: str = "anomaly"
     noise_correlation: dict | None = None
@@ -71,6 +75,12 @@ class PipelineConfig:
             raise ValueError(f"denoiser_kind must be 'vit' or 'mlp'; got {self.denoiser_kind!r}")
         if not float(self.spread) > 0:
             raise ValueError(f"spread must be > 0; got {self.spread}")
+        if self.mode_spread is not None:
+            values = [float(v) for v in self.mode_spread]
+            if not values or not all(math.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"mode_spread must be None or a list of finite factors > 0, one per POD mode; "
+                                 f"got {self.mode_spread!r}")
+            self.mode_spread = values
         if self.residual not in ("none", "ridge"):
             raise ValueError(f"residual must be 'none' or 'ridge'; got {self.residual!r}")
         if self.sampler not in SAMPLERS:

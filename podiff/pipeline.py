@@ -503,6 +503,12 @@ class PODiffPipeline:
         calls this; no device value is read here, so it also runs under ``FakeTensorMode``."""
         tokens = self.sample_tokens(cond, int(num_samples), steps, seed, member_budget, progress=progress,
                                     image_ids=image_ids, amp=amp, sampler=sampler)
+        if self.config.mode_spread is not None:  # per-mode spread (calibrate_spread(method="modes"))
+            factors = self.config.mode_spread
+            if len(factors) != tokens.shape[-1]:
+                raise ValueError(f"config.mode_spread holds {len(factors)} factors; the POD has {tokens.shape[-1]} modes")
+            centre = tokens.mean(0, keepdim=True)
+            tokens = centre + (tokens - centre) * tokens.new_tensor(factors)
         mean_tok, cov = pk.ensemble_moments(tokens, diagonal=variance == "diagonal")
         mean, var = self.pod.decode_moments(mean_tok, cov)
         mean = unstandardise(mean, self.offset, self.data_scale)
@@ -573,15 +579,32 @@ class PODiffPipeline:
         return out
 
     def calibrate_spread(self, lr_val: torch.Tensor, hr_val: torch.Tensor, num_samples: int = 16,
-                         seed: int | None = None, limits=(0.5, 2.0), method: str = "crps") -> float:
+                         seed: int | None = None, limits=(0.5, 2.0), method: str = "crps",
+                         mode_limits=(0.25, 4.0)) -> float:
         """Sets ``config.spread`` from the validation fields ``[N, C, H, W]`` and returns it: the
         factor ``k`` of ``metrics.calibrated_spread`` (``method`` ``"crps"``, the default, minimises
         the validation CRPS of ``N(m, k² σ²)``; ``"moments"`` matches the mean squared error),
-        clipped to ``limits``. The ensemble is drawn once with ``spread = 1``."""
-        metrics.check_spread_options(method, limits)
-        self.config.spread = 1.0
-        out = self.sample(lr_val, num_samples=num_samples, seed=seed)
-        self.config.spread = metrics.calibrated_spread(out.mean, out.variance, hr_val.to(out.mean), method, limits)
+        clipped to ``limits``. ``"modes"`` first sets ``config.mode_spread``, one factor per POD mode
+        minimising the CRPS of that mode's validation tokens (clipped to ``mode_limits``; where the
+        model's spread is wrong by a different amount in each mode), then ``k`` by CRPS on top.
+        The ensemble is drawn with ``spread = 1`` (and no per-mode factors)."""
+        if method not in ("modes",) + metrics.SPREAD_METHODS:
+            raise ValueError(f"method must be one of {('modes',) + metrics.SPREAD_METHODS}; got {method!r}")
+        metrics.check_spread_options("crps", limits)
+        self.config.spread, self.config.mode_spread = 1.0, None
+        out = self.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=method == "modes")
+        if method == "modes":
+            metrics.check_spread_options("crps", mode_limits)
+            prediction = self.mean_model.predict(lr_val.to(self._device)) if self.mean_model is not None else None
+            truth = self.target_tokens(hr_val.to(self._device), lr_val.to(self._device), prediction).to(out.tokens)
+            valid = self.pod.valid_locations().to(truth.device).view(1, -1).expand(truth.shape[:2])
+            mean, var = out.tokens.mean(0), out.tokens.var(0)
+            self.config.mode_spread = [metrics.calibrated_spread(mean[..., j], var[..., j], truth[..., j], "crps",
+                                                                 mode_limits, mask=valid)
+                                       for j in range(truth.shape[-1])]
+            out = self.sample(lr_val, num_samples=num_samples, seed=seed)
+        self.config.spread = metrics.calibrated_spread(out.mean, out.variance, hr_val.to(out.mean),
+                                                       "moments" if method == "moments" else "crps", limits)
         return self.config.spread
 
     # ------------------------------------------------------------------ save / load

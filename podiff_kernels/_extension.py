@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,11 +124,18 @@ def _build_lock(build_dir: Path):
         yield
         return
     with open(build_dir / ".podiff-build.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"podiff: waiting for another process building the extension in {build_dir}", file=sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if its holder dies
+        deadline = time.monotonic() + 3.0  # loading a cached build holds it for about a second: no message
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    print(f"podiff: waiting for another process building the extension in {build_dir}",
+                          file=sys.stderr, flush=True)
+                    fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if its holder dies
+                    break
+                time.sleep(0.05)
         try:
             stale = build_dir / "lock"  # torch's FileBaton; no live builder holds it now
             if stale.exists():

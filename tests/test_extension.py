@@ -65,7 +65,7 @@ def test_the_build_lock_clears_a_stale_torch_lock_and_waits_for_a_live_builder(t
 
         waiter = threading.Thread(target=build)
         waiter.start()
-        assert not entered.wait(1.0) and (tmp_path / "lock").exists()  # it waits, and leaves the live lock
+        assert not entered.wait(4.0) and (tmp_path / "lock").exists()  # it waits, and leaves the live lock
         (tmp_path / "lock").unlink()  # the builder finishes (torch removes its lock) and lets go
         fcntl.flock(live, fcntl.LOCK_UN)
     waiter.join(30)

@@ -1,6 +1,8 @@
 """Training that generalises: the validation loss, the best weights kept, early stopping, resume;
 the POD chosen on held-out fields; residual diffusion over a tuned ridge and the regression ViT."""
 
+import tempfile
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,3 +182,43 @@ def test_calibrated_spread_matches_the_validation_error():
     assert crps(k) <= min(crps(1.02 * k), crps(k / 1.02))
     with pytest.raises(ValueError, match="method must be one of"):
         pipe.calibrate_spread(lr[18:], hr[18:], method="mse")
+
+    # per-mode factors scale each mode's token deviations; the pixel variance follows in closed form
+    plain = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True)
+    r = plain.tokens.shape[-1]
+    pipe.config.mode_spread = [1.0 + 0.5 * j for j in range(r)]
+    scaled = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True)
+    factors = torch.tensor(pipe.config.mode_spread)
+    centre = plain.tokens.mean(0)
+    torch.testing.assert_close(scaled.tokens - centre, (plain.tokens - centre) * factors, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scaled.mean, plain.mean)
+    decoded_var = scaled.samples.var(0)  # members' own variance = the block variance (stride = patch)
+    torch.testing.assert_close(scaled.variance, decoded_var, rtol=1e-3, atol=1e-7)
+    pipe.config.mode_spread = [1.0] * (r + 1)
+    with pytest.raises(ValueError, match=f"holds {r + 1} factors; the POD has {r} modes"):
+        pipe.sample(lr[18:], num_samples=2)
+    with pytest.raises(ValueError, match="mode_spread must be None or a list of finite factors > 0"):
+        PipelineConfig(mode_spread=[1.0, -1.0])
+
+    # "modes": each mode's factor minimises the CRPS of its validation tokens, then k on top
+    k = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, method="modes")
+    modes = pipe.config.mode_spread
+    assert len(modes) == r and pipe.config.spread == k
+    pipe.config.spread, pipe.config.mode_spread = 1.0, None
+    raw = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True).tokens
+    truth = pipe.target_tokens(hr[18:], lr[18:])
+    for j in (0, r - 1):
+        m, v, y = raw[..., j].mean(0), raw[..., j].var(0), truth[..., j]
+        score = lambda f: metrics.crps_gaussian(m, f * f * v, y)  # noqa: E731
+        assert 0.25 <= modes[j] <= 4.0
+        if 0.25 < modes[j] < 4.0:
+            assert score(modes[j]) <= min(score(1.02 * modes[j]), score(modes[j] / 1.02))
+    pipe.config.mode_spread = modes
+    on_top = pipe.sample(lr[18:], num_samples=8, seed=3)
+    pixel = lambda f: metrics.crps_gaussian(on_top.mean, f * f * on_top.variance, hr[18:])  # noqa: E731
+    assert pixel(k) <= min(pixel(1.02 * k), pixel(k / 1.02))
+    with tempfile.TemporaryDirectory() as folder:  # the factors are part of the saved model
+        pipe.config.spread = k
+        pipe.save(folder)
+        again = PODiffPipeline.load(folder)
+        assert again.config.mode_spread == modes and again.config.spread == k
