@@ -17,7 +17,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 def dry_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "report.json"
     run = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True,
-                         text=True, timeout=900, cwd=ROOT)
+                         text=True, timeout=1500, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(out.read_text())
 
