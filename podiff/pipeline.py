@@ -508,7 +508,7 @@ class PODiffPipeline:
             if len(factors) != tokens.shape[-1]:
                 raise ValueError(f"config.mode_spread holds {len(factors)} factors; the POD has {tokens.shape[-1]} modes")
             centre = tokens.mean(0, keepdim=True)
-            tokens = centre + (tokens - centre) * tokens.new_tensor(factors)
+            tokens = centre + (tokens - centre) * torch.tensor(factors, dtype=tokens.dtype).to(tokens.device)
         mean_tok, cov = pk.ensemble_moments(tokens, diagonal=variance == "diagonal")
         mean, var = self.pod.decode_moments(mean_tok, cov)
         mean = unstandardise(mean, self.offset, self.data_scale)

@@ -37,7 +37,7 @@ def _data(seed=0):
 def _built(basis, stride, schedule, prediction, sampler) -> PODiffPipeline:
     cfg = PipelineConfig(scale=4, patch_size=4, stride=stride, rank=3, basis=basis, schedule=schedule,
                          prediction=prediction, sampler=sampler, eta=0.0, denoiser=dict(width=16, depth=1, heads=2),
-                         batch_size=4, sample_steps=2)
+                         batch_size=4, sample_steps=2, mode_spread=[1.1, 0.9, 1.2])  # per-mode spread on the device too
     lr, hr = _data()
     pipe = PODiffPipeline(cfg).build(lr, hr)  # real, on the CPU: the fits read data
     assert pipe.token_noise is not None  # the chain's noise is coloured on the device too
