@@ -113,17 +113,22 @@ def crps_ensemble(members: torch.Tensor, obs: torch.Tensor, fair: bool = False, 
     return _mean(crps, valid)
 
 
+def _normal_crps(err: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+    """Elementwise CRPS of ``N(0, sd²)`` at ``err``: ``σ [z(2Φ(z) − 1) + 2φ(z) − 1/√π]``, ``z = err/σ``
+    (``|err|`` where ``σ = 0``)."""
+    z = err / sd.clamp_min(1e-300)
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    crps = sd * (z * (2 * cdf - 1) + 2 * pdf - 1 / math.sqrt(math.pi))
+    return torch.where(sd > 0, crps, err.abs())
+
+
 def crps_gaussian(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor | None = None,
                   reduce: bool = True):
     """Closed-form CRPS of ``N(mean, var)``: ``σ [z(2Φ(z) − 1) + 2φ(z) − 1/√π]``, ``z = (y − μ)/σ``."""
     if (var < 0).any():
         raise ValueError("var must be non-negative")
-    mu, sd, y = mean.double(), var.double().sqrt(), obs.double()
-    z = (y - mu) / sd.clamp_min(1e-300)
-    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    crps = sd * (z * (2 * cdf - 1) + 2 * pdf - 1 / math.sqrt(math.pi))
-    crps = torch.where(sd > 0, crps, (y - mu).abs())
+    crps = _normal_crps(obs.double() - mean.double(), var.double().sqrt())
     valid = _valid(obs, mask, mean, var)
     if not reduce:
         return torch.where(valid.expand_as(crps), crps, float("nan"))
@@ -133,16 +138,14 @@ def crps_gaussian(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, mask
 SPREAD_METHODS = ("crps", "moments")
 
 
-def check_spread_options(method: str, limits) -> tuple[float, float]:
-    """``(low, high)`` of ``limits`` after checking them and ``method`` (see ``calibrated_spread``)."""
-    if method not in SPREAD_METHODS:
-        raise ValueError(f"method must be one of {SPREAD_METHODS}; got {method!r}")
+def check_spread_limits(limits, name: str = "limits") -> tuple[float, float]:
+    """``(low, high)`` of ``limits``, checked: ``0 < low <= high`` (``name`` goes into the error)."""
     try:
         lo, hi = (float(v) for v in limits)
     except (TypeError, ValueError):
-        raise ValueError(f"limits must be (low, high); got {limits!r}") from None
+        raise ValueError(f"{name} must be (low, high); got {limits!r}") from None
     if not 0 < lo <= hi:
-        raise ValueError(f"limits must satisfy 0 < low <= high; got {limits!r}")
+        raise ValueError(f"{name} must satisfy 0 < low <= high; got {limits!r}")
     return lo, hi
 
 
@@ -156,29 +159,28 @@ def calibrated_spread(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, 
     ``k² = mean((obs − mean)²) / mean(var)``, moment matching (temperature scaling), which those
     few large errors dominate. Example: ``k = calibrated_spread(m, v, y); v_cal = k**2 * v``.
     """
-    lo, hi = check_spread_options(method, limits)
+    if method not in SPREAD_METHODS:
+        raise ValueError(f"method must be one of {SPREAD_METHODS}; got {method!r}")
+    lo, hi = check_spread_limits(limits)
     valid = _valid(obs, mask, mean, var)
-    err = (obs.double() - mean.double())[valid].cpu().numpy()
-    v = var.double().expand_as(valid)[valid].cpu().numpy()
-    if err.size == 0:
+    err = (obs.double() - mean.double())[valid].cpu()
+    v = var.double().expand_as(valid)[valid].cpu()
+    if err.numel() == 0:
         raise ValueError("obs has no valid pixel to calibrate on")
-    if method == "moments" or not (v > 0).any():
-        k = float(np.sqrt(np.mean(err**2) / v.mean())) if v.mean() > 0 else 1.0
+    if method == "moments" or not bool((v > 0).any()):
+        k = float((err.square().mean() / v.mean()).sqrt()) if v.mean() > 0 else 1.0
     else:
         from scipy.optimize import minimize_scalar
-        from scipy.stats import norm
 
-        sd = np.sqrt(v)
+        sd = v.sqrt()
 
-        def mean_crps(log_k: float) -> float:  # crps_gaussian's formula on the flattened pixels
-            s = np.exp(log_k) * sd
-            z = np.divide(err, s, out=np.zeros_like(err), where=s > 0)
-            crps = s * (z * (2 * norm.cdf(z) - 1) + 2 * norm.pdf(z) - 1 / np.sqrt(np.pi))
-            return float(np.where(s > 0, crps, np.abs(err)).mean())
+        def mean_crps(log_k: float) -> float:
+            return float(_normal_crps(err, math.exp(log_k) * sd).mean())
 
         # each pixel's CRPS is convex in k (σ·f(e/σ), f convex), so the mean is unimodal in log k
-        inner = minimize_scalar(mean_crps, bounds=(np.log(lo), np.log(hi)), method="bounded", options={"xatol": 1e-5}).x
-        k = float(np.exp(min((inner, np.log(lo), np.log(hi)), key=mean_crps)))  # the bounds exactly when clipped
+        inner = minimize_scalar(mean_crps, bounds=(math.log(lo), math.log(hi)), method="bounded",
+                                options={"xatol": 1e-5}).x
+        k = math.exp(min((inner, math.log(lo), math.log(hi)), key=mean_crps))  # the bounds exactly when clipped
     return float(min(max(k, lo), hi))
 
 

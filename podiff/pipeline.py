@@ -588,15 +588,15 @@ class PODiffPipeline:
         minimising the CRPS of that mode's validation tokens (clipped to ``mode_limits``; where the
         model's spread is wrong by a different amount in each mode), then ``k`` by CRPS on top.
         The ensemble is drawn with ``spread = 1`` (and no per-mode factors)."""
-        if method not in ("modes",) + metrics.SPREAD_METHODS:
-            raise ValueError(f"method must be one of {('modes',) + metrics.SPREAD_METHODS}; got {method!r}")
-        metrics.check_spread_options("crps", limits)
+        methods = ("modes",) + metrics.SPREAD_METHODS
+        if method not in methods:
+            raise ValueError(f"method must be one of {methods}; got {method!r}")
+        metrics.check_spread_limits(limits)
+        metrics.check_spread_limits(mode_limits, "mode_limits")
         self.config.spread, self.config.mode_spread = 1.0, None
         out = self.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=method == "modes")
         if method == "modes":
-            metrics.check_spread_options("crps", mode_limits)
-            prediction = self.mean_model.predict(lr_val.to(self._device)) if self.mean_model is not None else None
-            truth = self.target_tokens(hr_val.to(self._device), lr_val.to(self._device), prediction).to(out.tokens)
+            truth = self.target_tokens(hr_val.to(self._device), lr_val.to(self._device)).to(out.tokens)
             valid = self.pod.valid_locations().to(truth.device).view(1, -1).expand(truth.shape[:2])
             mean, var = out.tokens.mean(0), out.tokens.var(0)
             self.config.mode_spread = [metrics.calibrated_spread(mean[..., j], var[..., j], truth[..., j], "crps",
