@@ -295,10 +295,17 @@ def train(args, ds=None) -> "object":
         print(describe(pipe.pod_choice))
     spread = None
     spread_method = getattr(args, "spread_calibration", "crps")
+    shape = getattr(args, "error_shape", "validation")
     if n_val and getattr(args, "calibrate", True):
-        spread = pipe.calibrate_spread(lr_val, hr_val, seed=args.seed, method=spread_method)
+        spread = pipe.calibrate_spread(lr_val, hr_val, seed=args.seed, method=spread_method, shape=shape)
         if not args.quiet:
             print(f"spread calibrated on the validation fields ({spread_method}): ×{spread:.3f} (--no-calibrate to keep ×1)")
+            if pipe.config.error_quantiles is not None:
+                from .error_shape import quantile
+
+                half = quantile(pipe.config.error_quantiles, 0.975) - quantile(pipe.config.error_quantiles, 0.025)
+                print(f"error shape from the validation fields: the 95 % interval spans {half / 2:.2f} std each "
+                      f"side on average (Gaussian 1.96; --error-shape gaussian to keep it)")
     pipe.save(out / "model")
     if world > 1:  # rank 0 holds only its shard of the training fields: no baselines from it
         baseline_info = {"skipped": "under torchrun; evaluate fits a ridge on the data's train split"}
@@ -313,6 +320,8 @@ def train(args, ds=None) -> "object":
             "final_loss": float(np.mean(pipe.history[-50:])) if pipe.history else None,
             "val_loss": [list(v) for v in pipe.val_history], "pod": pipe.pod_choice, "validation": scores,
             "spread": spread, "spread_calibration": spread_method if spread is not None else None,
+            "error_shape": (shape if pipe.config.error_quantiles is not None else "gaussian") if spread is not None
+            else None,
             "residual": pipe.config.residual, "mean_model": pipe.mean_model.choice if pipe.mean_model else None,
             "baselines": baseline_info}
     write_json(out / "train.json", info)
@@ -440,6 +449,7 @@ def sample(args, ds=None, pipe=None):
              "steps": int(args.sample_steps or pipe.config.sample_steps), "sampler": sampler,
              "seed": int(args.seed), "model_seed": int(pipe.config.seed), "seconds": float(seconds),
              "spread_calibration": float(pipe.config.spread), "podiff_version": __version__,
+             "error_quantiles": pipe.config.error_quantiles or [],
              "torch_version": torch.__version__,
              "history": f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} podiff sample --model {model} "
                         f"--data {args.data} --split {args.split} --num-samples {args.num_samples}"}
@@ -502,8 +512,9 @@ def evaluate(args, ds=None, pipe=None) -> dict:
     meta["baselines"] = {name: ("saved with the model: fitted on its training fields" + (
         ", tuned on its validation fields" if name == "ridge" else "")) for name in baselines}
     predictions = {}
+    error_quantiles = pred.attrs.get("error_quantiles") or None  # absent in older files: Gaussian
     result = run_evaluation(mean, variance, hr_test, lr_test, lr_train, hr_train, pipe, members, meta,
-                            baselines=baselines, predictions=predictions)
+                            baselines=baselines, predictions=predictions, error_quantiles=error_quantiles)
     comparisons = {"one member": members[0]} if members is not None else {}
     comparisons.update({name: predictions[name] for name in ("ridge",) if name in predictions})
     from .io import atomic_directory
@@ -513,7 +524,7 @@ def evaluate(args, ds=None, pipe=None) -> dict:
     with atomic_directory(out) as folder:  # the report is whole or absent
         report = out / write_report(folder, result, lr_test, hr_test, mean, variance, pipe.pod, ds.scale,
                                     comparisons).name
-        write_metric_maps(folder / "metrics_maps.nc", mean, variance, hr_test, members, grid)
+        write_metric_maps(folder / "metrics_maps.nc", mean, variance, hr_test, members, grid, error_quantiles)
     if not args.quiet:
         m = result["model"]
         others = ", ".join(f"{name} {result[name]['rmse']:.4g}" for name in ("bicubic", "pod_projection", "ridge",
@@ -700,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spread-calibration", choices=("crps", "modes", "moments"), default="crps",
                    help="how the spread is scaled: minimise the validation CRPS (crps, the default), first per "
                         "POD mode then overall (modes), or match the validation mean squared error (moments)")
+    p.add_argument("--error-shape", choices=("validation", "gaussian"), default="validation",
+                   help="the predictive's shape for intervals and CRPS: the validation errors' quantiles over the "
+                        "calibrated std (validation, the default: heavier tails where edges make them), or Gaussian")
     p.add_argument("--no-regression-baseline", dest="regression_baseline", action="store_false",
                    help="skip training the regression ViT baseline (the ridge baseline is always fitted)")
     p.add_argument("--memory-mb", type=_positive_float, default=2048.0,

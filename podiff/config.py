@@ -29,7 +29,10 @@ class PipelineConfig:
     it (the variance by its square); ``PODiffPipeline.calibrate_spread`` sets it on validation
     fields (the factor minimising their CRPS). ``mode_spread``: one factor per POD mode
     for the members' token deviations, applied before ``spread`` (None: all 1; set by
-    ``calibrate_spread(method="modes")``, which fits them on the validation tokens). ``correlated_noise``: the diffusion noise is correlated across the patch grid as the
+    ``calibrate_spread(method="modes")``, which fits them on the validation tokens).
+    ``error_quantiles``: the predictive's shape, quantiles of the validation errors over the
+    calibrated std (``podiff.error_shape``; set by ``calibrate_spread(shape="validation")``; None:
+    Gaussian); intervals and CRPS use it, the mean and variance do not change. ``correlated_noise``: the diffusion noise is correlated across the patch grid as the
     training tokens are (``podiff.token_noise``); ``fit`` measures the correlations and stores
     them in ``noise_correlation`` (None: white noise, as in models saved before it existed).
 
@@ -64,6 +67,7 @@ class PipelineConfig:
     antithetic: bool = False
     spread: float = 1.0
     mode_spread: list | None = None
+    error_quantiles: list | None = None
     correlated_noise: bool = True
     condition: str = "anomaly"
     noise_correlation: dict | None = None
@@ -81,6 +85,10 @@ class PipelineConfig:
                 raise ValueError(f"mode_spread must be None or a list of finite factors > 0, one per POD mode; "
                                  f"got {self.mode_spread!r}")
             self.mode_spread = values
+        if self.error_quantiles is not None:
+            from .error_shape import check_error_quantiles
+
+            self.error_quantiles = check_error_quantiles(self.error_quantiles).tolist()
         if self.residual not in ("none", "ridge"):
             raise ValueError(f"residual must be 'none' or 'ridge'; got {self.residual!r}")
         if self.sampler not in SAMPLERS:

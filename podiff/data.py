@@ -9,7 +9,8 @@ cuts the sample axis in order (time order for SST: the test part is the last).
   18 × 432 tropical band in kelvin; land is NaN. Read through ``load_gridded`` like a user's file.
 - ``load_mri``: axial slices of the MNI152 T1 template shipped in the ``nilearn`` wheel
   (the file only: nilearn is not imported), read with ``nibabel``, scaled to [0, 1].
-- ``load_images``: scikit-image's bundled images as grey crops.
+- ``load_images``: scikit-image's bundled images as grey crops, ordered by their place in
+  their photograph so every split holds part of every photograph.
 - ``load_npz``: a user's ``.npz``; ``load_gridded``: a user's netCDF file, Zarr store or glob
   of netCDF files, read with xarray (``podiff.fields``), coordinates kept in ``dataset.grid``.
 - ``load``: any of these by name or by the file's content (not its suffix).
@@ -171,13 +172,22 @@ def load_mri(scale: int = 4, size: int = 128, step: int = 2) -> Dataset:
 IMAGES = ("camera", "astronaut", "coffee", "chelsea", "coins", "moon", "page", "text", "rocket", "immunohistochemistry")
 
 
-def load_images(scale: int = 4, size: int = 64, names=IMAGES, rgb: bool = False) -> Dataset:
+def load_images(scale: int = 4, size: int = 64, names=IMAGES, rgb: bool = False,
+                by_position: bool = True) -> Dataset:
     """Non-overlapping ``size``² crops of scikit-image's bundled images, in [0, 1]: grey
-    (``C = 1``), or with ``rgb`` colour (``C = 3``; grey images repeated on the three channels)."""
+    (``C = 1``), or with ``rgb`` colour (``C = 3``; grey images repeated on the three channels).
+
+    ``by_position`` (the default) orders the crops by their place in their photograph (raster
+    order, as a fraction of its crops), then by photograph, so the ordered split takes about the
+    top 70 % of every photograph to train, the next 15 % to validate and the bottom 15 % to test:
+    validation and test are then the same kind of picture, which the spread calibration needs
+    (photograph by photograph, the validation crops were the white paper of ``page`` and
+    ``text`` and the test crops other scenes). ``False``: photograph by photograph, row by row.
+    """
     skdata = _require("skimage.data", "the natural-image dataset")
     color = _require("skimage.color", "the natural-image dataset")
-    crops = []
-    for name in names:
+    crops, keys = [], []
+    for image_index, name in enumerate(names):
         img = np.asarray(getattr(skdata, name)(), dtype=np.float64)
         img = img / (255.0 if img.max() > 1.0 else 1.0)
         if rgb:
@@ -185,12 +195,20 @@ def load_images(scale: int = 4, size: int = 64, names=IMAGES, rgb: bool = False)
             img = np.moveaxis(img, -1, 0)  # C, H, W
         else:
             img = (color.rgb2gray(img[..., :3]) if img.ndim == 3 else img)[None]
+        first = len(crops)
         for y in range(0, img.shape[1] - size + 1, size):
             for x in range(0, img.shape[2] - size + 1, size):
                 crops.append(img[:, y : y + size, x : x + size])
-    hr = _crop_to_scale(torch.from_numpy(np.stack(crops)).float(), scale)
+        count = len(crops) - first
+        keys += [((i + 0.5) / count, image_index) for i in range(count)]
+    if not crops:
+        raise ValueError(f"size: no photograph in names holds a {size}×{size} crop")
+    order = sorted(range(len(crops)), key=keys.__getitem__) if by_position else range(len(crops))
+    hr = _crop_to_scale(torch.from_numpy(np.stack([crops[i] for i in order])).float(), scale)
     return Dataset(hr, block_average(hr, scale), scale, "images",
-                   {"images": list(names), "rgb": rgb, "order": "image, row"})
+                   {"images": list(names), "rgb": rgb,
+                    "order": "place in the photograph, photograph" if by_position else "photograph, row",
+                    "photograph": [names[keys[i][1]] for i in order]})
 
 
 def _as_nchw(array: np.ndarray, key: str, path: Path) -> torch.Tensor:

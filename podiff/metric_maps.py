@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics
+from . import error_shape, metrics
 from .io import atomic_write
 
 
@@ -29,9 +29,11 @@ def _nanmean(x: torch.Tensor, dims) -> torch.Tensor:
 
 
 def metric_maps(mean: torch.Tensor, variance: torch.Tensor, truth: torch.Tensor,
-                members: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                members: torch.Tensor | None = None, error_quantiles=None) -> dict[str, torch.Tensor]:
     """Scores per location (``[C, H, W]``) and per sample (``[N, C]``) in float64; NaN where no
-    pixel is valid. ``mean``, ``variance``, ``truth`` ``[N, C, H, W]``; ``members`` ``[M, N, C, H, W]``."""
+    pixel is valid. ``mean``, ``variance``, ``truth`` ``[N, C, H, W]``; ``members`` ``[M, N, C, H, W]``.
+    The CRPS is the members' (fair) when there are members, else that of the closed form with the
+    shape ``error_quantiles`` (``podiff.error_shape``; None: Gaussian)."""
     if mean.shape != truth.shape or variance.shape != truth.shape:
         raise ValueError(f"mean, variance and truth must have one shape; got {tuple(mean.shape)}, "
                          f"{tuple(variance.shape)} and {tuple(truth.shape)}")
@@ -41,6 +43,8 @@ def metric_maps(mean: torch.Tensor, variance: torch.Tensor, truth: torch.Tensor,
     err = torch.where(valid, mean - truth, float("nan"))
     if members is not None and members.shape[0] >= 2:
         crps = metrics.crps_ensemble(members.double(), truth, fair=True, reduce=False)
+    elif error_quantiles:
+        crps = error_shape.crps(mean, variance.clamp_min(0), truth, error_quantiles, reduce=False)
     else:
         crps = metrics.crps_gaussian(mean, variance.clamp_min(0), truth, reduce=False)
     crps = torch.where(valid, crps, float("nan"))
@@ -57,7 +61,8 @@ LONG_NAMES = {"rmse_map": "RMSE of the ensemble mean over samples", "crps_map": 
               "spread_time": "mean predictive standard deviation over the grid"}
 
 
-def write_metric_maps(path: str | Path, mean, variance, truth, members=None, grid=None) -> Path | None:
+def write_metric_maps(path: str | Path, mean, variance, truth, members=None, grid=None,
+                      error_quantiles=None) -> Path | None:
     """Writes ``metric_maps`` as netCDF at ``path`` (coordinates from ``grid`` when given);
     returns the path, or None when xarray / netCDF4 are not installed (the report does not need them)."""
     from .fields import netcdf_available
@@ -66,7 +71,7 @@ def write_metric_maps(path: str | Path, mean, variance, truth, members=None, gri
         return None
     import xarray as xr
 
-    maps = {k: v.cpu().numpy().astype(np.float32) for k, v in metric_maps(mean, variance, truth, members).items()}
+    maps = {k: v.cpu().numpy().astype(np.float32) for k, v in metric_maps(mean, variance, truth, members, error_quantiles).items()}
     N, C, H, W = truth.shape
     if grid is not None:
         sample, y, x = grid.sample, grid.y, grid.x

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import podiff_kernels as pk
 
 from . import distributed as distributed_
-from . import metrics
+from . import error_shape, metrics
 from .config import PipelineConfig
 from .data import block_average
 from .denoiser import DenoiserConfig, MLPDenoiser, PODDenoiser
@@ -580,20 +580,25 @@ class PODiffPipeline:
 
     def calibrate_spread(self, lr_val: torch.Tensor, hr_val: torch.Tensor, num_samples: int = 16,
                          seed: int | None = None, limits=(0.5, 2.0), method: str = "crps",
-                         mode_limits=(0.25, 4.0)) -> float:
+                         mode_limits=(0.25, 4.0), shape: str = "validation") -> float:
         """Sets ``config.spread`` from the validation fields ``[N, C, H, W]`` and returns it: the
         factor ``k`` of ``metrics.calibrated_spread`` (``method`` ``"crps"``, the default, minimises
         the validation CRPS of ``N(m, k² σ²)``; ``"moments"`` matches the mean squared error),
         clipped to ``limits``. ``"modes"`` first sets ``config.mode_spread``, one factor per POD mode
         minimising the CRPS of that mode's validation tokens (clipped to ``mode_limits``; where the
         model's spread is wrong by a different amount in each mode), then ``k`` by CRPS on top.
+        ``shape`` ``"validation"`` (the default) also sets ``config.error_quantiles``, the quantiles
+        of the validation errors over the calibrated std (``podiff.error_shape``: the intervals
+        and CRPS of a heavier-tailed predictive than the Gaussian); ``"gaussian"`` clears them.
         The ensemble is drawn with ``spread = 1`` (and no per-mode factors)."""
         methods = ("modes",) + metrics.SPREAD_METHODS
         if method not in methods:
             raise ValueError(f"method must be one of {methods}; got {method!r}")
+        if shape not in error_shape.ERROR_SHAPES:
+            raise ValueError(f"shape must be one of {error_shape.ERROR_SHAPES}; got {shape!r}")
         metrics.check_spread_limits(limits)
         metrics.check_spread_limits(mode_limits, "mode_limits")
-        self.config.spread, self.config.mode_spread = 1.0, None
+        self.config.spread, self.config.mode_spread, self.config.error_quantiles = 1.0, None, None
         out = self.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=method == "modes")
         if method == "modes":
             truth = self.target_tokens(hr_val.to(self._device), lr_val.to(self._device)).to(out.tokens)
@@ -603,9 +608,13 @@ class PODiffPipeline:
                                                                  mode_limits, mask=valid)
                                        for j in range(truth.shape[-1])]
             out = self.sample(lr_val, num_samples=num_samples, seed=seed)
-        self.config.spread = metrics.calibrated_spread(out.mean, out.variance, hr_val.to(out.mean),
-                                                       "moments" if method == "moments" else "crps", limits)
-        return self.config.spread
+        truth = hr_val.to(out.mean)
+        k = metrics.calibrated_spread(out.mean, out.variance, truth, "moments" if method == "moments" else "crps",
+                                      limits)
+        if shape == "validation":
+            self.config.error_quantiles = error_shape.fit_error_quantiles(out.mean, k**2 * out.variance, truth)
+        self.config.spread = k
+        return k
 
     # ------------------------------------------------------------------ save / load
 

@@ -7,8 +7,10 @@ baselines=None, predictions=None)`` -> the ``metrics.json`` dict (``{"model": {.
 ``write_report(folder, result, lr, target, mean, variance, pod, scale, comparisons=None)`` writes
 ``metrics.json`` (atomically), the figures and ``report.md``; ``comparisons`` (e.g. ``{"one
 member": members[0], "ridge": predictions["ridge"]}``) are drawn beside the truth and the mean.
-The model's probabilistic scores use its analytic Gaussian (mean, variance): CRPS in closed
-form, central-interval coverage, MACE, spread–skill; with members, the ensemble CRPS too.
+The model's probabilistic scores use its closed-form mean and variance with the predictive's
+shape (``error_quantiles``, from the validation errors, ``podiff.error_shape``; Gaussian when
+None): CRPS, central-interval coverage, MACE, spread–skill; ``crps_gaussian`` and
+``mace_gaussian`` give the Gaussian's beside them; with members, the ensemble CRPS too.
 ``high_k_power``: the prediction's power over the truth's in the upper half of the wavenumbers
 (``metrics.high_wavenumber_power_ratio``; the model's ``members_high_k_power`` is its members'),
 and ``spectra`` the power spectra behind it: an ensemble mean and a regression lose the small
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from . import baselines as baselines_
-from . import metrics
+from . import error_shape, metrics
 from .io import atomic_write, write_json
 
 
@@ -40,8 +42,9 @@ def _data_range(hr: torch.Tensor) -> float:
 
 
 def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | None = None,
-          members: torch.Tensor | None = None) -> dict:
-    """Deterministic scores, plus probabilistic ones when a variance is given."""
+          members: torch.Tensor | None = None, error_quantiles=None) -> dict:
+    """Deterministic scores, plus probabilistic ones when a variance is given (of the shape
+    ``error_quantiles`` when given, else Gaussian)."""
     rng = _data_range(target)
     out = {"rmse": metrics.rmse(mean, target), "mae": metrics.mae(mean, target),
            "psnr": metrics.psnr(mean, target, rng)}
@@ -62,6 +65,11 @@ def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | Non
             "mace": metrics.mace(cov),
             "spread_skill": math.sqrt(float(variance[valid].double().mean())) / out["rmse"],
         })
+        if error_quantiles:
+            shaped = error_shape.coverage(mean, variance, target, error_quantiles)
+            out.update({"crps_gaussian": out["crps"], "mace_gaussian": out["mace"],
+                        "crps": error_shape.crps(mean, variance, target, error_quantiles),
+                        "coverage": {str(k): v for k, v in shaped.items()}, "mace": metrics.mace(shaped)})
         if members is not None:
             out["crps_ensemble_fair"] = metrics.crps_ensemble(members, target, fair=True)
             ens = metrics.coverage(members, target)
@@ -70,13 +78,14 @@ def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | Non
 
 
 def evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, members=None, meta=None,
-             baselines: dict | None = None, predictions: dict | None = None) -> dict:
+             baselines: dict | None = None, predictions: dict | None = None, error_quantiles=None) -> dict:
     """Scores of the model and the baselines on the same pixels.
 
     ``baselines``: fitted ``{"ridge": ..., "regression": ...}`` (saved with the model by ``podiff
     train``); without a ridge, one is fitted on ``lr_train, hr_train`` with default settings.
-    ``predictions``: a dict to fill with each baseline's prediction (for the report's figures)."""
-    result = {"model": score(mean, target, variance, members)}
+    ``predictions``: a dict to fill with each baseline's prediction (for the report's figures).
+    ``error_quantiles``: the predictive's shape (None: Gaussian)."""
+    result = {"model": score(mean, target, variance, members, error_quantiles)}
     scale = pipeline.config.scale
     period = getattr(pipeline.pod, "stride", None)
     if variance is not None and period is not None and period >= 2 and min(target.shape[-2:]) > period:

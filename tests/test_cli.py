@@ -200,6 +200,7 @@ def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held
     info = json.loads((run_dir / "train.json").read_text())
     assert info["val_indices"] == [27, 31] and info["best_step"] is not None
     assert info["spread_calibration"] == "crps" and 0.5 <= info["spread"] <= 2.0
+    assert info["error_shape"] == "validation"
     assert {"ridge", "regression"} <= set(info["baselines"]) and info["validation"]["rmse"] > 0
     best = min(info["val_loss"], key=lambda v: v[1])
     assert info["best_step"] == best[0]
@@ -221,6 +222,18 @@ def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held
     assert code == 0, err
     result = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert result["model"]["rmse"] < result["bicubic"]["rmse"], result
+    # the scores use the saved error shape; the Gaussian's are kept beside them
+    from podiff import error_shape, metrics
+
+    written = read_prediction(pred)
+    assert written.attrs["error_quantiles"] == pytest.approx(pipe.config.error_quantiles)
+    truth = torch.from_numpy(np.load(tmp_path / "test.npz")["hr"])
+    mean, variance = torch.from_numpy(written.mean), torch.from_numpy(written.variance)
+    assert result["model"]["crps"] == pytest.approx(error_shape.crps(mean, variance, truth, pipe.config.error_quantiles),
+                                                    rel=1e-6)
+    assert result["model"]["crps_gaussian"] == pytest.approx(metrics.crps_gaussian(mean, variance, truth), rel=1e-6)
+    shaped = error_shape.coverage(mean, variance, truth, pipe.config.error_quantiles)
+    assert result["model"]["mace"] == pytest.approx(metrics.mace(shaped))
     assert {"ridge", "regression"} <= set(result) and "tuned on its validation fields" in result["meta"]["baselines"]["ridge"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| ridge |" in report and "| regression |" in report

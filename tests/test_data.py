@@ -62,8 +62,30 @@ def test_images_from_scikit_image():
     assert float(ds.hr.min()) >= 0 and float(ds.hr.max()) <= 1
     colour = data.load_images(scale=4, size=32, names=("astronaut", "camera"), rgb=True)
     assert colour.hr.shape[1:] == (3, 32, 32)
-    grey_crop = colour.hr[-1]  # the camera is grey: its three channels are equal
-    assert torch.equal(grey_crop[0], grey_crop[1]) and not torch.equal(colour.hr[0, 0], colour.hr[0, 1])
+    grey_crop = colour.hr[colour.meta["photograph"].index("camera")]  # grey: its three channels are equal
+    colour_crop = colour.hr[colour.meta["photograph"].index("astronaut")]
+    assert torch.equal(grey_crop[0], grey_crop[1]) and not torch.equal(colour_crop[0], colour_crop[1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="needs scikit-image")
+def test_images_split_takes_part_of_every_photograph():
+    names = ("camera", "coins", "page")  # 64, 24 and 12 crops of 64²: unequal counts
+    by_position = data.load_images(scale=4, size=64, names=names)
+    in_order = data.load_images(scale=4, size=64, names=names, by_position=False)
+    assert in_order.meta["photograph"] == ["camera"] * 64 + ["coins"] * 24 + ["page"] * 12
+    # The same crops, reordered.
+    assert sorted(by_position.hr.flatten(1).sum(1).tolist()) == sorted(in_order.hr.flatten(1).sum(1).tolist())
+    for split in ("train", "val", "test"):
+        _, hr, idx = by_position.split(split)
+        assert set(by_position.meta["photograph"][i] for i in idx) == set(names), split
+    # Within a photograph the crops keep their raster order: the test crops are its bottom rows.
+    _, _, test = by_position.split("test")
+    camera_rows = [in_order.hr[:64].flatten(1).tolist().index(by_position.hr[i].flatten().tolist()) // 8
+                   for i in test if by_position.meta["photograph"][i] == "camera"]
+    assert min(camera_rows) >= 6, camera_rows
+    assert set(in_order.meta["photograph"][i] for i in in_order.split("test")[2]) == {"coins", "page"}
+    with pytest.raises(ValueError, match="size"):
+        data.load_images(scale=4, size=1024, names=("coins",))
 
 
 def test_npz_files(tmp_path):

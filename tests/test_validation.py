@@ -222,3 +222,28 @@ def test_calibrated_spread_matches_the_validation_error():
         pipe.save(folder)
         again = PODiffPipeline.load(folder)
         assert again.config.mode_spread == modes and again.config.spread == k
+
+
+def test_calibration_learns_the_error_shape_on_the_validation_fields():
+    from podiff import error_shape
+
+    lr, hr = fields(24, seed=6)
+    pipe = PODiffPipeline(config(train_steps=30))
+    pipe.fit(lr[:18], hr[:18], progress=False)
+    k = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3)  # shape="validation", the default
+    quantiles = pipe.config.error_quantiles
+    assert len(quantiles) == error_shape.QUANTILE_COUNT
+    calibrated = pipe.sample(lr[18:], num_samples=8, seed=3)  # the same draw, scaled by k
+    assert quantiles == pytest.approx(error_shape.fit_error_quantiles(calibrated.mean, calibrated.variance, hr[18:]),
+                                      rel=1e-4, abs=1e-6)
+    # on the fields it was fitted to, the shape's intervals cover their levels
+    cov = error_shape.coverage(calibrated.mean, calibrated.variance, hr[18:], quantiles)
+    assert metrics.mace(cov) < 0.01, cov
+    assert pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, shape="gaussian") == k
+    assert pipe.config.error_quantiles is None
+    with pytest.raises(ValueError, match="shape must be one of \\('validation', 'gaussian'\\); got 'student'"):
+        pipe.calibrate_spread(lr[18:], hr[18:], shape="student")
+    pipe.config.error_quantiles = quantiles
+    with tempfile.TemporaryDirectory() as folder:  # the shape is part of the saved model
+        pipe.save(folder)
+        assert PODiffPipeline.load(folder).config.error_quantiles == quantiles
