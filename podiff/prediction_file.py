@@ -38,7 +38,8 @@ class Prediction:
 
     ``mean``, ``variance`` ``[N, C, H, W]``; ``members`` ``[M, N, C, H, W]`` or None; ``lr``
     ``[N, C, h, w]`` or None; ``truth`` like ``mean`` or None; ``indices`` ``[N]`` positions in the
-    data; ``attrs``: model, data, split, seed, steps, scale, num_samples, seconds, versions;
+    data; ``attrs``: model, data, split, seed, steps, scale, num_samples, seconds, versions,
+    ``error_quantiles`` (the predictive's shape, ``podiff.error_shape``; empty: Gaussian);
     ``grid``: the high-resolution grid or None.
     """
 
