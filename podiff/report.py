@@ -255,11 +255,17 @@ def write_report(folder: str | Path, result: dict, lr, target, mean, variance, p
         rows.append(f"| {name} | " + " | ".join(_fmt(m[k]) if k in m else "—" for k in
                                                   ("rmse", "mae", "ssim", "crps", "mace", "spread_skill",
                                                    "high_k_power")) + " |")
-    cov = result["model"].get("coverage", {})
+    model = result["model"]
+    cov = model.get("coverage", {})
+    shaped = "mace_gaussian" in model
     lines = ["# podiff report", "", f"Data: {result['meta'].get('data', '?')}, split "
              f"{result['meta'].get('split', '?')}, {result['meta'].get('samples', '?')} samples.", "",
-             *rows, "", "Coverage of the central intervals (analytic Gaussian): " +
-             ", ".join(f"{float(k):.0%}: {v:.3f}" for k, v in cov.items()), ""]
+             *rows, "", "Coverage of the central intervals (" +
+             ("closed-form mean and variance, the error shape of the validation fields" if shaped
+              else "analytic Gaussian") + "): " + ", ".join(f"{float(k):.0%}: {v:.3f}" for k, v in cov.items()), ""]
+    if shaped:
+        lines += [f"With a Gaussian shape instead: CRPS {_fmt(model['crps_gaussian'])}, "
+                  f"MACE {_fmt(model['mace_gaussian'])}.", ""]
     if "members_high_k_power" in result["model"]:
         lines += ["High-wavenumber power (upper half of the wavenumbers) over the truth's: members "
                   f"{result['model']['members_high_k_power']:.3f}, ensemble mean {result['model']['high_k_power']:.3f}"

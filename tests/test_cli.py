@@ -237,6 +237,7 @@ def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held
     assert {"ridge", "regression"} <= set(result) and "tuned on its validation fields" in result["meta"]["baselines"]["ridge"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| ridge |" in report and "| regression |" in report
+    assert "the error shape of the validation fields" in report and "With a Gaussian shape instead" in report
 
 
 @pytest.mark.parametrize("option, value", [("--scale", "0"), ("--batch-size", "0"), ("--steps", "-5"),
