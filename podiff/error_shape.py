@@ -6,9 +6,10 @@ heavier-tailed than a Gaussian of that variance (an image's or a brain slice's e
 lie well inside one predicted std, a few far outside several). No spread factor makes the
 Gaussian's central intervals cover right at every level then. The standardised validation
 errors ``z = (y − mean)/sd`` give ``Z``'s quantiles (``fit_error_quantiles``); every interval and
-score below uses them, and the pixel mean and variance stay the closed-form ones. With
-exchangeable validation and test fields the intervals cover their level by construction
-(split-conformal prediction with a normalised score). Shapes as in ``podiff.metrics``:
+score below uses them, and the pixel mean and variance stay the closed-form ones. Where the
+validation and test fields are exchangeable the intervals cover their level up to sampling
+noise (split-conformal prediction with a normalised score); a shift between them (other
+kinds of field, warmer years) is not corrected. Shapes as in ``podiff.metrics``:
 ``mean``, ``var``, ``obs`` ``[..., H, W]``; ``quantiles`` a sorted 1-D sequence of ``count``
 values of ``Z`` at the levels ``(i + 0.5)/count``.
 
