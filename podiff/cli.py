@@ -294,7 +294,7 @@ def train(args, ds=None) -> "object":
 
         print(describe(pipe.pod_choice))
     spread = None
-    spread_method = getattr(args, "spread_calibration", "crps")
+    spread_method = getattr(args, "spread_calibration", "members")
     shape = getattr(args, "error_shape", "validation")
     if n_val and getattr(args, "calibrate", True):
         spread = pipe.calibrate_spread(lr_val, hr_val, seed=args.seed, method=spread_method, shape=shape)
@@ -709,8 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="keep the ensemble's spread as sampled (default: scaled on the validation fields)")
-    p.add_argument("--spread-calibration", choices=("crps", "modes", "moments"), default="crps",
-                   help="how the spread is scaled: minimise the validation CRPS (crps, the default), first per "
+    p.add_argument("--spread-calibration", choices=("members", "crps", "modes", "moments"), default="members",
+                   help="how the spread is scaled: minimise the members' fair CRPS on the validation fields "
+                        "(members, the default), or the CRPS of the Gaussian N(mean, variance) (crps), first per "
                         "POD mode then overall (modes), or match the validation mean squared error (moments)")
     p.add_argument("--error-shape", choices=("validation", "gaussian"), default="validation",
                    help="the predictive's shape for intervals and CRPS: the validation errors' quantiles over the "

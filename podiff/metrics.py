@@ -170,18 +170,45 @@ def calibrated_spread(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, 
     if method == "moments" or not bool((v > 0).any()):
         k = float((err.square().mean() / v.mean()).sqrt()) if v.mean() > 0 else 1.0
     else:
-        from scipy.optimize import minimize_scalar
-
         sd = v.sqrt()
-
-        def mean_crps(log_k: float) -> float:
-            return float(_normal_crps(err, math.exp(log_k) * sd).mean())
-
         # each pixel's CRPS is convex in k (σ·f(e/σ), f convex), so the mean is unimodal in log k
-        inner = minimize_scalar(mean_crps, bounds=(math.log(lo), math.log(hi)), method="bounded",
-                                options={"xatol": 1e-5}).x
-        k = math.exp(min((inner, math.log(lo), math.log(hi)), key=mean_crps))  # the bounds exactly when clipped
+        k = _minimising_factor(lambda k: float(_normal_crps(err, k * sd).mean()), lo, hi)
     return float(min(max(k, lo), hi))
+
+
+def _minimising_factor(score, lo: float, hi: float) -> float:
+    """The ``k`` in ``[lo, hi]`` minimising a ``score(k)`` unimodal in ``log k`` (bounded search;
+    the bounds exactly when the minimum lies on one)."""
+    from scipy.optimize import minimize_scalar
+
+    in_log = lambda log_k: score(math.exp(log_k))  # noqa: E731
+    inner = minimize_scalar(in_log, bounds=(math.log(lo), math.log(hi)), method="bounded", options={"xatol": 1e-5}).x
+    return math.exp(min((inner, math.log(lo), math.log(hi)), key=in_log))
+
+
+def members_spread(members: torch.Tensor, obs: torch.Tensor, limits=(0.5, 2.0),
+                   mask: torch.Tensor | None = None) -> float:
+    """The factor ``k`` for the members' deviations from their mean, ``mean + k (x_i − mean)``,
+    minimising their mean fair CRPS (``crps_ensemble(..., fair=True)``) against ``obs`` over the
+    valid pixels, clipped to ``limits``. ``members [M, ...]``, ``obs [...]``. Each pixel's score
+    is convex in ``k``: ``E|mean + k d − y|`` is, and the spread term is ``k`` times that of the
+    deviations ``d``. Example: ``k = members_spread(x, y); x_cal = x.mean(0) + k * (x - x.mean(0))``.
+    """
+    if members.shape[1:] != obs.shape:
+        raise ValueError(f"members must be [M, *obs.shape]; got {tuple(members.shape)} and obs {tuple(obs.shape)}")
+    M = members.shape[0]
+    if M < 2:
+        raise ValueError(f"members_spread needs at least two members; got {M}")
+    lo, hi = check_spread_limits(limits)
+    valid = _valid(obs, mask, members[0]).expand_as(obs)
+    x = members.double()
+    centre = x.mean(0)
+    dev = (x - centre)[:, valid]
+    err = (obs.double() - centre)[valid]
+    i = torch.arange(1, M + 1, dtype=torch.float64, device=dev.device).view(-1, 1)
+    spread = ((2 * i - M - 1) * dev.sort(0).values).sum(0).mean() / (M * (M - 1))  # E|X − X'|/2, fair
+    return float(min(max(_minimising_factor(
+        lambda k: float((k * dev - err).abs().mean(0).mean()) - k * float(spread), lo, hi), lo), hi))
 
 
 def _order_statistic(sorted_members: torch.Tensor, position: float) -> torch.Tensor:

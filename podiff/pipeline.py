@@ -579,19 +579,20 @@ class PODiffPipeline:
         return out
 
     def calibrate_spread(self, lr_val: torch.Tensor, hr_val: torch.Tensor, num_samples: int = 16,
-                         seed: int | None = None, limits=(0.5, 2.0), method: str = "crps",
+                         seed: int | None = None, limits=(0.5, 2.0), method: str = "members",
                          mode_limits=(0.25, 4.0), shape: str = "validation") -> float:
-        """Sets ``config.spread`` from the validation fields ``[N, C, H, W]`` and returns it: the
-        factor ``k`` of ``metrics.calibrated_spread`` (``method`` ``"crps"``, the default, minimises
-        the validation CRPS of ``N(m, k² σ²)``; ``"moments"`` matches the mean squared error),
-        clipped to ``limits``. ``"modes"`` first sets ``config.mode_spread``, one factor per POD mode
+        """Sets ``config.spread`` from the validation fields ``[N, C, H, W]`` and returns it, clipped
+        to ``limits``: ``method`` ``"members"`` (the default) is the factor for the members'
+        deviations that minimises their fair CRPS (``metrics.members_spread``: the members are
+        what a user draws); ``"crps"`` minimises the validation CRPS of ``N(m, k² σ²)`` and
+        ``"moments"`` matches the mean squared error (``metrics.calibrated_spread``). ``"modes"`` first sets ``config.mode_spread``, one factor per POD mode
         minimising the CRPS of that mode's validation tokens (clipped to ``mode_limits``; where the
         model's spread is wrong by a different amount in each mode), then ``k`` by CRPS on top.
         ``shape`` ``"validation"`` (the default) also sets ``config.error_quantiles``, the quantiles
         of the validation errors over the calibrated std (``podiff.error_shape``: the intervals
         and CRPS of a heavier-tailed predictive than the Gaussian); ``"gaussian"`` clears them.
         The ensemble is drawn with ``spread = 1`` (and no per-mode factors)."""
-        methods = ("modes",) + metrics.SPREAD_METHODS
+        methods = ("members", "modes") + metrics.SPREAD_METHODS
         if method not in methods:
             raise ValueError(f"method must be one of {methods}; got {method!r}")
         if shape not in error_shape.ERROR_SHAPES:
@@ -599,7 +600,7 @@ class PODiffPipeline:
         metrics.check_spread_limits(limits)
         metrics.check_spread_limits(mode_limits, "mode_limits")
         self.config.spread, self.config.mode_spread, self.config.error_quantiles = 1.0, None, None
-        out = self.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=method == "modes")
+        out = self.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=method in ("members", "modes"))
         if method == "modes":
             truth = self.target_tokens(hr_val.to(self._device), lr_val.to(self._device)).to(out.tokens)
             valid = self.pod.valid_locations().to(truth.device).view(1, -1).expand(truth.shape[:2])
@@ -609,8 +610,11 @@ class PODiffPipeline:
                                        for j in range(truth.shape[-1])]
             out = self.sample(lr_val, num_samples=num_samples, seed=seed)
         truth = hr_val.to(out.mean)
-        k = metrics.calibrated_spread(out.mean, out.variance, truth, "moments" if method == "moments" else "crps",
-                                      limits)
+        if method == "members":
+            k = metrics.members_spread(out.samples, truth, limits)
+        else:
+            k = metrics.calibrated_spread(out.mean, out.variance, truth, "moments" if method == "moments" else "crps",
+                                          limits)
         if shape == "validation":
             self.config.error_quantiles = error_shape.fit_error_quantiles(out.mean, k**2 * out.variance, truth)
         self.config.spread = k

@@ -199,7 +199,7 @@ def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held
     assert "training on 27 of the 32 fields" in out and "validating on the last 5" in out and "POD:" in out
     info = json.loads((run_dir / "train.json").read_text())
     assert info["val_indices"] == [27, 31] and info["best_step"] is not None
-    assert info["spread_calibration"] == "crps" and 0.5 <= info["spread"] <= 2.0
+    assert info["spread_calibration"] == "members" and 0.5 <= info["spread"] <= 2.0
     assert info["error_shape"] == "validation"
     assert {"ridge", "regression"} <= set(info["baselines"]) and info["validation"]["rmse"] > 0
     best = min(info["val_loss"], key=lambda v: v[1])

@@ -300,3 +300,45 @@ def test_calibrated_spread_clips_masks_and_rejects_bad_input():
         metrics.calibrated_spread(mean, var, obs, limits=(2, 1))
     with pytest.raises(ValueError, match="no valid pixel"):
         metrics.calibrated_spread(mean, var, torch.full_like(obs, float("nan")))
+
+
+def _ensemble_case(seed, M=8, n=20_000, narrow=1.5):
+    """Members ``M`` from ``N(0, σ²)`` and truths from ``N(0, narrow² σ²)``, σ varying by pixel."""
+    g = torch.Generator().manual_seed(seed)
+    sd = (0.2 + torch.rand(n, generator=g, dtype=torch.float64)).sqrt()
+    members = torch.randn(M, n, generator=g, dtype=torch.float64) * sd
+    return members, narrow * sd * torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def test_members_spread_minimises_their_fair_crps():
+    members, obs = _ensemble_case(3)
+    k = metrics.members_spread(members, obs, limits=(0.1, 10))
+    centre = members.mean(0)
+
+    def fair(scale):  # scored by crps_ensemble, which is tested against properscoring
+        return metrics.crps_ensemble(centre + scale * (members - centre), obs, fair=True)
+
+    grid = np.linspace(0.8, 2.5, 341)
+    best = grid[np.argmin([fair(s) for s in grid])]
+    assert k == pytest.approx(best, abs=0.006)
+    assert fair(k) <= min(fair(k * 1.01), fair(k / 1.01))
+    assert k > 1.2  # the members are 1.5× too narrow: they are widened
+    assert metrics.members_spread(*_ensemble_case(5, narrow=0.5), limits=(0.1, 10)) < 0.8  # and too wide: narrowed
+
+
+def test_members_spread_clips_masks_and_rejects_bad_input():
+    members, obs = _ensemble_case(4, n=4000)
+    assert metrics.members_spread(members, obs, limits=(0.5, 1.2)) == 1.2
+    assert metrics.members_spread(members, obs / 100, limits=(0.5, 1.2)) == 0.5
+    spoiled = obs.clone()
+    spoiled[:500] = float("nan")
+    mask = torch.ones_like(obs, dtype=torch.bool)
+    mask[500:1000] = False
+    full = metrics.members_spread(members[:, 1000:], obs[1000:], limits=(0.1, 10))
+    assert metrics.members_spread(members, spoiled, mask=mask, limits=(0.1, 10)) == pytest.approx(full, rel=1e-9)
+    with pytest.raises(ValueError, match="needs at least two members; got 1"):
+        metrics.members_spread(members[:1], obs)
+    with pytest.raises(ValueError, match="members must be \\[M, \\*obs.shape\\]"):
+        metrics.members_spread(members, obs[:10])
+    with pytest.raises(ValueError, match="limits must satisfy"):
+        metrics.members_spread(members, obs, limits=(0, 1))

@@ -173,13 +173,21 @@ def test_calibrated_spread_matches_the_validation_error():
         float(out.variance.mean()) / spread**2, rel=1e-4)
     with pytest.raises(ValueError, match="spread must be > 0"):
         PipelineConfig(spread=0)
-    # the default minimises the validation CRPS of the scaled Gaussian predictive
-    k = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0))
+    # "crps" minimises the validation CRPS of the scaled Gaussian predictive
+    k = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0), method="crps")
     assert pipe.config.spread == k
     pipe.config.spread = 1.0
-    base = pipe.sample(lr[18:], num_samples=8, seed=3)
+    base = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True)
     crps = lambda s: metrics.crps_gaussian(base.mean, s * s * base.variance, hr[18:])  # noqa: E731
     assert crps(k) <= min(crps(1.02 * k), crps(k / 1.02))
+    # the default, "members", minimises the fair CRPS of the members it scales
+    k = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0))
+    scaled = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True).samples
+    centre = base.samples.mean(0)
+    torch.testing.assert_close(scaled, centre + k * (base.samples - centre), rtol=1e-4, atol=1e-5)
+    fair = lambda s: metrics.crps_ensemble(centre + s * (base.samples - centre), hr[18:], fair=True)  # noqa: E731
+    assert fair(k) <= min(fair(1.02 * k), fair(k / 1.02))
+    pipe.config.spread = 1.0
     with pytest.raises(ValueError, match="method must be one of"):
         pipe.calibrate_spread(lr[18:], hr[18:], method="mse")
 
