@@ -83,15 +83,18 @@ def quantile(quantiles, level: float) -> float:
     return float(q[lo] + (q[hi] - q[lo]) * (position - lo))
 
 
-def central_interval(mean: torch.Tensor, var: torch.Tensor, level: float, quantiles=None):
-    """``(lower, upper)`` of the central ``level`` interval of ``mean + sd · Z``; ``quantiles``
-    None: the Gaussian's, ``mean ∓ Φ⁻¹((1 + level)/2) · sd``."""
+def central_interval(mean, var, level: float, quantiles=None):
+    """``(lower, upper)`` tensors of the central ``level`` interval of ``mean + sd · Z``;
+    ``mean`` and ``var`` tensors or arrays (a prediction file's); ``quantiles`` None or empty
+    (a prediction file's ``error_quantiles`` without a shape): the Gaussian's,
+    ``mean ∓ Φ⁻¹((1 + level)/2) · sd``."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1); got {level}")
+    mean, var = torch.as_tensor(mean), torch.as_tensor(var)
     if bool((var < 0).any()):
         raise ValueError("var must be non-negative")
     sd = var.sqrt()
-    if quantiles is None:
+    if quantiles is None or len(quantiles) == 0:
         from scipy.stats import norm
 
         half = float(norm.ppf((1 + level) / 2))

@@ -105,3 +105,11 @@ def test_asymmetric_shape_gives_asymmetric_intervals():
     assert error_shape.quantile(q, 0.01) == -1.0 and error_shape.quantile(q, 0.99) == 4.0  # the end values
     lo, hi = error_shape.central_interval(torch.tensor([1.0]), torch.tensor([4.0]), 0.6, q)
     assert float(lo) == pytest.approx(1 - 2 * 0.75) and float(hi) == pytest.approx(1 + 2 * 3.0)
+
+
+def test_intervals_from_a_prediction_files_arrays():
+    mean, var = np.zeros((2, 1, 4, 4), np.float32), np.full((2, 1, 4, 4), 4.0, np.float32)
+    lo, hi = error_shape.central_interval(mean, var, 0.6, [-1.0, -0.5, 0.0, 2.0, 4.0])
+    assert torch.allclose(lo, torch.full((2, 1, 4, 4), -1.5)) and torch.allclose(hi, torch.full((2, 1, 4, 4), 6.0))
+    lo, hi = error_shape.central_interval(mean, var, 0.9, [])  # written without a shape: Gaussian
+    assert torch.allclose(hi, torch.full((2, 1, 4, 4), 2 * float(norm.ppf(0.95))))
