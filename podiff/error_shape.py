@@ -24,8 +24,7 @@ values of ``Z`` at the levels ``(i + 0.5)/count``.
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 
 from . import metrics
@@ -63,12 +62,12 @@ def fit_error_quantiles(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor
     if z.numel() < max(count, 2):
         raise ValueError(f"obs has {z.numel()} valid pixels with var > 0; fitting {count} quantiles needs at least "
                          f"{max(count, 2)}")
-    z = z.sort().values
-    positions = (torch.arange(count, dtype=torch.float64) + 0.5) / count * (z.numel() - 1)
-    below = positions.floor().long()
-    above = (below + 1).clamp_max(z.numel() - 1)
-    frac = positions - below
-    return (z[below] * (1 - frac) + z[above] * frac).tolist()
+    return np.quantile(z.numpy(), _levels(count)).tolist()
+
+
+def _levels(count: int) -> np.ndarray:
+    """The probability levels ``(i + 0.5)/count`` the quantiles are kept at."""
+    return (np.arange(count) + 0.5) / count
 
 
 def quantile(quantiles, level: float) -> float:
@@ -76,11 +75,8 @@ def quantile(quantiles, level: float) -> float:
     beyond them)."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1); got {level}")
-    q = check_error_quantiles(quantiles)
-    position = min(max(level * q.numel() - 0.5, 0.0), q.numel() - 1.0)
-    lo = int(math.floor(position))
-    hi = min(lo + 1, q.numel() - 1)
-    return float(q[lo] + (q[hi] - q[lo]) * (position - lo))
+    q = check_error_quantiles(quantiles).numpy()
+    return float(np.interp(level, _levels(q.size), q))
 
 
 def central_interval(mean, var, level: float, quantiles=None):
@@ -123,7 +119,7 @@ def crps(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, quantiles, ma
     q = check_error_quantiles(quantiles).to(mean.device)
     n = q.numel()
     sums = torch.cat([q.new_zeros(1), q.cumsum(0)])
-    half_spread = float(((2 * torch.arange(1, n + 1, dtype=torch.float64, device=q.device) - n - 1) * q).sum()) / n**2
+    half_spread = float(metrics.half_mean_difference(q))
     err, sd = obs.double() - mean.double(), var.double().sqrt()
     t = err / sd.clamp_min(1e-300)
     below = torch.searchsorted(q, t.contiguous())  # atoms under t

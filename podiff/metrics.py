@@ -87,6 +87,14 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float, mask: torc
     return float(s[full].mean())
 
 
+def half_mean_difference(members: torch.Tensor, fair: bool = False) -> torch.Tensor:
+    """``½ E|X − X'|`` of the ensemble ``members [M, ...]`` per point, from the sorted members:
+    ``Σ_ij |x_i − x_j| = 2 Σ_i (2i − M − 1) x_(i)``, over ``M²`` pairs (``fair``: ``M(M − 1)``)."""
+    M = members.shape[0]
+    i = torch.arange(1, M + 1, dtype=members.dtype, device=members.device).view(-1, *([1] * (members.dim() - 1)))
+    return ((2 * i - M - 1) * members.sort(0).values).sum(0) / (M * (M - 1) if fair else M * M)
+
+
 def crps_ensemble(members: torch.Tensor, obs: torch.Tensor, fair: bool = False, mask: torch.Tensor | None = None,
                   reduce: bool = True):
     """CRPS of an ensemble ``members [M, ...]`` against ``obs [...]``.
@@ -100,13 +108,8 @@ def crps_ensemble(members: torch.Tensor, obs: torch.Tensor, fair: bool = False, 
     if M < 2 and fair:
         raise ValueError("the fair CRPS needs at least two members")
     x = members.double()
-    y = obs.double()
-    skill = (x - y).abs().mean(0)
-    xs = x.sort(0).values
-    i = torch.arange(1, M + 1, dtype=torch.float64, device=x.device).view(-1, *([1] * obs.dim()))
-    spread_sum = (2 * (2 * i - M - 1) * xs).sum(0)  # Σ_ij |x_i − x_j| = 2 Σ_i (2i − M − 1) x_(i)
-    spread = spread_sum / (2 * M * (M - 1) if fair else 2 * M * M)
-    crps = skill - spread
+    skill = (x - obs.double()).abs().mean(0)
+    crps = skill - half_mean_difference(x, fair)
     valid = _valid(obs, mask, members[0])
     if not reduce:
         return torch.where(valid.expand_as(crps), crps, float("nan"))
@@ -205,8 +208,7 @@ def members_spread(members: torch.Tensor, obs: torch.Tensor, limits=(0.5, 2.0),
     centre = x.mean(0)
     dev = (x - centre)[:, valid]
     err = (obs.double() - centre)[valid]
-    i = torch.arange(1, M + 1, dtype=torch.float64, device=dev.device).view(-1, 1)
-    spread = ((2 * i - M - 1) * dev.sort(0).values).sum(0).mean() / (M * (M - 1))  # E|X − X'|/2, fair
+    spread = half_mean_difference(dev, fair=True).mean()
     return float(min(max(_minimising_factor(
         lambda k: float((k * dev - err).abs().mean(0).mean()) - k * float(spread), lo, hi), lo), hi))
 
