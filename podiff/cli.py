@@ -35,6 +35,7 @@ from . import __version__, distributed
 from .config import PipelineConfig as _Config
 from .devices import CHOICES as DEVICE_CHOICES
 from .devices import resolve_device
+from .error_shape import ERROR_BANDS
 from .fields import netcdf_available, one_line
 from .sampling import SAMPLERS
 
@@ -133,7 +134,7 @@ def _config(args, scale: int):
               sampler=args.sampler,
               batch_size=args.batch_size, lr=args.learning_rate, residual=args.residual,
               antithetic=args.antithetic, correlated_noise=args.correlated_noise,
-              condition=args.condition)
+              condition=args.condition, bounds=getattr(args, "resolved_bounds", None))
     if args.steps is not None:
         kw["train_steps"] = args.steps
     if args.stride is not None:
@@ -200,7 +201,7 @@ def _validation_count(args, idx) -> int:
 
 
 def _training_stream(args):
-    """netCDF/Zarr training fields larger than ``--memory-mb``: ``(stream, lr_val, hr_val, idx, n)``
+    """netCDF/Zarr training fields larger than ``--memory-mb``: ``(stream, lr_val, hr_val, idx, n, bounds)``
     with the validation fields read (an evenly spaced subsample of them if they too exceed the
     budget); ``None`` when the data fit (or are not netCDF/Zarr): the fields are then loaded."""
     from .data import DATASETS, split_indices
@@ -224,7 +225,7 @@ def _training_stream(args):
     if n_val:
         held = FieldStream(field_, idx[len(idx) - n_val :], args.scale, label)
         lr_val, hr_val = held.read(held.subsample(budget_bytes))
-    return stream, lr_val, hr_val, idx, n
+    return stream, lr_val, hr_val, idx, n, grid.bounds
 
 
 def train(args, ds=None) -> "object":
@@ -238,7 +239,7 @@ def train(args, ds=None) -> "object":
         scale, n_fields = ds.scale, len(ds)
         lr, hr, idx = ds.split(args.split)
     else:
-        stream, lr_val, hr_val, idx, n_fields = streamed
+        stream, lr_val, hr_val, idx, n_fields, streamed_bounds = streamed
         scale = args.scale
     out = Path(args.out)
     rank, world = distributed.rank_world()
@@ -276,6 +277,12 @@ def train(args, ds=None) -> "object":
         raise CommandError("--pod gives a POD of the fields themselves; use it with --residual none "
                            "(a residual model fits its POD to what the ridge misses)")
     pod = PatchPOD.load(args.pod) if args.pod else None
+    declared = ds.meta.get("bounds") if streamed is None else streamed_bounds
+    # every field of the data (the same decision on every rank), or the validation fields when streamed
+    args.resolved_bounds = _resolve_bounds(args, declared, lr_val if streamed is not None else ds.lr,
+                                           hr_val if streamed is not None else ds.hr, scale)
+    if args.resolved_bounds is not None and rank == 0 and not args.quiet:
+        print(f"bounds {args.resolved_bounds}: blocks whose input sits at a bound are certain (--bounds none to drop)")
     pipe = PODiffPipeline(_config(args, scale), pod=pod, device=device)  # fit moves the data there
     t0 = time.perf_counter()
     fit_options = dict(progress=not args.quiet, checkpoint=out / "checkpoint.pt", resume=args.resume,
@@ -297,15 +304,19 @@ def train(args, ds=None) -> "object":
     spread_method = getattr(args, "spread_calibration", "members")
     shape = getattr(args, "error_shape", "validation")
     if n_val and getattr(args, "calibrate", True):
-        spread = pipe.calibrate_spread(lr_val, hr_val, seed=args.seed, method=spread_method, shape=shape)
+        bands = getattr(args, "error_bands", ERROR_BANDS)
+        spread = pipe.calibrate_spread(lr_val, hr_val, seed=args.seed, method=spread_method, shape=shape, bands=bands)
         if not args.quiet:
             print(f"spread calibrated on the validation fields ({spread_method}): ×{spread:.3f} (--no-calibrate to keep ×1)")
             if pipe.config.error_quantiles is not None:
                 from .error_shape import quantile
 
-                half = quantile(pipe.config.error_quantiles, 0.975) - quantile(pipe.config.error_quantiles, 0.025)
-                print(f"error shape from the validation fields: the 95 % interval spans {half / 2:.2f} std each "
-                      f"side on average (Gaussian 1.96; --error-shape gaussian to keep it)")
+                shapes = (pipe.config.error_quantiles if pipe.config.error_band_edges is not None
+                          else [pipe.config.error_quantiles])
+                halves = [(quantile(q, 0.975) - quantile(q, 0.025)) / 2 for q in shapes]
+                spans = f"{halves[0]:.2f}" if len(halves) == 1 else f"{min(halves):.2f}–{max(halves):.2f}"
+                print(f"error shape from the validation fields ({len(shapes)} band(s) of the predicted mean): the 95 % "
+                      f"interval spans {spans} std each side on average (Gaussian 1.96; --error-shape gaussian to keep it)")
     pipe.save(out / "model")
     if world > 1:  # rank 0 holds only its shard of the training fields: no baselines from it
         baseline_info = {"skipped": "under torchrun; evaluate fits a ridge on the data's train split"}
@@ -322,7 +333,10 @@ def train(args, ds=None) -> "object":
             "spread": spread, "spread_calibration": spread_method if spread is not None else None,
             "error_shape": (shape if pipe.config.error_quantiles is not None else "gaussian") if spread is not None
             else None,
+            "error_bands": len(pipe.config.error_band_edges[0]) + 1 if pipe.config.error_band_edges else (
+                1 if pipe.config.error_quantiles is not None else None),
             "residual": pipe.config.residual, "mean_model": pipe.mean_model.choice if pipe.mean_model else None,
+            "bounds": pipe.config.bounds,
             "baselines": baseline_info}
     write_json(out / "train.json", info)
     if not args.quiet:
@@ -450,6 +464,7 @@ def sample(args, ds=None, pipe=None):
              "seed": int(args.seed), "model_seed": int(pipe.config.seed), "seconds": float(seconds),
              "spread_calibration": float(pipe.config.spread), "podiff_version": __version__,
              "error_quantiles": pipe.config.error_quantiles or [],
+             "error_band_edges": pipe.config.error_band_edges or [],
              "torch_version": torch.__version__,
              "history": f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} podiff sample --model {model} "
                         f"--data {args.data} --split {args.split} --num-samples {args.num_samples}"}
@@ -513,8 +528,10 @@ def evaluate(args, ds=None, pipe=None) -> dict:
         ", tuned on its validation fields" if name == "ridge" else "")) for name in baselines}
     predictions = {}
     error_quantiles = pred.attrs.get("error_quantiles") or None  # absent in older files: Gaussian
+    band_edges = pred.attrs.get("error_band_edges") or None  # absent or empty: one shape
     result = run_evaluation(mean, variance, hr_test, lr_test, lr_train, hr_train, pipe, members, meta,
-                            baselines=baselines, predictions=predictions, error_quantiles=error_quantiles)
+                            baselines=baselines, predictions=predictions, error_quantiles=error_quantiles,
+                            band_edges=band_edges)
     comparisons = {"one member": members[0]} if members is not None else {}
     comparisons.update({name: predictions[name] for name in ("ridge",) if name in predictions})
     from .io import atomic_directory
@@ -524,7 +541,8 @@ def evaluate(args, ds=None, pipe=None) -> dict:
     with atomic_directory(out) as folder:  # the report is whole or absent
         report = out / write_report(folder, result, lr_test, hr_test, mean, variance, pipe.pod, ds.scale,
                                     comparisons).name
-        write_metric_maps(folder / "metrics_maps.nc", mean, variance, hr_test, members, grid, error_quantiles)
+        write_metric_maps(folder / "metrics_maps.nc", mean, variance, hr_test, members, grid, error_quantiles,
+                          band_edges)
     if not args.quiet:
         m = result["model"]
         others = ", ".join(f"{name} {result[name]['rmse']:.4g}" for name in ("bicubic", "pod_projection", "ridge",
@@ -609,6 +627,50 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _bounds_option(text: str):
+    """``auto``, ``none`` or ``LO,HI`` (either side may be empty: ``0,`` is a lower bound only)."""
+    key = text.strip().lower()
+    if key in ("auto", "none"):
+        return key
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"must be auto, none or LO,HI (e.g. 0,1 or 0,); got {text!r}")
+    try:
+        from .bounds import check_bounds
+
+        bounds = check_bounds([float(p) if p.strip() else None for p in parts])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; got {text!r}") from None
+    if bounds is None:
+        raise argparse.ArgumentTypeError(f"LO,HI needs at least one number; got {text!r}")
+    return bounds
+
+
+def _resolve_bounds(args, declared, lr, hr, scale: int):
+    """The bounds the model uses: ``--bounds LO,HI`` (checked on the training fields: an error if they
+    break them), none, or with ``auto`` those the data declare (the packaged MRI and images, a
+    netCDF/Zarr variable's CF valid range), kept only where the training fields obey them."""
+    from .bounds import check_bounds, check_pairs
+
+    choice = getattr(args, "bounds", "auto")
+    if choice == "none":
+        return None
+    bounds = check_bounds(declared) if choice == "auto" else choice
+    if bounds is None:
+        return None
+    try:
+        if hr is not None:
+            check_pairs(lr, hr, bounds, scale)
+    except ValueError as exc:
+        if choice != "auto":
+            text = ",".join("" if b is None else f"{b:g}" for b in choice)
+            raise CommandError(f"--bounds {text}: {exc}") from None
+        if not args.quiet:
+            print(f"note: the data declare bounds {list(bounds)} but {exc}; training without bounds")
+        return None
+    return list(bounds)
+
+
 def _energy(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -660,6 +722,11 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default=_Config.sampler,
                    help=f"the model's sampler (default {_Config.sampler}; dpmsolver++ needs fewer steps; "
                         "sample --sampler overrides)")
+    p.add_argument("--bounds", type=_bounds_option, default="auto",
+                   help="the field's physical bounds LO,HI (either may be empty: 0, for >= 0): where the input "
+                        "block mean sits at a bound the block is certain; auto (default): those the data declare "
+                        "(packaged MRI and images [0, 1], a variable's CF valid_range/valid_min/valid_max), "
+                        "if the training fields obey them; none: no bounds")
     p.add_argument("--checkpoint-every", type=_positive_int, default=200)
     p.add_argument("--seed", type=int, default=0)
 
@@ -716,6 +783,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-shape", choices=("validation", "gaussian"), default="validation",
                    help="the predictive's shape for intervals and CRPS: the validation errors' quantiles over the "
                         "calibrated std (validation, the default: heavier tails where edges make them), or Gaussian")
+    p.add_argument("--error-bands", type=_positive_int, default=ERROR_BANDS,
+                   help=f"with --error-shape validation: one shape per equal-count band of the predicted mean "
+                        f"(default {ERROR_BANDS}; errors are often larger for their std at some levels, e.g. the "
+                        f"dark edge of a head; 1: one shape)")
     p.add_argument("--no-regression-baseline", dest="regression_baseline", action="store_false",
                    help="skip training the regression ViT baseline (the ridge baseline is always fitted)")
     p.add_argument("--memory-mb", type=_positive_float, default=2048.0,

@@ -32,9 +32,14 @@ class PipelineConfig:
     ``calibrate_spread(method="modes")``, which fits them on the validation tokens).
     ``error_quantiles``: the predictive's shape, quantiles of the validation errors over the
     calibrated std (``podiff.error_shape``; set by ``calibrate_spread(shape="validation")``; None:
-    Gaussian); intervals and CRPS use it, the mean and variance do not change. ``correlated_noise``: the diffusion noise is correlated across the patch grid as the
+    Gaussian), one list per band of the predicted mean with ``error_band_edges`` ``[C][B − 1]``
+    (None: one shape); intervals and CRPS use it, the mean and variance do not change. ``correlated_noise``: the diffusion noise is correlated across the patch grid as the
     training tokens are (``podiff.token_noise``); ``fit`` measures the correlations and stores
     them in ``noise_correlation`` (None: white noise, as in models saved before it existed).
+    ``bounds``: ``[lo, hi]`` (either None), the field's physical bounds (e.g. ``[0, None]`` for an
+    intensity): where the low-resolution block mean sits at a bound, the block's pixels are
+    certain (``podiff.bounds``); ``fit`` checks that the training fields obey them and that the
+    low-resolution fields are block means. None: no bounds.
 
     The device is not part of the config: it is a runtime choice (``fit(device=...)``,
     ``to(device)``, ``load(..., device=...)``), so a saved model loads on any device.
@@ -68,9 +73,11 @@ class PipelineConfig:
     spread: float = 1.0
     mode_spread: list | None = None
     error_quantiles: list | None = None
+    error_band_edges: list | None = None
     correlated_noise: bool = True
     condition: str = "anomaly"
     noise_correlation: dict | None = None
+    bounds: list | None = None
 
     def __post_init__(self):
         if int(self.scale) < 1:
@@ -86,9 +93,12 @@ class PipelineConfig:
                                  f"got {self.mode_spread!r}")
             self.mode_spread = values
         if self.error_quantiles is not None:
-            from .error_shape import check_error_quantiles
+            from .error_shape import check_error_shape
 
-            self.error_quantiles = check_error_quantiles(self.error_quantiles).tolist()
+            self.error_quantiles, self.error_band_edges = check_error_shape(self.error_quantiles,
+                                                                            self.error_band_edges)
+        elif self.error_band_edges is not None:
+            raise ValueError("error_band_edges needs error_quantiles (one shape per band); got no error_quantiles")
         if self.residual not in ("none", "ridge"):
             raise ValueError(f"residual must be 'none' or 'ridge'; got {self.residual!r}")
         if self.sampler not in SAMPLERS:
@@ -99,6 +109,10 @@ class PipelineConfig:
             raise ValueError(f"basis must be 'auto', 'shared' or 'local'; got {self.basis!r}")
         if self.rank is not None:
             self.energy = None
+        from .bounds import check_bounds
+
+        bounds = check_bounds(self.bounds)
+        self.bounds = None if bounds is None else list(bounds)
 
 
 __all__ = ["PipelineConfig"]

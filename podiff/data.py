@@ -86,7 +86,9 @@ def split_indices(n: int, split: str, fractions=(0.7, 0.15, 0.15)) -> np.ndarray
 
 @dataclass
 class Dataset:
-    """High- and low-resolution fields with their provenance."""
+    """High- and low-resolution fields with their provenance. ``meta["bounds"]``, where present: the
+    field's physical bounds ``[lo, hi]`` (either None), which training uses by default
+    (``podiff.bounds``)."""
 
     hr: torch.Tensor
     lr: torch.Tensor
@@ -147,7 +149,8 @@ def load_sst(scale: int = 4) -> Dataset:
 
 
 def load_mri(scale: int = 4, size: int = 128, step: int = 2) -> Dataset:
-    """Axial slices of the MNI152 T1 template, centre-cropped/padded to ``size``², in [0, 1]."""
+    """Axial slices of the MNI152 T1 template, centre-cropped/padded to ``size``², in [0, 1]
+    (``meta["bounds"]``: the space around the head is exactly 0, ``podiff.bounds``)."""
     nib = _require("nibabel", "the MRI dataset")
     path = _package_file("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
                          "the MRI dataset")
@@ -166,7 +169,8 @@ def load_mri(scale: int = 4, size: int = 128, step: int = 2) -> Dataset:
         canvas[oy : oy + crop.shape[0], ox : ox + crop.shape[1]] = crop
         slices.append(canvas)
     hr = _crop_to_scale(torch.from_numpy(np.stack(slices)).float()[:, None], scale)
-    return Dataset(hr, block_average(hr, scale), scale, "mri", {"source": str(path), "order": "axial slice"})
+    return Dataset(hr, block_average(hr, scale), scale, "mri",
+                   {"source": str(path), "order": "axial slice", "bounds": [0.0, 1.0]})
 
 
 IMAGES = ("camera", "astronaut", "coffee", "chelsea", "coins", "moon", "page", "text", "rocket", "immunohistochemistry")
@@ -174,7 +178,7 @@ IMAGES = ("camera", "astronaut", "coffee", "chelsea", "coins", "moon", "page", "
 
 def load_images(scale: int = 4, size: int = 64, names=IMAGES, rgb: bool = False,
                 by_position: bool = True) -> Dataset:
-    """Non-overlapping ``size``² crops of scikit-image's bundled images, in [0, 1]: grey
+    """Non-overlapping ``size``² crops of scikit-image's bundled images, in [0, 1] (``meta["bounds"]``): grey
     (``C = 1``), or with ``rgb`` colour (``C = 3``; grey images repeated on the three channels).
 
     ``by_position`` (the default) orders the crops by their place in their photograph (raster
@@ -208,7 +212,7 @@ def load_images(scale: int = 4, size: int = 64, names=IMAGES, rgb: bool = False,
     return Dataset(hr, block_average(hr, scale), scale, "images",
                    {"images": list(names), "rgb": rgb,
                     "order": "place in the photograph, photograph" if by_position else "photograph, row",
-                    "photograph": [names[keys[i][1]] for i in order]})
+                    "photograph": [names[keys[i][1]] for i in order], "bounds": [0.0, 1.0]})
 
 
 def _as_nchw(array: np.ndarray, key: str, path: Path) -> torch.Tensor:
@@ -266,7 +270,8 @@ def load_gridded(source: str | Path, var: str | None, scale: int, *, dims=None, 
                  time: str | None = None) -> Dataset:
     """A variable of a netCDF file, Zarr store or glob of netCDF files (``podiff.fields.open_field``)
     as ``hr [N, C, H, W]`` (cropped to a multiple of ``scale``), ``lr`` by block averages, and
-    ``grid``: the sample, y and x coordinates of ``hr`` and the variable's attributes."""
+    ``grid``: the sample, y and x coordinates of ``hr`` and the variable's attributes;
+    ``meta["bounds"]`` from its CF valid range, if it declares one (``fields.declared_bounds``)."""
     from .fields import one_line, open_field
 
     field_, grid = open_field(source, var, dims=dims, channels=channels, time=time)
@@ -281,7 +286,10 @@ def load_gridded(source: str | Path, var: str | None, scale: int, *, dims=None, 
     H, W = hr.shape[-2:]
     grid = replace(grid, y=grid.y.take(slice(0, H)), x=grid.x.take(slice(0, W)))
     name = f"{Path(str(source)).stem}:{grid.var}"
-    return Dataset(hr, block_average(hr, scale), scale, name, {"source": str(source), "var": grid.var}, grid)
+    meta = {"source": str(source), "var": grid.var}
+    if grid.bounds is not None:  # the variable's CF valid range
+        meta["bounds"] = list(grid.bounds)
+    return Dataset(hr, block_average(hr, scale), scale, name, meta, grid)
 
 
 def as_low_resolution(ds: Dataset, scale: int) -> Dataset:

@@ -88,6 +88,7 @@ class Grid:
     attrs: dict
     source: str
     var: str
+    bounds: tuple | None = None  # (lo, hi) from CF valid_min / valid_max / valid_range (declared_bounds)
 
     def take(self, index) -> "Grid":
         """The grid of the samples ``index`` (an index array, in order)."""
@@ -177,6 +178,30 @@ def netcdf_available() -> bool:
 def _plain_attrs(attrs) -> dict:
     """The attributes a netCDF file can hold as they are (strings and numbers)."""
     return {k: v for k, v in attrs.items() if isinstance(v, (str, int, float))}
+
+
+def declared_bounds(da) -> tuple | None:
+    """``(lo, hi)`` (either None) from a variable's CF ``valid_range`` or ``valid_min`` /
+    ``valid_max`` attributes, unpacked with its ``scale_factor`` / ``add_offset`` (CF gives them in
+    packed units); None when it declares none."""
+    attrs = dict(da.attrs)
+    lo = hi = None
+    if "valid_range" in attrs:
+        values = np.asarray(attrs["valid_range"], dtype=np.float64).ravel()
+        if values.size == 2:
+            lo, hi = float(values[0]), float(values[1])
+    lo = float(np.asarray(attrs["valid_min"], dtype=np.float64).ravel()[0]) if "valid_min" in attrs else lo
+    hi = float(np.asarray(attrs["valid_max"], dtype=np.float64).ravel()[0]) if "valid_max" in attrs else hi
+    if lo is None and hi is None:
+        return None
+    packing = {**dict(getattr(da, "encoding", {})), **attrs}
+    factor, offset = float(packing.get("scale_factor", 1.0)), float(packing.get("add_offset", 0.0))
+    lo, hi = (None if b is None else b * factor + offset for b in (lo, hi))
+    if factor < 0:
+        lo, hi = hi, lo
+    if not all(b is None or np.isfinite(b) for b in (lo, hi)) or (lo is not None and hi is not None and lo >= hi):
+        return None
+    return lo, hi
 
 
 def one_line(exc: BaseException) -> str:
@@ -301,9 +326,10 @@ def open_field(source: str | Path, var: str | None = None, *, dims=None, channel
     if 0 in field_.shape:
         raise ValueError(f"{vlabel} holds no data; got dimensions {dict(field_.sizes)}")
     grid = Grid(_check_axis(field_, sample, vlabel), _check_axis(field_, y, vlabel), _check_axis(field_, x, vlabel),
-                channel_names, _plain_attrs(first.attrs), label, ",".join(names))
+                channel_names, _plain_attrs(first.attrs), label, ",".join(names),
+                declared_bounds(first) if len(names) == 1 else None)
     return field_.astype(np.float32), grid
 
 
-__all__ = ["Axis", "Grid", "open_field", "sniff", "coarsen_axis", "refine_axis", "netcdf_available", "one_line",
+__all__ = ["Axis", "Grid", "declared_bounds", "open_field", "sniff", "coarsen_axis", "refine_axis", "netcdf_available", "one_line",
            "Y_NAMES", "X_NAMES"]

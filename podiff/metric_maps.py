@@ -29,11 +29,13 @@ def _nanmean(x: torch.Tensor, dims) -> torch.Tensor:
 
 
 def metric_maps(mean: torch.Tensor, variance: torch.Tensor, truth: torch.Tensor,
-                members: torch.Tensor | None = None, error_quantiles=None) -> dict[str, torch.Tensor]:
+                members: torch.Tensor | None = None, error_quantiles=None,
+                band_edges=None) -> dict[str, torch.Tensor]:
     """Scores per location (``[C, H, W]``) and per sample (``[N, C]``) in float64; NaN where no
     pixel is valid. ``mean``, ``variance``, ``truth`` ``[N, C, H, W]``; ``members`` ``[M, N, C, H, W]``.
     The CRPS is the members' (fair) when there are members, else that of the closed form with the
-    shape ``error_quantiles`` (``podiff.error_shape``; None: Gaussian)."""
+    shape ``error_quantiles`` (``podiff.error_shape``; None: Gaussian; one per band of the mean with
+    ``band_edges``)."""
     if mean.shape != truth.shape or variance.shape != truth.shape:
         raise ValueError(f"mean, variance and truth must have one shape; got {tuple(mean.shape)}, "
                          f"{tuple(variance.shape)} and {tuple(truth.shape)}")
@@ -44,7 +46,7 @@ def metric_maps(mean: torch.Tensor, variance: torch.Tensor, truth: torch.Tensor,
     if members is not None and members.shape[0] >= 2:
         crps = metrics.crps_ensemble(members.double(), truth, fair=True, reduce=False)
     elif error_quantiles:
-        crps = error_shape.crps(mean, variance.clamp_min(0), truth, error_quantiles, reduce=False)
+        crps = error_shape.crps(mean, variance.clamp_min(0), truth, error_quantiles, reduce=False, edges=band_edges)
     else:
         crps = metrics.crps_gaussian(mean, variance.clamp_min(0), truth, reduce=False)
     crps = torch.where(valid, crps, float("nan"))
@@ -62,7 +64,7 @@ LONG_NAMES = {"rmse_map": "RMSE of the ensemble mean over samples", "crps_map": 
 
 
 def write_metric_maps(path: str | Path, mean, variance, truth, members=None, grid=None,
-                      error_quantiles=None) -> Path | None:
+                      error_quantiles=None, band_edges=None) -> Path | None:
     """Writes ``metric_maps`` as netCDF at ``path`` (coordinates from ``grid`` when given);
     returns the path, or None when xarray / netCDF4 are not installed (the report does not need them)."""
     from .fields import netcdf_available
@@ -71,7 +73,8 @@ def write_metric_maps(path: str | Path, mean, variance, truth, members=None, gri
         return None
     import xarray as xr
 
-    maps = {k: v.cpu().numpy().astype(np.float32) for k, v in metric_maps(mean, variance, truth, members, error_quantiles).items()}
+    maps = {k: v.cpu().numpy().astype(np.float32)
+            for k, v in metric_maps(mean, variance, truth, members, error_quantiles, band_edges).items()}
     N, C, H, W = truth.shape
     if grid is not None:
         sample, y, x = grid.sample, grid.y, grid.x

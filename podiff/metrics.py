@@ -32,6 +32,17 @@ def _valid(target: torch.Tensor, mask: torch.Tensor | None, *others: torch.Tenso
     return valid
 
 
+def _uncertain(valid: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """``valid`` without the pixels whose predictive is a point mass at the observation (``exact``):
+    every interval covers them, so they say nothing of calibration (a point mass elsewhere still
+    counts, as a miss). Such pixels come from ``podiff.bounds``."""
+    uncertain = valid & ~exact
+    if not bool(uncertain.any()):
+        raise ValueError("no pixel with an uncertain prediction to score coverage on (every valid pixel's "
+                         "predictive is a point mass at its observation)")
+    return uncertain
+
+
 def _mean(values: torch.Tensor, valid: torch.Tensor) -> float:
     return float(values.double()[valid.expand_as(values)].mean())
 
@@ -234,13 +245,15 @@ def coverage(members: torch.Tensor, obs: torch.Tensor, levels=LEVELS, mask: torc
     """
     if members.shape[1:] != obs.shape:
         raise ValueError(f"members must be [M, *obs.shape]; got {tuple(members.shape)} and obs {tuple(obs.shape)}")
-    valid = _valid(obs, mask, members[0])
-    xs, y = members.double().sort(0).values, obs.double()
-    M = xs.shape[0]
-    out = {}
     for level in levels:
         if not 0 < level < 1:
             raise ValueError(f"levels must be in (0, 1); got {level}")
+    valid = _valid(obs, mask, members[0])
+    xs, y = members.double().sort(0).values, obs.double()
+    valid = _uncertain(valid, (xs[0] == y) & (xs[-1] == y))
+    M = xs.shape[0]
+    out = {}
+    for level in levels:
         lo = _order_statistic(xs, (1 - level) / 2 * (M + 1) - 1)
         hi = _order_statistic(xs, (1 + level) / 2 * (M + 1) - 1)
         inside = ((y >= lo) & (y <= hi)).double()
@@ -250,8 +263,9 @@ def coverage(members: torch.Tensor, obs: torch.Tensor, levels=LEVELS, mask: torc
 
 def coverage_gaussian(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, levels=LEVELS,
                       mask: torch.Tensor | None = None) -> dict:
-    """Coverage of the central intervals of ``N(mean, var)`` (the analytic-variance counterpart)."""
-    valid = _valid(obs, mask, mean, var)
+    """Coverage of the central intervals of ``N(mean, var)`` (the analytic-variance counterpart);
+    pixels with ``var = 0`` and ``obs = mean`` (certain pixels, ``podiff.bounds``) are left out."""
+    valid = _uncertain(_valid(obs, mask, mean, var), (var == 0) & (obs == mean))
     z = ((obs.double() - mean.double()) / var.double().sqrt().clamp_min(1e-300)).abs()
     from scipy.stats import norm
 

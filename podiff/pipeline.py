@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import podiff_kernels as pk
 
+from . import bounds as bounds_
 from . import distributed as distributed_
 from . import error_shape, metrics
 from .config import PipelineConfig
@@ -362,6 +363,8 @@ class PODiffPipeline:
         if device is not None:
             self.to(device)
         lr, hr, mask = self._checked_on_device(lr, hr, mask)
+        if cfg.bounds is not None:
+            bounds_.check_pairs(lr, hr, cfg.bounds, cfg.scale)
         lr, hr, mask, validation = _hold_out(lr, hr, mask, validation)
         distributed = distributed_.is_active() if distributed is None else bool(distributed)
         # On the data's device: nccl reduces CUDA tensors only.
@@ -570,6 +573,9 @@ class PODiffPipeline:
             out.mean = out.mean + prediction
             if out.samples is not None:
                 out.samples = out.samples + prediction
+        if self.config.bounds is not None:  # blocks whose mean sits at a bound are certain
+            out.mean, out.variance, out.samples = bounds_.apply(out.mean, lr.to(out.mean.device), self.config.bounds,
+                                                                self.config.scale, out.variance, out.samples)
         if distributed:
             gather = distributed_.all_gather_rows
             out.mean, out.variance = gather(out.mean), gather(out.variance)
@@ -580,7 +586,8 @@ class PODiffPipeline:
 
     def calibrate_spread(self, lr_val: torch.Tensor, hr_val: torch.Tensor, num_samples: int = 16,
                          seed: int | None = None, limits=(0.5, 2.0), method: str = "members",
-                         mode_limits=(0.25, 4.0), shape: str = "validation") -> float:
+                         mode_limits=(0.25, 4.0), shape: str = "validation",
+                         bands: int = error_shape.ERROR_BANDS) -> float:
         """Sets ``config.spread`` from the validation fields ``[N, C, H, W]`` and returns it, clipped
         to ``limits``: ``method`` ``"members"`` (the default) is the factor for the members'
         deviations that minimises their fair CRPS (``metrics.members_spread``: the members are
@@ -590,7 +597,9 @@ class PODiffPipeline:
         model's spread is wrong by a different amount in each mode), then ``k`` by CRPS on top.
         ``shape`` ``"validation"`` (the default) also sets ``config.error_quantiles``, the quantiles
         of the validation errors over the calibrated std (``podiff.error_shape``: the intervals
-        and CRPS of a heavier-tailed predictive than the Gaussian); ``"gaussian"`` clears them.
+        and CRPS of a heavier-tailed predictive than the Gaussian), one shape for each of ``bands``
+        equal-count bands of the predicted mean (``config.error_band_edges``; ``bands=1``: one
+        shape); ``"gaussian"`` clears them.
         The ensemble is drawn with ``spread = 1`` (and no per-mode factors)."""
         methods = ("members", "modes") + metrics.SPREAD_METHODS
         if method not in methods:
@@ -599,7 +608,10 @@ class PODiffPipeline:
             raise ValueError(f"shape must be one of {error_shape.ERROR_SHAPES}; got {shape!r}")
         metrics.check_spread_limits(limits)
         metrics.check_spread_limits(mode_limits, "mode_limits")
+        if int(bands) != bands or bands < 1:
+            raise ValueError(f"bands must be an integer >= 1; got {bands!r}")
         self.config.spread, self.config.mode_spread, self.config.error_quantiles = 1.0, None, None
+        self.config.error_band_edges = None
         out = self.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=method in ("members", "modes"))
         if method == "modes":
             truth = self.target_tokens(hr_val.to(self._device), lr_val.to(self._device)).to(out.tokens)
@@ -616,7 +628,8 @@ class PODiffPipeline:
             k = metrics.calibrated_spread(out.mean, out.variance, truth, "moments" if method == "moments" else "crps",
                                           limits)
         if shape == "validation":
-            self.config.error_quantiles = error_shape.fit_error_quantiles(out.mean, k**2 * out.variance, truth)
+            self.config.error_quantiles, self.config.error_band_edges = error_shape.fit_error_shape(
+                out.mean, k**2 * out.variance, truth, bands)
         self.config.spread = k
         return k
 

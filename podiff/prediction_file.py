@@ -39,7 +39,8 @@ class Prediction:
     ``mean``, ``variance`` ``[N, C, H, W]``; ``members`` ``[M, N, C, H, W]`` or None; ``lr``
     ``[N, C, h, w]`` or None; ``truth`` like ``mean`` or None; ``indices`` ``[N]`` positions in the
     data; ``attrs``: model, data, split, seed, steps, scale, num_samples, seconds, versions,
-    ``error_quantiles`` (the predictive's shape, ``podiff.error_shape``; empty: Gaussian);
+    ``error_quantiles`` (the predictive's shape, ``podiff.error_shape``; empty: Gaussian) and
+    ``error_band_edges`` (one shape per band of the mean; empty: one shape);
     ``grid``: the high-resolution grid or None.
     """
 

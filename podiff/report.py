@@ -15,7 +15,9 @@ None): CRPS, central-interval coverage, MACE, spread–skill; ``crps_gaussian`` 
 (``metrics.high_wavenumber_power_ratio``; the model's ``members_high_k_power`` is its members'),
 and ``spectra`` the power spectra behind it: an ensemble mean and a regression lose the small
 scales, a member should keep them. ``std_seams``: how much the predicted std varies with the position
-within a patch (``metrics.grid_imprint``; 0 without seams).
+within a patch (``metrics.grid_imprint``; 0 without seams). With the model's bounds
+(``podiff.bounds``) every baseline gets the model's certain pixels, and ``meta["bounds"]``
+says what fraction of the pixels they are.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from . import baselines as baselines_
+from . import bounds as bounds_
 from . import error_shape, metrics
 from .io import atomic_write, write_json
 
@@ -42,9 +45,9 @@ def _data_range(hr: torch.Tensor) -> float:
 
 
 def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | None = None,
-          members: torch.Tensor | None = None, error_quantiles=None) -> dict:
+          members: torch.Tensor | None = None, error_quantiles=None, band_edges=None) -> dict:
     """Deterministic scores, plus probabilistic ones when a variance is given (of the shape
-    ``error_quantiles`` when given, else Gaussian)."""
+    ``error_quantiles`` when given, one per band of the mean with ``band_edges``, else Gaussian)."""
     rng = _data_range(target)
     out = {"rmse": metrics.rmse(mean, target), "mae": metrics.mae(mean, target),
            "psnr": metrics.psnr(mean, target, rng)}
@@ -66,9 +69,9 @@ def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | Non
             "spread_skill": math.sqrt(float(variance[valid].double().mean())) / out["rmse"],
         })
         if error_quantiles:
-            shaped = error_shape.coverage(mean, variance, target, error_quantiles)
+            shaped = error_shape.coverage(mean, variance, target, error_quantiles, edges=band_edges)
             out.update({"crps_gaussian": out["crps"], "mace_gaussian": out["mace"],
-                        "crps": error_shape.crps(mean, variance, target, error_quantiles),
+                        "crps": error_shape.crps(mean, variance, target, error_quantiles, edges=band_edges),
                         "coverage": {str(k): v for k, v in shaped.items()}, "mace": metrics.mace(shaped)})
         if members is not None:
             out["crps_ensemble_fair"] = metrics.crps_ensemble(members, target, fair=True)
@@ -78,14 +81,18 @@ def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | Non
 
 
 def evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, members=None, meta=None,
-             baselines: dict | None = None, predictions: dict | None = None, error_quantiles=None) -> dict:
+             baselines: dict | None = None, predictions: dict | None = None, error_quantiles=None,
+             band_edges=None) -> dict:
     """Scores of the model and the baselines on the same pixels.
 
     ``baselines``: fitted ``{"ridge": ..., "regression": ...}`` (saved with the model by ``podiff
     train``); without a ridge, one is fitted on ``lr_train, hr_train`` with default settings.
     ``predictions``: a dict to fill with each baseline's prediction (for the report's figures).
-    ``error_quantiles``: the predictive's shape (None: Gaussian)."""
-    result = {"model": score(mean, target, variance, members, error_quantiles)}
+    With the model's ``config.bounds`` every baseline's certain pixels (``podiff.bounds``) are set
+    to their bound as the model's are, so the comparison is on equal knowledge.
+    ``error_quantiles``: the predictive's shape (None: Gaussian), one per band of the mean with
+    ``band_edges``."""
+    result = {"model": score(mean, target, variance, members, error_quantiles, band_edges)}
     scale = pipeline.config.scale
     period = getattr(pipeline.pod, "stride", None)
     if variance is not None and period is not None and period >= 2 and min(target.shape[-2:]) > period:
@@ -102,10 +109,17 @@ def evaluate(mean, variance, target, lr_test, lr_train, hr_train, pipeline, memb
         predictions[name] = model.predict(lr_test).cpu()
     for name, prediction in predictions.items():
         predictions[name] = prediction.to(target.dtype)
+        if pipeline.config.bounds is not None:  # the model's knowledge of the bounds, given to every baseline
+            predictions[name] = bounds_.apply(predictions[name], lr_test.to(predictions[name]), pipeline.config.bounds,
+                                              scale)[0]
         result[name] = score(predictions[name], target)
     if min(target.shape[-2:]) >= SPECTRUM_MIN_SIZE:
         result["spectra"] = _spectra(target, mean, members, predictions)
     result["meta"] = dict(meta or {})
+    if pipeline.config.bounds is not None:
+        certain = bounds_.certain_pixels(lr_test.cpu(), pipeline.config.bounds, scale) & ~torch.isnan(target.cpu())
+        result["meta"]["bounds"] = {"bounds": pipeline.config.bounds,
+                                    "certain_fraction": float(certain.float().mean())}
     return result
 
 
@@ -266,6 +280,11 @@ def write_report(folder: str | Path, result: dict, lr, target, mean, variance, p
     if shaped:
         lines += [f"With a Gaussian shape instead: CRPS {_fmt(model['crps_gaussian'])}, "
                   f"MACE {_fmt(model['mace_gaussian'])}.", ""]
+    if "bounds" in result["meta"]:
+        info = result["meta"]["bounds"]
+        lines += [f"Bounds {info['bounds']}: {info['certain_fraction']:.1%} of the pixels lie in blocks whose input "
+                  "sits at a bound; they are certain for the model and every baseline, and coverage leaves them out.",
+                  ""]
     if "members_high_k_power" in result["model"]:
         lines += ["High-wavenumber power (upper half of the wavenumbers) over the truth's: members "
                   f"{result['model']['members_high_k_power']:.3f}, ensemble mean {result['model']['high_k_power']:.3f}"

@@ -133,7 +133,7 @@ NUMERIC = {"--scale": (int, 1, math.inf), "--steps": (int, 0, math.inf), "--batc
            "--rank": (int, 1, math.inf), "--patch-size": (int, 1, math.inf), "--eval-every": (int, 1, math.inf),
            "--patience": (int, 0, math.inf), "--sample-steps": (int, 1, math.inf),
            "--val-fraction": (float, 0.0, 1.0), "--energy": (float, 0.0, 1.0), "--learning-rate": (float, 0.0, math.inf),
-           "--memory-mb": (float, 0.0, math.inf)}
+           "--memory-mb": (float, 0.0, math.inf), "--error-bands": (int, 1, math.inf)}
 
 
 @settings(max_examples=150, deadline=None)

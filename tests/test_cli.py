@@ -126,6 +126,7 @@ def test_demo_runs_end_to_end_on_packaged_images(tmp_path, capsys):
     assert code == 0, err
     result = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     assert result["meta"]["dataset"] == "images" and result["meta"]["total_seconds"] > 0
+    assert json.loads((tmp_path / "demo" / "run" / "train.json").read_text())["bounds"] == [0.0, 1.0]  # declared
     report = tmp_path / "demo" / "report"
     assert "High-wavenumber power" in (report / "report.md").read_text()
     # The members' spectra beside the truth's, the mean's and the ridge's; the figures of these
@@ -147,6 +148,56 @@ def test_demo_runs_end_to_end_on_packaged_images(tmp_path, capsys):
         pred = xr.open_dataset(tmp_path / "demo" / "prediction.nc")
         assert {"mean", "std", "input", "truth"} <= set(pred.data_vars) and pred.attrs["scale"] == 4
         assert (tmp_path / "demo" / "report" / "metrics_maps.nc").is_file()
+
+
+def test_bounds_make_blocks_at_the_bound_certain_for_the_model_and_the_baselines(tmp_path, capsys):
+    g = torch.Generator().manual_seed(1)
+    hr = (F.avg_pool2d(torch.randn(20, 1, 22, 22, generator=g), 7, stride=1) * 3 - 0.2).clamp_min(0)
+    data = tmp_path / "rain.npz"
+    np.savez(data, hr=hr.numpy())
+    code, _, err = run(capsys, "train", "--data", data, "--scale", 4, "--out", tmp_path / "bad", "--bounds", "0.5,",
+                       *TRAIN)
+    assert code == 1 and "--bounds 0.5,: bounds: hr must be >= the lower bound 0.5" in err
+    code, _, err = run(capsys, "train", "--data", data, "--scale", 4, "--out", tmp_path / "auto", *TRAIN)
+    assert code == 0, err
+    assert json.loads((tmp_path / "auto" / "train.json").read_text())["bounds"] is None  # an .npz declares none
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--data", data, "--scale", 4, "--out", run_dir, "--bounds", "0,", *TRAIN)
+    assert code == 0, err
+    assert json.loads((run_dir / "train.json").read_text())["bounds"] == [0.0, None]
+    pred = tmp_path / "pred.npz"
+    code, _, err = run(capsys, "sample", "--model", run_dir, "--data", data, "--scale", 4, "--num-samples", 4,
+                       "--sample-steps", 2, "--split", "all", "--members", "--out", pred, "--quiet")
+    assert code == 0, err
+    p = read_prediction(pred)
+    from podiff.bounds import apply, certain_pixels
+
+    certain = certain_pixels(torch.from_numpy(p.lr), (0, None), 4).numpy()
+    assert certain.mean() > 0.1 and (p.mean[certain] == 0).all() and (p.variance[certain] == 0).all()
+    assert (p.members[:, certain] == 0).all() and (p.variance[~certain] > 0).mean() > 0.9
+    report = tmp_path / "report"
+    code, _, err = run(capsys, "evaluate", "--pred", pred, "--data", data, "--scale", 4,
+                       "--out", report, "--quiet")
+    assert code == 0, err
+    result = json.loads((report / "metrics.json").read_text())
+    assert 0 <= result["model"]["mace"] <= 1
+    assert result["meta"]["bounds"] == {"bounds": [0.0, None], "certain_fraction": pytest.approx(certain.mean())}
+    assert "are certain for the model and every baseline" in (report / "report.md").read_text()
+    # the baselines get the same certain pixels: bicubic's error on them is gone
+    from podiff.baselines import bicubic
+
+    lr, truth = torch.from_numpy(p.lr), torch.from_numpy(p.truth)
+    plain = bicubic(lr, 4)
+    assert result["bicubic"]["rmse"] == pytest.approx(float((apply(plain, lr, (0, None), 4)[0] - truth).pow(2)
+                                                            .mean().sqrt()), rel=1e-5)
+    assert result["bicubic"]["rmse"] < float((plain - truth).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("value", ["2,1", "1", "a,b", ","])
+def test_bad_bounds_are_usage_errors(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", "x.npz", "--out", "o", "--bounds", value])
+    assert exit_.value.code == 2 and "--bounds" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -226,13 +277,17 @@ def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held
     from podiff import error_shape, metrics
 
     written = read_prediction(pred)
-    assert written.attrs["error_quantiles"] == pytest.approx(pipe.config.error_quantiles)
+    edges = pipe.config.error_band_edges
+    assert len(edges) == 1 and len(edges[0]) == error_shape.ERROR_BANDS - 1  # one channel, the default bands
+    assert len(pipe.config.error_quantiles) == error_shape.ERROR_BANDS
+    assert np.allclose(written.attrs["error_quantiles"], pipe.config.error_quantiles)
+    assert np.allclose(written.attrs["error_band_edges"], edges)
     truth = torch.from_numpy(np.load(tmp_path / "test.npz")["hr"])
     mean, variance = torch.from_numpy(written.mean), torch.from_numpy(written.variance)
-    assert result["model"]["crps"] == pytest.approx(error_shape.crps(mean, variance, truth, pipe.config.error_quantiles),
-                                                    rel=1e-6)
+    assert result["model"]["crps"] == pytest.approx(error_shape.crps(mean, variance, truth, pipe.config.error_quantiles,
+                                                                     edges=edges), rel=1e-6)
     assert result["model"]["crps_gaussian"] == pytest.approx(metrics.crps_gaussian(mean, variance, truth), rel=1e-6)
-    shaped = error_shape.coverage(mean, variance, truth, pipe.config.error_quantiles)
+    shaped = error_shape.coverage(mean, variance, truth, pipe.config.error_quantiles, edges=edges)
     assert result["model"]["mace"] == pytest.approx(metrics.mace(shaped))
     assert {"ridge", "regression"} <= set(result) and "tuned on its validation fields" in result["meta"]["baselines"]["ridge"]
     report = (tmp_path / "report" / "report.md").read_text()

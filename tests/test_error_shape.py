@@ -113,3 +113,68 @@ def test_intervals_from_a_prediction_files_arrays():
     assert torch.allclose(lo, torch.full((2, 1, 4, 4), -1.5)) and torch.allclose(hi, torch.full((2, 1, 4, 4), 6.0))
     lo, hi = error_shape.central_interval(mean, var, 0.9, [])  # written without a shape: Gaussian
     assert torch.allclose(hi, torch.full((2, 1, 4, 4), 2 * float(norm.ppf(0.95))))
+
+
+def level_dependent(n, seed, low_fraction):
+    """Errors over the predicted sd that are three times wider on dark pixels (mean < 0.3) than on
+    bright ones, as at the dark edge of a head; ``low_fraction`` of the pixels are dark."""
+    rng = np.random.default_rng(seed)
+    dark = rng.random(n) < low_fraction
+    mean = np.where(dark, rng.uniform(0.0, 0.3, n), rng.uniform(0.3, 1.0, n))
+    var = rng.uniform(0.01, 0.04, n)
+    z = rng.standard_t(4, n) * np.where(dark, 1.5, 0.5)
+    as_tensor = lambda a: torch.from_numpy(a)  # noqa: E731
+    return as_tensor(mean), as_tensor(var), as_tensor(mean + np.sqrt(var) * z)
+
+
+def test_bands_of_the_predicted_mean_cover_where_the_mix_of_levels_shifts():
+    fit_on = level_dependent(100_000, 0, low_fraction=0.2)
+    new = level_dependent(100_000, 1, low_fraction=0.5)  # the test fields hold more dark pixels
+    one, none_ = error_shape.fit_error_shape(*fit_on, bands=1)
+    assert none_ is None and one == error_shape.fit_error_quantiles(*fit_on)
+    banded, edges = error_shape.fit_error_shape(*fit_on, bands=5)
+    assert len(banded) == 5 and len(edges) == 1 and len(edges[0]) == 4
+    np.testing.assert_allclose(edges[0], np.quantile(fit_on[0].numpy(), [0.2, 0.4, 0.6, 0.8]))
+    assert metrics.mace(error_shape.coverage(*new, one)) > 0.03
+    assert metrics.mace(error_shape.coverage(*new, banded, edges=edges)) < 0.01
+    assert error_shape.crps(*new, banded, edges=edges) < error_shape.crps(*new, one)
+    # each pixel takes its band's shape
+    mean, var, obs = new
+    band = torch.bucketize(mean, torch.tensor(edges[0], dtype=torch.float64), right=True)
+    lo, hi = error_shape.central_interval(mean, var, 0.9, banded, edges)
+    per_pixel = error_shape.crps(mean, var, obs, banded, reduce=False, edges=edges)
+    for b in range(5):
+        inside = band == b
+        lo_b, hi_b = error_shape.central_interval(mean[inside], var[inside], 0.9, banded[b])
+        torch.testing.assert_close(lo[inside], lo_b)
+        torch.testing.assert_close(hi[inside], hi_b)
+        torch.testing.assert_close(per_pixel[inside], error_shape.crps(mean[inside], var[inside], obs[inside],
+                                                                       banded[b], reduce=False))
+
+
+def test_bands_are_per_channel_and_bad_shapes_say_what_is_wrong():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.stack([torch.rand(50, 8, 8, generator=g), 280 + 10 * torch.rand(50, 8, 8, generator=g)], 1)
+    var = torch.full_like(mean, 0.01)
+    obs = mean + 0.1 * torch.randn(mean.shape, generator=g)
+    banded, edges = error_shape.fit_error_shape(mean, var, obs, bands=3)
+    assert len(edges) == 2 and edges[0][1] < 1 and edges[1][0] > 280  # each channel's own levels
+    for c in range(2):
+        np.testing.assert_allclose(edges[c], np.quantile(mean[:, c].double().numpy(), [1 / 3, 2 / 3]), rtol=1e-6)
+    cov = error_shape.coverage(mean, var, obs, banded, edges=edges)
+    assert metrics.mace(cov) < 0.02, cov
+    with pytest.raises(ValueError, match=r"edges for 2 channels need mean \[\.\.\., 2, H, W\]"):
+        error_shape.central_interval(mean[:, 0], var[:, 0], 0.5, banded, edges)
+    with pytest.raises(ValueError, match="error_band_edges must be given"):
+        error_shape.check_error_shape(banded)
+    with pytest.raises(ValueError, match=r"error_band_edges must be \[C\]\[2\] non-decreasing"):
+        error_shape.check_error_shape(banded, [[1.0, 0.0]])
+    with pytest.raises(ValueError, match=r"error_band_edges must be \[C\]\[2\]"):
+        error_shape.check_error_shape(banded, [[0.0, 0.5, 1.0]])
+    with pytest.raises(ValueError, match="bands must be an integer >= 1"):
+        error_shape.fit_error_shape(mean, var, obs, bands=0)
+    from podiff.config import PipelineConfig
+
+    with pytest.raises(ValueError, match="error_band_edges needs error_quantiles"):
+        PipelineConfig(error_band_edges=[[0.5]])
+    assert PipelineConfig(error_quantiles=banded, error_band_edges=edges).error_band_edges == edges

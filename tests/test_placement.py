@@ -3,7 +3,8 @@
 Fake CUDA (``FakeTensorMode``): every registered op; the pipeline moved with ``to("cuda")``;
 one training step (forward, loss, gradient clipping, AdamW in its capturable CUDA form, EMA)
 and one whole sampling chain through the ensemble moments and the closed-form pixel moments,
-for shared and local POD (with overlap), fixed and learned schedules, v and ε. Any CPU tensor
+for shared and local POD (with overlap), fixed and learned schedules, v and ε; the physical
+bounds' certain pixels. Any CPU tensor
 meeting a CUDA one raises ``FakeTensorDeviceMismatchError``. The meta device runs the complete
 training step, backward included (see ``fake_cuda.py`` for why backward cannot run on fake
 CUDA here). A planted CPU tensor inside a step makes both checks fail.
@@ -78,6 +79,19 @@ def test_every_registered_op_on_fake_cuda(case):
         outputs = case.function(moved)
         outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
         assert outputs and devices_of(outputs) == {"cuda"}
+
+
+def test_bounds_run_as_placed_on_fake_cuda():
+    """The certain pixels (``podiff.bounds.apply``) take no host copy: a CUDA prediction stays on CUDA."""
+    from podiff import bounds
+
+    hr = torch.randn(2, 1, 8, 8).clamp_min(0)
+    lr = torch.nn.functional.avg_pool2d(hr, 4)
+    with fake_cuda(), torch.no_grad():
+        mean, var, lr_c = hr.to("cuda"), torch.ones(2, 1, 8, 8).to("cuda"), lr.to("cuda")
+        members = torch.randn(3, 2, 1, 8, 8).to("cuda")
+        out = bounds.apply(mean, lr_c, (0.0, 1.0), 4, var, members)
+        assert devices_of(out) == {"cuda"} and out[2].shape == (3, 2, 1, 8, 8)
 
 
 def test_full_training_step_with_backward_on_meta():

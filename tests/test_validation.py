@@ -3,6 +3,7 @@ the POD chosen on held-out fields; residual diffusion over a tuned ridge and the
 
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -238,9 +239,9 @@ def test_calibration_learns_the_error_shape_on_the_validation_fields():
     lr, hr = fields(24, seed=6)
     pipe = PODiffPipeline(config(train_steps=30))
     pipe.fit(lr[:18], hr[:18], progress=False)
-    k = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3)  # shape="validation", the default
+    k = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, bands=1)
     quantiles = pipe.config.error_quantiles
-    assert len(quantiles) == error_shape.QUANTILE_COUNT
+    assert len(quantiles) == error_shape.QUANTILE_COUNT and pipe.config.error_band_edges is None
     calibrated = pipe.sample(lr[18:], num_samples=8, seed=3)  # the same draw, scaled by k
     assert quantiles == pytest.approx(error_shape.fit_error_quantiles(calibrated.mean, calibrated.variance, hr[18:]),
                                       rel=1e-4, abs=1e-6)
@@ -248,10 +249,28 @@ def test_calibration_learns_the_error_shape_on_the_validation_fields():
     cov = error_shape.coverage(calibrated.mean, calibrated.variance, hr[18:], quantiles)
     assert metrics.mace(cov) < 0.01, cov
     assert pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, shape="gaussian") == k
-    assert pipe.config.error_quantiles is None
+    assert pipe.config.error_quantiles is None and pipe.config.error_band_edges is None
     with pytest.raises(ValueError, match="shape must be one of \\('validation', 'gaussian'\\); got 'student'"):
         pipe.calibrate_spread(lr[18:], hr[18:], shape="student")
-    pipe.config.error_quantiles = quantiles
+    with pytest.raises(ValueError, match="bands must be an integer >= 1; got 0"):
+        pipe.calibrate_spread(lr[18:], hr[18:], bands=0)
+    # the default: one shape per equal-count band of the predicted mean
+    assert pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3) == k
+    banded, edges = pipe.config.error_quantiles, pipe.config.error_band_edges
+    mean, var, truth = calibrated.mean, calibrated.variance, hr[18:]
+    assert len(banded) == error_shape.ERROR_BANDS and len(edges) == 1 and len(edges[0]) == error_shape.ERROR_BANDS - 1
+    np.testing.assert_allclose(edges[0], np.quantile(mean.double().numpy(), [0.2, 0.4, 0.6, 0.8]), rtol=1e-5)
+    band = torch.bucketize(mean.double(), torch.tensor(edges[0], dtype=torch.float64), right=True)
+    for b in (0, 4):
+        assert banded[b] == pytest.approx(error_shape.fit_error_quantiles(mean, var, truth, mask=band == b),
+                                          rel=1e-4, abs=1e-6)
+    cov = error_shape.coverage(mean, var, truth, banded, edges=edges)
+    assert metrics.mace(cov) < 0.01, cov
     with tempfile.TemporaryDirectory() as folder:  # the shape is part of the saved model
+        pipe.save(folder)
+        loaded = PODiffPipeline.load(folder).config
+        assert loaded.error_quantiles == banded and loaded.error_band_edges == edges
+    pipe.config.error_quantiles, pipe.config.error_band_edges = quantiles, None
+    with tempfile.TemporaryDirectory() as folder:
         pipe.save(folder)
         assert PODiffPipeline.load(folder).config.error_quantiles == quantiles
