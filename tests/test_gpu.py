@@ -132,3 +132,27 @@ def test_build_on_a_cuda_pipeline_moves_cpu_data_there():
     pipe, lr, hr = _tiny_pipeline()
     pipe = PODiffPipeline(pipe.config, device=CUDA).build(lr, hr)  # CPU data: the fits run on the GPU
     assert devices_of(pipe.offset, pipe.data_scale, pipe.pod.basis, pipe.pod.mean, pipe.denoiser, pipe.ema) == {"cuda"}
+
+
+def test_bounds_and_the_banded_shape_on_cuda():
+    """A bounded residual model trained, calibrated (members' spread, the shape per band) and
+    sampled on CUDA: the certain pixels are exact there and everything stays on the device."""
+    from podiff import bounds, error_shape
+
+    g = torch.Generator().manual_seed(3)
+    smooth = torch.nn.functional.avg_pool2d(torch.randn(24, 1, 22, 38, generator=g), 7, stride=1) * 7
+    hr = (smooth - 0.3).clamp_min(0)  # patches of exact zeros
+    lr = torch.nn.functional.avg_pool2d(hr, 4)
+    cfg = PipelineConfig(scale=4, patch_size=4, rank=5, residual="ridge", bounds=[0, None],
+                         denoiser=dict(width=32, depth=2, heads=2), batch_size=8, train_steps=20, sample_steps=5)
+    pipe = PODiffPipeline(cfg)
+    pipe.fit(lr[:16], hr[:16], progress=False, device=CUDA)
+    pipe.calibrate_spread(lr[16:20], hr[16:20], num_samples=8, seed=0)
+    assert len(pipe.config.error_band_edges[0]) == error_shape.ERROR_BANDS - 1
+    out = pipe.sample(lr[20:], num_samples=8, seed=1, return_samples=True)
+    assert devices_of(out.mean, out.variance, out.samples) == {"cuda"}
+    certain = bounds.certain_pixels(lr[20:], (0, None), 4).to(CUDA)
+    assert bool(certain.any()) and bool((out.mean[certain] == 0).all()) and bool((out.variance[certain] == 0).all())
+    lo, hi = error_shape.central_interval(out.mean, out.variance, 0.9, pipe.config.error_quantiles,
+                                          pipe.config.error_band_edges)
+    assert devices_of(lo, hi) == {"cuda"} and bool((lo <= hi).all())
