@@ -424,6 +424,7 @@ class PODiffPipeline:
         at most ``memory_bytes`` (``stream.subsample``); the denoiser is trained on all of them,
         each step reading and encoding its batch (``streaming.StreamedTokens``). ``validation``
         (``(lr_val, hr_val)``, in memory) and the other arguments are as in ``fit``. One process.
+        With ``config.bounds`` the subsample is checked against them as ``fit`` checks its fields.
         """
         from .streaming import StreamedTokens
 
@@ -432,6 +433,8 @@ class PODiffPipeline:
         positions = stream.subsample(memory_bytes)
         lr, hr = stream.read(positions)
         lr, hr, _ = self._checked_on_device(lr, hr, None)
+        if self.config.bounds is not None:  # the subsample read stands for the stream
+            bounds_.check_pairs(lr, hr, self.config.bounds, self.config.scale)
         prediction = self._prepare(lr, hr, None, validation, progress, False)
         with torch.no_grad():  # the subsample's tokens stand for all: one budget in memory
             self._fit_noise_correlation(self.target_tokens(hr, lr, prediction).float())

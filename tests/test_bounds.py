@@ -181,3 +181,31 @@ def test_gridded_file_declares_its_bounds(tmp_path):
     assert ds.meta["bounds"] == [0.0, None] and ds.grid.bounds == (0.0, None)
     xr.Dataset({"rain": xr.DataArray(values, dims=("time", "y", "x"))}).to_netcdf(tmp_path / "plain.nc")
     assert "bounds" not in load_gridded(tmp_path / "plain.nc", None, 4).meta
+
+
+@pytest.mark.parametrize("memory_mb", [None, 0.01], ids=["in-memory", "streamed"])
+def test_train_takes_the_bounds_a_netcdf_variable_declares(tmp_path, capsys, memory_mb):
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("netCDF4")
+    import json
+
+    from utils import run_command
+
+    values = nonnegative_fields(30, 6).numpy()[:, 0]
+    da = xr.DataArray(values, dims=("time", "y", "x"), attrs={"valid_range": np.array([0.0, 50.0], "f4")})
+    xr.Dataset({"rain": da}).to_netcdf(tmp_path / "rain.nc")
+    args = ["train", "--data", tmp_path / "rain.nc", "--scale", 4, "--out", tmp_path / "run", "--steps", 2,
+            "--batch-size", 4, "--rank", 4, "--no-regression-baseline", "--quiet"]
+    if memory_mb:
+        args += ["--memory-mb", memory_mb]
+    code, out, err = run_command(capsys, *args)
+    assert code == 0, err
+    info = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert info["bounds"] == [0.0, 50.0] and bool(info["streamed"]) == bool(memory_mb)
+    # data that break their declared bounds train without them, and say so
+    xr.Dataset({"rain": da - 1.0}).to_netcdf(tmp_path / "shifted.nc")
+    args[2], args[6] = tmp_path / "shifted.nc", tmp_path / "run2"
+    code, out, err = run_command(capsys, *[a for a in args if a != "--quiet"])
+    assert code == 0, err
+    assert "data declare bounds [0.0, 50.0] but bounds: hr must be >= the lower bound 0.0" in out
+    assert json.loads((tmp_path / "run2" / "train.json").read_text())["bounds"] is None
