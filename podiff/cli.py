@@ -834,13 +834,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    created_group = succeeded = False
     try:
         if hasattr(args, "device"):  # before any output is written: a missing GPU is a one-line error
             args.device = resolve_device(args.device)
-        distributed.init_from_env()  # under torchrun: one process group for train and sample
+        # under torchrun: one process group for train and sample
+        created_group = not distributed.is_active() and distributed.init_from_env()
         if getattr(args, "device", None) is not None and args.device.type == "cuda" and args.device.index is None:
             args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
-        return args.func(args)
+        code = args.func(args)
+        succeeded = True
+        return code
     except KeyboardInterrupt:
         print(f"podiff {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -848,6 +852,9 @@ def main(argv: list[str] | None = None) -> int:
         message = one_line(exc)
         print(f"podiff {args.command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if created_group:  # ours to end: left to the interpreter's exit, gloo can abort the process
+            distributed.shutdown(wait=succeeded)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,20 @@ def init_from_env() -> bool:
     return True
 
 
+def shutdown(wait: bool = True) -> None:
+    """Ends the default process group, if one is initialised. Call it before the process exits:
+    a gloo group left to the interpreter's teardown can abort the process ("terminate called
+    without an active exception") after the work is done. ``wait``: a barrier first, so no rank
+    tears the group down while another still talks (leave it out after a failure: the others
+    may never arrive)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard(n: int, rank: int, world: int) -> slice:
     """Rank ``rank``'s contiguous share of ``n`` items (the first ``n % world`` ranks get one more)."""
     base, extra = divmod(int(n), int(world))
@@ -98,4 +112,4 @@ def barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["all_gather_rows", "all_sum", "barrier", "init_from_env", "is_active", "rank_world", "shard"]
+__all__ = ["all_gather_rows", "all_sum", "barrier", "init_from_env", "is_active", "rank_world", "shard", "shutdown"]

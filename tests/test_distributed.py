@@ -151,3 +151,13 @@ def test_podiff_train_and_sample_under_torchrun(tmp_path):
         np.testing.assert_array_equal(a["indices"], b["indices"])
         np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(a["variance"], b["variance"], rtol=1e-2, atol=1e-4)
+
+
+def test_shutdown_ends_a_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    distributed.shutdown()  # nothing initialised: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    distributed.shutdown()
+    assert not dist.is_initialized()
