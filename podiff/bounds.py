@@ -64,33 +64,25 @@ def _at(lr: torch.Tensor, bound: float) -> torch.Tensor:
     return (lr - bound).abs() <= RELATIVE_TOLERANCE * torch.clamp(size, min=abs(bound))
 
 
-def _fine(t: torch.Tensor, scale: int) -> torch.Tensor:
-    return t.repeat_interleave(int(scale), -2).repeat_interleave(int(scale), -1)
-
-
-def certain_pixels(lr: torch.Tensor, bounds, scale: int) -> torch.Tensor:
-    """Bool ``[N, C, h·scale, w·scale]``: True where the pixel's block mean ``lr`` sits at a bound
-    (to ``RELATIVE_TOLERANCE`` of the larger of the bound and the largest ``|lr|``)."""
+def _bound_value(lr: torch.Tensor, bounds, scale: int) -> torch.Tensor:
+    """``[N, C, h·scale, w·scale]``: the bound each pixel's block mean ``lr`` sits at, NaN where it
+    sits at none (the certain pixels are where it is not NaN)."""
     bounds = check_bounds(bounds)
     if lr.dim() != 4:
         raise ValueError(f"lr must be [N, C, h, w]; got shape {tuple(lr.shape)}")
     if int(scale) != scale or scale < 1:
         raise ValueError(f"scale must be a positive integer; got {scale!r}")
-    at_bound = torch.zeros_like(lr, dtype=torch.bool)
+    value = torch.full_like(lr, float("nan"))
     for bound in bounds or ():
         if bound is not None:
-            at_bound = at_bound | _at(lr, bound)
-    return _fine(at_bound, scale)
-
-
-def _bound_values(lr: torch.Tensor, bounds, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The certain pixels and, there, the bound they sit at (NaN elsewhere)."""
-    certain = certain_pixels(lr, bounds, scale)
-    value = torch.full_like(lr, float("nan"))
-    for bound in check_bounds(bounds) or ():
-        if bound is not None:
             value = torch.where(_at(lr, bound), torch.full_like(lr, bound), value)
-    return certain, _fine(value, scale)
+    return value.repeat_interleave(int(scale), -2).repeat_interleave(int(scale), -1)
+
+
+def certain_pixels(lr: torch.Tensor, bounds, scale: int) -> torch.Tensor:
+    """Bool ``[N, C, h·scale, w·scale]``: True where the pixel's block mean ``lr`` sits at a bound
+    (to ``RELATIVE_TOLERANCE`` of the larger of the bound and the largest ``|lr|``)."""
+    return ~torch.isnan(_bound_value(lr, bounds, scale))
 
 
 def apply(mean: torch.Tensor, lr: torch.Tensor, bounds, scale: int, variance: torch.Tensor | None = None,
@@ -104,8 +96,8 @@ def apply(mean: torch.Tensor, lr: torch.Tensor, bounds, scale: int, variance: to
     if expected is None or tuple(mean.shape) != expected:
         raise ValueError(f"mean must be [N, C, h·scale, w·scale] = {expected} for lr {tuple(lr.shape)} and "
                          f"scale {scale}; got {tuple(mean.shape)}")
-    certain, value = _bound_values(lr.to(mean.device, torch.float64), bounds, scale)
-    certain = certain & ~torch.isnan(mean)
+    value = _bound_value(lr.to(mean.device, torch.float64), bounds, scale)
+    certain = ~torch.isnan(value) & ~torch.isnan(mean)
     mean = torch.where(certain, value.to(mean.dtype), mean)
     if variance is not None:
         variance = torch.where(certain, torch.zeros_like(variance), variance)

@@ -103,9 +103,8 @@ def fit_error_shape(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, ba
     quantiles = []
     for b in range(int(bands)):
         inside = valid & (band == b)
-        size = int(inside.sum())
-        wanted = len(pooled) if count is None else count
-        quantiles.append(fit_error_quantiles(mean, var, obs, len(pooled), inside) if size >= max(wanted, 2) else pooled)
+        enough = int(inside.sum()) >= max(len(pooled), 2)
+        quantiles.append(fit_error_quantiles(mean, var, obs, len(pooled), inside) if enough else pooled)
     return quantiles, edges
 
 
@@ -149,7 +148,7 @@ def check_error_shape(quantiles, edges=None):
     return bands, e.tolist()
 
 
-def _banded(fn, mean, edges, quantiles, *tensors):
+def _banded(fn, mean, edges, quantiles):
     """``fn(quantiles_b)`` evaluated for every band and each pixel's band picked (a tuple or a
     tensor of ``mean``'s broadcast shape)."""
     band = _band_index(mean, edges)

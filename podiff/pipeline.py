@@ -577,8 +577,8 @@ class PODiffPipeline:
             if out.samples is not None:
                 out.samples = out.samples + prediction
         if self.config.bounds is not None:  # blocks whose mean sits at a bound are certain
-            out.mean, out.variance, out.samples = bounds_.apply(out.mean, lr.to(out.mean.device), self.config.bounds,
-                                                                self.config.scale, out.variance, out.samples)
+            out.mean, out.variance, out.samples = bounds_.apply(out.mean, lr, self.config.bounds, self.config.scale,
+                                                                out.variance, out.samples)
         if distributed:
             gather = distributed_.all_gather_rows
             out.mean, out.variance = gather(out.mean), gather(out.variance)
