@@ -27,9 +27,11 @@ from pathlib import Path
 
 import torch
 
-from podiff import data, metrics
+from podiff.fitting import fit, loss
+from podiff.data import datasets as data
+from podiff.evaluation import metrics
 from podiff.baselines import global_pod_pipeline, pixel_space_pipeline
-from podiff.pipeline import PipelineConfig, PODiffPipeline
+from podiff import PipelineConfig, PODiffPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine, peak_memory_mb  # noqa: E402
@@ -80,14 +82,14 @@ def measure(method: Method, plan: dict, ds, steps: int, members: int, chains: in
     row = {"method": method.name, "trained": method.train}
     pipe = build(method, plan, tuple(hr.shape[-2:]), hr.shape[1], steps, plan["batch"])
     t0 = time.perf_counter()
-    pipe.to(hr.device).build(lr, hr)  # POD fit and model construction, on the data's device
+    build(pipe.to(hr.device), lr, hr)  # POD fit and model construction, on the data's device
     row["pod_fit_s"] = time.perf_counter() - t0
     row.update(parameters=pipe.num_parameters(), tokens=pipe.pod.num_locations, rank=pipe.pod.rank)
     x0 = pipe.target_tokens(hr[: plan["batch"]]).float()
     cond = pipe.condition_tokens(lr[: plan["batch"]]).float()
 
     def train_step():
-        loss = pipe.loss(x0, cond, torch.Generator().manual_seed(0))
+        loss = loss(pipe, x0, cond, torch.Generator().manual_seed(0))
         loss.backward()
         pipe.denoiser.zero_grad(set_to_none=True)
 
@@ -100,7 +102,7 @@ def measure(method: Method, plan: dict, ds, steps: int, members: int, chains: in
                                                                          t.to(c.device))))
     n_train = steps if method.train else 3
     t0 = time.perf_counter()
-    pipe.fit(lr, hr, steps=n_train, progress=False)
+    fit(pipe, lr, hr, steps=n_train, progress=False)
     row["train_s_per_step"] = (time.perf_counter() - t0) / n_train
     if method.train:
         t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Fits three Gaussians to a trained model's residual tokens on its training fields and decodes
 draws from each: white (each mode's variance), the per-mode grid AR(1) that ``podiff`` uses
-(``podiff.token_noise.GridCorrelation``), and every r×r cross-covariance at lags up to ±K
+(``podiff.diffusion.token_noise.GridCorrelation``), and every r×r cross-covariance at lags up to ±K
 patches, stationary on the grid (dense, so for grids of a few thousand token entries). Prints
 each one's power above k = 1/4 over that of the decoded training tokens
 (``metrics.high_wavenumber_power_ratio``), and a check that should give about 1: random
@@ -19,10 +19,10 @@ import argparse
 
 import torch
 
-from podiff import data
-from podiff.metrics import high_wavenumber_power_ratio
-from podiff.pipeline import PODiffPipeline
-from podiff.token_noise import GridCorrelation
+from podiff.data import datasets as data
+from podiff.evaluation.metrics import high_wavenumber_power_ratio
+from podiff.model.pipeline import PODiffPipeline
+from podiff.diffusion.token_noise import GridCorrelation
 
 
 def stationary_covariance(tokens: torch.Tensor, grid: tuple[int, int], lags: int) -> torch.Tensor:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from podiff import data, metrics
-from podiff.io import write_json
-from podiff.pipeline import PODiffPipeline
+from podiff.data import datasets as data
+from podiff.evaluation import metrics
+from podiff.core.io import write_json
+from podiff.model.pipeline import PODiffPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine  # noqa: E402

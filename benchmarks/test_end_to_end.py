@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from podiff.fitting import build, loss
 from podiff.baselines import pixel_space_pipeline
-from podiff.pipeline import PipelineConfig, PODiffPipeline
+from podiff import PipelineConfig, PODiffPipeline
 
 SIZE = (16, 432)
 PROVIDERS = {"pod-vit p4": ("pod", 4), "pixel p4": ("pixel", 4), "pixel p2": ("pixel", 2)}
@@ -25,7 +26,7 @@ def pipelines():
     for name, (kind, p) in PROVIDERS.items():
         cfg = PipelineConfig(scale=4, patch_size=p, basis="local", rank=13, preset="tiny", batch_size=8)
         pipe = PODiffPipeline(cfg) if kind == "pod" else pixel_space_pipeline(cfg, SIZE)
-        pipe.build(lr, hr)
+        build(pipe, lr, hr)
         built[name] = pipe
     return built, lr, hr
 
@@ -47,7 +48,7 @@ def test_training_step(compare, pipelines, provider):
     x0, cond = pipe.target_tokens(hr[:8]).float(), pipe.condition_tokens(lr[:8]).float()
 
     def step():
-        loss = pipe.loss(x0, cond, torch.Generator().manual_seed(0))
+        loss = loss(pipe, x0, cond, torch.Generator().manual_seed(0))
         loss.backward()
         pipe.denoiser.zero_grad(set_to_none=True)
         return loss

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .pod import PatchPOD
-from .schedules import NoiseSchedule
+from podiff.latent.pod import PatchPOD
+from podiff.diffusion.schedules import NoiseSchedule
 
 
 class _Config(dict):
@@ -164,7 +164,7 @@ def continuous_time(timestep, num_train_timesteps: int = 1000) -> torch.Tensor:
     return (torch.as_tensor(timestep, dtype=torch.float64) + 1) / int(num_train_timesteps)
 
 
-def ddim_scheduler(schedule: NoiseSchedule, num_train_timesteps: int = 1000, prediction: str = "v", **kwargs):
+def ddim_scheduler(schedule: NoiseSchedule, num_train_timesteps: int = 1000, prediction_type: str = "v", **kwargs):
     """diffusers' ``DDIMScheduler`` on podiff's fixed ``schedule``.
 
     ``alphas_cumprod[i] = ᾱ((i + 1)/N)`` (rounded once to float32: diffusers' own float32 cumulative
@@ -181,8 +181,8 @@ def ddim_scheduler(schedule: NoiseSchedule, num_train_timesteps: int = 1000, pre
     if schedule.learned:
         raise ValueError("a learned (per-token, per-mode) schedule has no diffusers equivalent; "
                          "use podiff's DiffusionScheduler")
-    if prediction != "v":
-        raise ValueError(f"prediction must be 'v' (a DDIM from zero SNR needs it); got {prediction!r}")
+    if prediction_type != "v":
+        raise ValueError(f"prediction_type must be 'v' (a DDIM from zero SNR needs it); got {prediction_type!r}")
     N = int(num_train_timesteps)
     t = continuous_time(torch.arange(N), N)
     alpha_bar = torch.sigmoid(schedule.log_snr(t).flatten().double())  # ᾱ = sigmoid(λ), exact at both ends

@@ -168,7 +168,7 @@ def test_failed_train_and_evaluate_leave_nothing_behind(tmp_path):
 
 
 def test_atomic_directory_keeps_the_old_folder_on_failure(tmp_path):
-    from podiff.io import atomic_directory
+    from podiff.core.io import atomic_directory
 
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "old.md").write_text("old")

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from podiff.fitting import fit
 from podiff import baselines
-from podiff.pipeline import PipelineConfig, PODiffPipeline
+from podiff import PipelineConfig, PODiffPipeline
 
 S = 4
 
@@ -33,7 +34,7 @@ def test_bicubic_keeps_masks_and_matches_interpolate():
 
 def _design(lr, k):
     """The features a practitioner builds by hand: nearest-valid fill, replicate pad, k×k windows."""
-    from podiff.ridge import fill_nearest
+    from podiff.mean.ridge import fill_nearest
 
     padded = F.pad(fill_nearest(lr), (k // 2,) * 4, mode="replicate")
     return F.unfold(padded, k).transpose(1, 2).reshape(-1, lr.shape[1] * k * k)
@@ -155,7 +156,7 @@ def test_pod_projection_uses_the_pipeline_pod():
     hr = smooth(64, 2)
     lr = F.avg_pool2d(hr, S)
     pipe = PODiffPipeline(tiny())
-    pipe.fit(lr, hr, progress=False)
+    fit(pipe, lr, hr, progress=False)
     proj = baselines.PODProjectionBaseline(pipe).fit().predict(lr)
     assert proj.shape == hr.shape
     # Projecting an image already in the POD span changes nothing.
@@ -167,12 +168,12 @@ def test_pixel_space_and_global_pod_pipelines_run_through_the_same_interface():
     hr = smooth(48, 3, size=16)
     lr = F.avg_pool2d(hr, S)
     pixel = baselines.pixel_space_pipeline(tiny(), (16, 16))
-    pixel.fit(lr, hr, progress=False)
+    fit(pixel, lr, hr, progress=False)
     assert pixel.pod.rank == 16 and pixel.pod.report.get("identity")
     out = pixel.sample(lr[:2], num_samples=3)
     assert out.mean.shape == (2, 1, 16, 16) and torch.isfinite(out.variance).all()
     glob = baselines.global_pod_pipeline(tiny(rank=None, energy=0.99), (16, 16))
-    glob.fit(lr, hr, progress=False)
+    fit(glob, lr, hr, progress=False)
     assert glob.pod.num_locations == 1 and type(glob.denoiser).__name__ == "MLPDenoiser"
     out = glob.sample(lr[:2], num_samples=3)
     assert out.mean.shape == (2, 1, 16, 16)
@@ -183,7 +184,7 @@ def test_pixel_space_and_global_pod_pipelines_run_through_the_same_interface():
 
 def test_global_pod_by_snapshots_equals_the_covariance_pod():
     """Snapshots (thin SVD of the N×D data) give the modes of the D×D covariance eigenproblem."""
-    from podiff.pod import PatchPOD
+    from podiff.latent.pod import PatchPOD
 
     x = smooth(30, 4, size=12).double()  # D = 144 > N = 30: at most 29 modes
     snap = baselines.GlobalPOD(rank=10, energy=None).fit(x)
@@ -219,7 +220,7 @@ def test_global_pod_on_a_rectangular_masked_field(tmp_path):
     # Through the pipeline, saved and loaded.
     lr = F.avg_pool2d(x, S)
     pipe = baselines.global_pod_pipeline(tiny(rank=None, energy=0.99))
-    pipe.fit(lr, x, progress=False)
+    fit(pipe, lr, x, progress=False)
     out = pipe.sample(lr[:2], num_samples=3)
     assert torch.isnan(out.variance[:, :, 3:6, 10:20]).all() and (out.variance[:, :, 8:] >= 0).all()
     pipe.save(tmp_path / "global")

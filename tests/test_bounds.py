@@ -1,4 +1,4 @@
-"""podiff.bounds: blocks whose block mean sits at a physical bound are certain; the pipeline, the
+"""podiff.data.bounds: blocks whose block mean sits at a physical bound are certain; the pipeline, the
 coverage metrics and the evaluation's baselines treat them so; CF valid ranges declare bounds."""
 
 import numpy as np
@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from podiff import bounds, error_shape, metrics
-from podiff.data import block_average
-from podiff.pipeline import PipelineConfig, PODiffPipeline
+from podiff.fitting import fit
+from podiff.data import bounds
+from podiff.evaluation import error_shape
+from podiff.evaluation import metrics
+from podiff.data.datasets import block_average
+from podiff import PipelineConfig, PODiffPipeline
 
 
 def nonnegative_fields(n, seed, size=16):
@@ -129,7 +132,7 @@ def test_pipeline_samples_are_certain_at_the_bound(residual):
     hr = nonnegative_fields(24, 3)
     lr = block_average(hr, 4)
     pipe = PODiffPipeline(tiny_config(bounds=[0, None], residual=residual))
-    pipe.fit(lr[:20], hr[:20], progress=False)
+    fit(pipe, lr[:20], hr[:20], progress=False)
     out = pipe.sample(lr[20:], num_samples=4, seed=0, return_samples=True)
     certain = bounds.certain_pixels(lr[20:], (0, None), 4)
     assert bool(certain.any()) and bool((~certain).any())
@@ -137,7 +140,7 @@ def test_pipeline_samples_are_certain_at_the_bound(residual):
     assert bool((out.samples[:, certain] == 0).all())
     assert bool((out.variance[~certain] > 0).all())
     free = PODiffPipeline(tiny_config(residual=residual))
-    free.fit(lr[:20], hr[:20], progress=False)
+    fit(free, lr[:20], hr[:20], progress=False)
     plain = free.sample(lr[20:], num_samples=4, seed=0)
     assert torch.allclose(out.mean[~certain], plain.mean[~certain], atol=1e-5)  # the rest as without bounds
 
@@ -145,17 +148,17 @@ def test_pipeline_samples_are_certain_at_the_bound(residual):
 def test_pipeline_refuses_fields_that_break_the_bounds(tmp_path):
     hr = nonnegative_fields(12, 4) - 0.05
     with pytest.raises(ValueError, match="hr must be >= the lower bound 0"):
-        PODiffPipeline(tiny_config(bounds=[0, None])).fit(block_average(hr, 4), hr, progress=False)
+        fit(PODiffPipeline(tiny_config(bounds=[0, None])), block_average(hr, 4), hr, progress=False)
     hr = hr + 0.05
     pipe = PODiffPipeline(tiny_config(bounds=[0, 10]))
-    pipe.fit(block_average(hr, 4), hr, progress=False)
+    fit(pipe, block_average(hr, 4), hr, progress=False)
     pipe.save(tmp_path / "model")
     assert PODiffPipeline.load(tmp_path / "model").config.bounds == [0.0, 10.0]
 
 
 def test_declared_bounds_from_cf_attributes():
     xr = pytest.importorskip("xarray")
-    from podiff.fields import declared_bounds
+    from podiff.data.fields import declared_bounds
 
     da = xr.DataArray(np.zeros((2, 3)), attrs={"valid_range": np.array([0.0, 1.0], dtype=np.float32)})
     assert declared_bounds(da) == (0.0, 1.0)
@@ -172,7 +175,7 @@ def test_declared_bounds_from_cf_attributes():
 def test_gridded_file_declares_its_bounds(tmp_path):
     xr = pytest.importorskip("xarray")
     pytest.importorskip("netCDF4")
-    from podiff.data import load_gridded
+    from podiff.data.datasets import load_gridded
 
     values = nonnegative_fields(3, 5).numpy()[:, 0]
     da = xr.DataArray(values, dims=("time", "y", "x"), attrs={"valid_min": 0.0, "units": "mm/day"})

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torch
 
 from podiff.cli import main
-from podiff.prediction_file import read_prediction
+from podiff.data.prediction_file import read_prediction
 from utils import run_command as run
 
 TRAIN = ["--steps", "3", "--batch-size", "4", "--patch-size", "4", "--rank", "6", "--quiet"]
@@ -44,9 +44,9 @@ def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):
     assert code == 0, err
     info = json.loads((run_dir / "train.json").read_text())
     assert info["steps"] == 6 and info["spread_calibration"] == "moments"
-    from podiff.pipeline import PODiffPipeline
+    from podiff.model.pipeline import PODiffPipeline
 
-    assert PODiffPipeline.load(run_dir / "model").config.spread == info["spread"]
+    assert PODiffPipeline.load(run_dir / "model").calibration.spread == info["spread"]
 
     pred = tmp_path / "pred.npz"
     code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tiny_npz, "--scale", 4, "--num-samples", 3,
@@ -170,7 +170,7 @@ def test_bounds_make_blocks_at_the_bound_certain_for_the_model_and_the_baselines
                        "--sample-steps", 2, "--split", "all", "--members", "--out", pred, "--quiet")
     assert code == 0, err
     p = read_prediction(pred)
-    from podiff.bounds import apply, certain_pixels
+    from podiff.data.bounds import apply, certain_pixels
 
     certain = certain_pixels(torch.from_numpy(p.lr), (0, None), 4).numpy()
     assert certain.mean() > 0.1 and (p.mean[certain] == 0).all() and (p.variance[certain] == 0).all()
@@ -234,8 +234,8 @@ def test_entry_point_runs_as_a_module():
 def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held_out_fields(tmp_path, capsys):
     """A user's few dozen fields (with land) and the documented commands, with only an upper bound on
     the steps: the saved model is the best validation step's, and it beats bicubic on new fields."""
-    from podiff.pipeline import PODiffPipeline
-    from podiff.training import Trainer
+    from podiff.model.pipeline import PODiffPipeline
+    from podiff.diffusion.training import Trainer
 
     g = torch.Generator().manual_seed(5)
     smooth = F.avg_pool2d(F.avg_pool2d(torch.randn(40, 1, 24, 24, generator=g), 5, stride=1), 5, stride=1)
@@ -256,12 +256,12 @@ def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held
     best = min(info["val_loss"], key=lambda v: v[1])
     assert info["best_step"] == best[0]
     pipe = PODiffPipeline.load(run_dir / "model")
-    from podiff.data import load_npz
+    from podiff.data.datasets import load_npz
 
     ds = load_npz(tmp_path / "train.npz", 4)
     lr_val, hr_val = ds.lr[27:], ds.hr[27:]
     prediction = pipe.mean_model.predict(lr_val)
-    x0, cond = pipe.target_tokens(hr_val, prediction=prediction), pipe.condition_tokens(lr_val, prediction)
+    x0, cond = pipe.target_tokens(hr_val, mu=prediction), pipe.condition_tokens(lr_val, prediction)
     assert Trainer(pipe).validation_loss(x0.float(), cond.float()) == pytest.approx(best[1], rel=1e-5)
 
     pred = tmp_path / "pred.npz"
@@ -274,20 +274,21 @@ def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held
     result = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert result["model"]["rmse"] < result["bicubic"]["rmse"], result
     # the scores use the saved error shape; the Gaussian's are kept beside them
-    from podiff import error_shape, metrics
+    from podiff.evaluation import error_shape
+    from podiff.evaluation import metrics
 
     written = read_prediction(pred)
-    edges = pipe.config.error_band_edges
+    edges = pipe.calibration.error_band_edges
     assert len(edges) == 1 and len(edges[0]) == error_shape.ERROR_BANDS - 1  # one channel, the default bands
-    assert len(pipe.config.error_quantiles) == error_shape.ERROR_BANDS
-    assert np.allclose(written.attrs["error_quantiles"], pipe.config.error_quantiles)
+    assert len(pipe.calibration.error_quantiles) == error_shape.ERROR_BANDS
+    assert np.allclose(written.attrs["error_quantiles"], pipe.calibration.error_quantiles)
     assert np.allclose(written.attrs["error_band_edges"], edges)
     truth = torch.from_numpy(np.load(tmp_path / "test.npz")["hr"])
     mean, variance = torch.from_numpy(written.mean), torch.from_numpy(written.variance)
-    assert result["model"]["crps"] == pytest.approx(error_shape.crps(mean, variance, truth, pipe.config.error_quantiles,
+    assert result["model"]["crps"] == pytest.approx(error_shape.crps(mean, variance, truth, pipe.calibration.error_quantiles,
                                                                      edges=edges), rel=1e-6)
     assert result["model"]["crps_gaussian"] == pytest.approx(metrics.crps_gaussian(mean, variance, truth), rel=1e-6)
-    shaped = error_shape.coverage(mean, variance, truth, pipe.config.error_quantiles, edges=edges)
+    shaped = error_shape.coverage(mean, variance, truth, pipe.calibration.error_quantiles, edges=edges)
     assert result["model"]["mace"] == pytest.approx(metrics.mace(shaped))
     assert {"ridge", "regression"} <= set(result) and "tuned on its validation fields" in result["meta"]["baselines"]["ridge"]
     report = (tmp_path / "report" / "report.md").read_text()

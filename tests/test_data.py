@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from podiff import data
+from podiff.data import datasets as data
 
 
 def test_block_average_ignores_masked_pixels():

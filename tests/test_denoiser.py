@@ -4,7 +4,7 @@ noise input, position embedding, errors, and torch.compile of a forward/backward
 import pytest
 import torch
 
-from podiff.denoiser import PRESETS, DenoiserConfig, MLPDenoiser, PODDenoiser, sincos_2d
+from podiff.diffusion.denoiser import PRESETS, DenoiserConfig, MLPDenoiser, PODDenoiser, sincos_2d
 
 
 def test_shapes_and_zero_initial_output():

@@ -1,11 +1,12 @@
-"""``podiff.error_shape``: the predictive ``mean + sd · Z`` with ``Z`` learnt from validation errors."""
+"""``podiff.evaluation.error_shape``: the predictive ``mean + sd · Z`` with ``Z`` learnt from validation errors."""
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
 
-from podiff import error_shape, metrics
+from podiff.evaluation import error_shape
+from podiff.evaluation import metrics
 
 properscoring = pytest.importorskip("properscoring")
 

@@ -11,8 +11,9 @@ import torch
 xr = pytest.importorskip("xarray")
 pytest.importorskip("netCDF4")
 
-from podiff import data, fields  # noqa: E402
-from podiff.fields import Axis  # noqa: E402
+from podiff.data import datasets as data  # noqa: E402
+from podiff.data import fields
+from podiff.data.fields import Axis  # noqa: E402
 
 
 def dataset(n=6, h=8, w=12, level=None, seed=0):
@@ -98,9 +99,9 @@ def test_high_resolution_coordinates_from_low_resolution_ones_are_exact():
 
 
 def test_streaming_fit_equals_the_in_memory_fit(tmp_path):
-    from podiff.pod import PatchPOD
-    from podiff.standardise import fit_scaling, standardise
-    from podiff.streaming import fit_pod_streaming
+    from podiff.latent.pod import PatchPOD
+    from podiff.data.standardise import fit_scaling, standardise
+    from podiff.data.streaming import fit_pod_streaming
 
     ds = dataset(n=11, h=16, w=20, seed=3)
     ds["sst"][:, :3, :4] = np.nan  # land
@@ -122,8 +123,8 @@ def test_streaming_fit_equals_the_in_memory_fit(tmp_path):
 PEAK = """
 import json, sys
 import numpy as np, xarray as xr
-from podiff.pod import PatchPOD
-from podiff.streaming import fit_pod_streaming
+from podiff.latent.pod import PatchPOD
+from podiff.data.streaming import fit_pod_streaming
 ds = xr.open_zarr(sys.argv[1]); ds["sst"].isel(time=slice(0, 1)).values  # warm: imports, codecs
 def peak():  # this process's high-water mark (VmHWM; ru_maxrss keeps the forking parent's across exec)
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024

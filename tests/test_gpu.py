@@ -5,10 +5,11 @@ on the GPU with the per-member seeding guarantees. ``benchmarks/gpu_check.py`` r
 import pytest
 import torch
 
+from podiff.fitting import build, calibrate_spread, fit
 import podiff_kernels as pk
 from cases import SHAPE_IDS, SHAPES, make_case
 from fake_cuda import devices_of
-from podiff.pipeline import PipelineConfig, PODiffPipeline
+from podiff import PipelineConfig, PODiffPipeline
 from podiff_kernels import dispatch, reference
 from utils import assert_close
 
@@ -101,7 +102,7 @@ def _tiny_pipeline():
 
 def test_pipeline_trains_and_samples_on_cuda_with_everything_there(tmp_path):
     pipe, lr, hr = _tiny_pipeline()
-    history = pipe.fit(lr, hr, progress=False, device=CUDA, checkpoint=tmp_path / "ck.pt")
+    history = fit(pipe, lr, hr, progress=False, device=CUDA, checkpoint=tmp_path / "ck.pt")
     assert len(history) == 40 and sum(history[-5:]) < sum(history[:5])
     assert devices_of(pipe.denoiser, pipe.schedule, pipe.ema, pipe.offset, pipe.pod.basis) == {"cuda"}
     out = pipe.sample(lr[:3], num_samples=8, seed=1, return_samples=True)
@@ -114,7 +115,7 @@ def test_pipeline_trains_and_samples_on_cuda_with_everything_there(tmp_path):
 
 def test_same_seed_same_ensemble_on_cuda_for_any_chunking_and_close_to_cpu():
     pipe, lr, hr = _tiny_pipeline()
-    pipe.fit(lr, hr, progress=False, device=CUDA)
+    fit(pipe, lr, hr, progress=False, device=CUDA)
     a = pipe.sample(lr[:3], num_samples=8, seed=7, return_samples=True)
     b = pipe.sample(lr[:3], num_samples=8, seed=7, return_samples=True)
     torch.testing.assert_close(a.samples, b.samples, rtol=0, atol=0)  # same device, same seed: identical
@@ -130,14 +131,15 @@ def test_same_seed_same_ensemble_on_cuda_for_any_chunking_and_close_to_cpu():
 
 def test_build_on_a_cuda_pipeline_moves_cpu_data_there():
     pipe, lr, hr = _tiny_pipeline()
-    pipe = PODiffPipeline(pipe.config, device=CUDA).build(lr, hr)  # CPU data: the fits run on the GPU
+    pipe = build(PODiffPipeline(pipe.config, device=CUDA), lr, hr)  # CPU data: the fits run on the GPU
     assert devices_of(pipe.offset, pipe.data_scale, pipe.pod.basis, pipe.pod.mean, pipe.denoiser, pipe.ema) == {"cuda"}
 
 
 def test_bounds_and_the_banded_shape_on_cuda():
     """A bounded residual model trained, calibrated (members' spread, the shape per band) and
     sampled on CUDA: the certain pixels are exact there and everything stays on the device."""
-    from podiff import bounds, error_shape
+    from podiff.data import bounds
+    from podiff.evaluation import error_shape
 
     g = torch.Generator().manual_seed(3)
     smooth = torch.nn.functional.avg_pool2d(torch.randn(24, 1, 22, 38, generator=g), 7, stride=1) * 7
@@ -146,13 +148,13 @@ def test_bounds_and_the_banded_shape_on_cuda():
     cfg = PipelineConfig(scale=4, patch_size=4, rank=5, residual="ridge", bounds=[0, None],
                          denoiser=dict(width=32, depth=2, heads=2), batch_size=8, train_steps=20, sample_steps=5)
     pipe = PODiffPipeline(cfg)
-    pipe.fit(lr[:16], hr[:16], progress=False, device=CUDA)
-    pipe.calibrate_spread(lr[16:20], hr[16:20], num_samples=8, seed=0)
-    assert len(pipe.config.error_band_edges[0]) == error_shape.ERROR_BANDS - 1
+    fit(pipe, lr[:16], hr[:16], progress=False, device=CUDA)
+    calibrate_spread(pipe, lr[16:20], hr[16:20], num_samples=8, seed=0)
+    assert len(pipe.calibration.error_band_edges[0]) == error_shape.ERROR_BANDS - 1
     out = pipe.sample(lr[20:], num_samples=8, seed=1, return_samples=True)
     assert devices_of(out.mean, out.variance, out.samples) == {"cuda"}
     certain = bounds.certain_pixels(lr[20:], (0, None), 4).to(CUDA)
     assert bool(certain.any()) and bool((out.mean[certain] == 0).all()) and bool((out.variance[certain] == 0).all())
-    lo, hi = error_shape.central_interval(out.mean, out.variance, 0.9, pipe.config.error_quantiles,
-                                          pipe.config.error_band_edges)
+    lo, hi = error_shape.central_interval(out.mean, out.variance, 0.9, pipe.calibration.error_quantiles,
+                                          pipe.calibration.error_band_edges)
     assert devices_of(lo, hi) == {"cuda"} and bool((lo <= hi).all())

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from podiff.denoiser import DenoiserConfig, PODDenoiser
+from podiff.diffusion.denoiser import DenoiserConfig, PODDenoiser
 from podiff.interop import PODAutoencoder, continuous_time, ddim_scheduler
-from podiff.pod import PatchPOD
-from podiff.sampling import DiffusionScheduler
-from podiff.schedules import make_schedule
+from podiff.latent.pod import PatchPOD
+from podiff.diffusion.sampling import DiffusionScheduler
+from podiff.diffusion.schedules import make_schedule
 
 
 def fields(n, seed, channels=1, size=16):
@@ -93,7 +93,7 @@ def _random_denoiser(grid, rank, seed):
 @pytest.mark.parametrize("steps", [1, 10, 25])
 def test_diffusers_ddim_scheduler_matches_podiff_ddim(kind, steps):
     pytest.importorskip("diffusers")
-    schedule = make_schedule(kind, rank=5, prediction="v")
+    schedule = make_schedule(kind, rank=5, prediction_type="v")
     scheduler = ddim_scheduler(schedule)
     assert scheduler.alphas_cumprod[-1] == 0 and scheduler.final_alpha_cumprod == 1
     net = _random_denoiser((3, 4), 5, seed=steps)
@@ -138,7 +138,7 @@ def test_diffusers_dpm_solver_matches_podiff(algorithm, kind, steps):
     runs from t = 0.9 (diffusers' σ/α is infinite at podiff's zero-SNR start) to t = 0.05, then
     to clean data: below that diffusers' float32 ᾱ ≈ 1 loses σ's digits (1e-4 at t = 0.001)."""
     pytest.importorskip("diffusers")
-    schedule = make_schedule(kind, rank=5, prediction="v")
+    schedule = make_schedule(kind, rank=5, prediction_type="v")
     scheduler = _diffusers_dpm_solver(schedule, algorithm)
     timesteps = torch.linspace(899, 49, steps).round().long()
     scheduler.set_timesteps(timesteps=timesteps.tolist())
@@ -160,7 +160,7 @@ def test_diffusers_dpm_solver_matches_podiff(algorithm, kind, steps):
 
 def test_ddim_scheduler_is_the_same_forward_process():
     pytest.importorskip("diffusers")
-    schedule = make_schedule("cosine", rank=3, prediction="v")
+    schedule = make_schedule("cosine", rank=3, prediction_type="v")
     scheduler = ddim_scheduler(schedule)
     x0, eps = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(5, 2, 3, dtype=torch.float64)
     timesteps = torch.tensor([0, 10, 500, 900, 999])
@@ -169,6 +169,6 @@ def test_ddim_scheduler_is_the_same_forward_process():
     torch.testing.assert_close(scheduler.add_noise(x0, eps, timesteps), alpha * x0 + sigma * eps,
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="learned .* schedule has no diffusers equivalent"):
-        ddim_scheduler(make_schedule("learned", rank=3, prediction="v"))
-    with pytest.raises(ValueError, match="prediction must be 'v'"):
-        ddim_scheduler(schedule, prediction="epsilon")
+        ddim_scheduler(make_schedule("learned", rank=3, prediction_type="v"))
+    with pytest.raises(ValueError, match="prediction_type must be 'v'"):
+        ddim_scheduler(schedule, prediction_type="epsilon")

@@ -1,4 +1,4 @@
-"""podiff.metrics against independent implementations: scikit-image (PSNR, SSIM), properscoring
+"""podiff.evaluation.metrics against independent implementations: scikit-image (PSNR, SSIM), properscoring
 (CRPS), scipy (Gaussian intervals); masks; calibration diagnostics on known distributions."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from podiff import metrics
+from podiff.evaluation import metrics
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
 properscoring = pytest.importorskip("properscoring")
@@ -130,7 +130,7 @@ def test_scores_agree_with_xskillscore_on_masked_data_with_a_member_dimension():
     CRPS of the ensemble and of a Gaussian, rank histogram, RMSE; land points NaN."""
     xr = pytest.importorskip("xarray")
     xs = pytest.importorskip("xskillscore")
-    from podiff.metric_maps import metric_maps
+    from podiff.evaluation.metric_maps import metric_maps
 
     g = torch.Generator().manual_seed(3)
     M, N, H, W = 9, 5, 6, 7

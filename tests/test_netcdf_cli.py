@@ -14,7 +14,7 @@ pytest.importorskip("netCDF4")
 pytest.importorskip("zarr")
 
 from podiff.cli import main  # noqa: E402
-from podiff.pod import PatchPOD  # noqa: E402
+from podiff.latent.pod import PatchPOD  # noqa: E402
 from utils import run_command as run  # noqa: E402
 
 N, H, W = 40, 24, 32

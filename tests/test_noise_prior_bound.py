@@ -1,6 +1,7 @@
 """benchmarks/noise_prior_bound.py: the stationary covariance it builds, checked by hand, and
 the script end to end on a tiny trained model, so the RESULTS bound cannot rot."""
 
+from podiff.fitting import fit
 import importlib.util
 import subprocess
 import sys
@@ -38,16 +39,16 @@ def test_stationary_covariance_holds_each_lag_covariance_in_its_block():
 
 @pytest.mark.slow
 def test_script_runs_on_a_tiny_model(tmp_path):
-    from podiff.pipeline import PipelineConfig, PODiffPipeline
+    from podiff import PipelineConfig, PODiffPipeline
 
     g = torch.Generator().manual_seed(1)
     hr = F.avg_pool2d(torch.randn(12, 1, 20, 20, generator=g), 5, stride=1) * 3 + 10.0
     np.savez(tmp_path / "train.npz", hr=hr.numpy())
     pipe = PODiffPipeline(PipelineConfig(scale=4, patch_size=4, rank=4, train_steps=2, batch_size=4, basis="shared"))
-    from podiff.data import load_npz
+    from podiff.data.datasets import load_npz
 
     ds = load_npz(tmp_path / "train.npz", 4)
-    pipe.fit(ds.lr, ds.hr, progress=False)
+    fit(pipe, ds.lr, ds.hr, progress=False)
     pipe.save(tmp_path / "model")
     done = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tmp_path / "model"), "--data",
                            str(tmp_path / "train.npz"), "--split", "all", "--lags", "1"],

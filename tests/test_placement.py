@@ -13,10 +13,11 @@ CUDA here). A planted CPU tensor inside a step makes both checks fail.
 import pytest
 import torch
 
-import podiff.schedules
+from podiff.fitting import build
+import podiff.diffusion.schedules
 from fake_cuda import FakeTensorDeviceMismatchError, devices_of, fake_cuda
-from podiff.pipeline import PipelineConfig, PODiffPipeline
-from podiff.training import Trainer
+from podiff import PipelineConfig, PODiffPipeline
+from podiff.diffusion.training import Trainer
 from test_drop_in import CASES, IDS, _inputs
 
 CONFIGS = [  # basis, stride, schedule, prediction, sampler
@@ -37,10 +38,10 @@ def _data(seed=0):
 
 def _built(basis, stride, schedule, prediction, sampler) -> PODiffPipeline:
     cfg = PipelineConfig(scale=4, patch_size=4, stride=stride, rank=3, basis=basis, schedule=schedule,
-                         prediction=prediction, sampler=sampler, eta=0.0, denoiser=dict(width=16, depth=1, heads=2),
+                         prediction_type=prediction, sampler=sampler, eta=0.0, denoiser=dict(width=16, depth=1, heads=2),
                          batch_size=4, sample_steps=2, mode_spread=[1.1, 0.9, 1.2])  # per-mode spread on the device too
     lr, hr = _data()
-    pipe = PODiffPipeline(cfg).build(lr, hr)  # real, on the CPU: the fits read data
+    pipe = build(PODiffPipeline(cfg), lr, hr)  # real, on the CPU: the fits read data
     assert pipe.token_noise is not None  # the chain's noise is coloured on the device too
     return pipe
 
@@ -82,8 +83,8 @@ def test_every_registered_op_on_fake_cuda(case):
 
 
 def test_bounds_run_as_placed_on_fake_cuda():
-    """The certain pixels (``podiff.bounds.apply``) take no host copy: a CUDA prediction stays on CUDA."""
-    from podiff import bounds
+    """The certain pixels (``podiff.data.bounds.apply``) take no host copy: a CUDA prediction stays on CUDA."""
+    from podiff.data import bounds
 
     hr = torch.randn(2, 1, 8, 8).clamp_min(0)
     lr = torch.nn.functional.avg_pool2d(hr, 4)
@@ -111,7 +112,7 @@ def test_full_training_step_with_backward_on_meta():
 @pytest.fixture
 def cpu_tensor_in_a_step(monkeypatch):
     """Plants the bug these tests exist for: a CPU tensor created inside a step (in the schedule)."""
-    for cls in (podiff.schedules.CosineSchedule, podiff.schedules.LearnedSchedule):
+    for cls in (podiff.diffusion.schedules.CosineSchedule, podiff.diffusion.schedules.LearnedSchedule):
         original = cls.log_snr
         monkeypatch.setattr(cls, "log_snr", lambda self, t, cond=None, _f=original: _f(self, t, cond) + torch.zeros(1))
 

@@ -260,7 +260,7 @@ def test_shared_basis_round_trips_coastal_patches_like_open_ocean_ones():
     The real coastal pixels err more (0.11 K vs 0.050 K) because coastal SST has about 3× more of
     its variance outside the four leading shared modes, not because of the encode; the old
     zero-filled projection erred by tens of kelvin there."""
-    from podiff.data import load_sst
+    from podiff.data.datasets import load_sst
 
     hr = load_sst(4).hr.double()
     pod = PatchPOD(4, energy=0.999).fit(hr[:29], progress=False)
@@ -294,7 +294,7 @@ def test_shared_basis_with_a_coast_is_fitted_from_complete_patches():
     """Pooling coastal patches pairwise gave the SST's shared covariance negative eigenvalues,
     so nine of its 16 modes got zero variance and a full-rank basis lost held-out energy; from
     the complete patches every mode has variance and full rank round-trips the ocean exactly."""
-    from podiff.data import load_sst
+    from podiff.data.datasets import load_sst
 
     hr = load_sst(4).hr.double()
     x = (hr - hr.nanmean()) / hr[~torch.isnan(hr)].std()

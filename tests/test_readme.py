@@ -23,8 +23,8 @@ def small_prediction(path):
     """A prediction file like ``podiff sample --out pred.nc`` writes, for the README's xarray snippet."""
     import numpy as np
 
-    from podiff.fields import Axis, Grid
-    from podiff.prediction_file import Prediction, write_prediction
+    from podiff.data.fields import Axis, Grid
+    from podiff.data.prediction_file import Prediction, write_prediction
 
     grid = Grid(Axis("time", np.arange("2001-01", "2001-03", dtype="datetime64[M]").astype("datetime64[ns]")),
                 Axis("lat", np.linspace(-1, 1, 8)), Axis("lon", np.linspace(0, 2, 8)), ["sst"], {"units": "K"},

@@ -17,9 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from podiff.fitting import fit
 from podiff.cli import main
-from podiff.pipeline import PipelineConfig, PODiffPipeline
-from podiff.pod import PatchPOD, atomic_write
+from podiff import PipelineConfig, PODiffPipeline
+from podiff.latent.pod import PatchPOD, atomic_write
 
 S = 4
 
@@ -42,11 +43,11 @@ def test_infinite_values_outside_the_mask_are_refused():
     hr = fields(6, 0)
     hr[3, 0, 2, 5] = float("inf")
     with pytest.raises(ValueError, match=r"hr has an infinite value at \(3, 0, 2, 5\); mark masked pixels with NaN"):
-        PODiffPipeline(config()).fit(F.avg_pool2d(fields(6, 0), S), hr, progress=False)
+        fit(PODiffPipeline(config()), F.avg_pool2d(fields(6, 0), S), hr, progress=False)
     lr = F.avg_pool2d(fields(6, 0), S)
     lr[1, 0, 0, 1] = -float("inf")
     with pytest.raises(ValueError, match=r"lr has an infinite value at \(1, 0, 0, 1\)"):
-        PODiffPipeline(config()).fit(lr, fields(6, 0), progress=False)
+        fit(PODiffPipeline(config()), lr, fields(6, 0), progress=False)
     with pytest.raises(ValueError, match=r"infinite value at \(3, 0, 2, 5\) outside the mask"):
         PatchPOD(4, rank=3).fit(hr, progress=False)
     # The same value under the mask is fine: it never enters.
@@ -69,7 +70,7 @@ def test_all_masked_data_locations_and_images():
     back = pod.decode(pod.encode(land))
     assert torch.isnan(back[:, :, :4, 4:8]).all() and torch.isfinite(back[:, :, 4:, :]).all()
     pipe = PODiffPipeline(config(basis="local"))
-    pipe.fit(F.avg_pool2d(land, S), land, progress=False)
+    fit(pipe, F.avg_pool2d(land, S), land, progress=False)
     out = pipe.sample(F.avg_pool2d(land[:2], S), num_samples=2)
     assert torch.isnan(out.variance[:, :, :4, 4:8]).all() and (out.variance[:, :, 4:, :] >= 0).all()
 
@@ -85,7 +86,7 @@ def test_constant_fields_work_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         pipe = PODiffPipeline(config(rank=None, energy=0.99))
-        pipe.fit(F.avg_pool2d(c, S), c, progress=False)
+        fit(pipe, F.avg_pool2d(c, S), c, progress=False)
     out = pipe.sample(F.avg_pool2d(c[:2], S), num_samples=2)
     torch.testing.assert_close(out.mean, c[:2])
     assert torch.isfinite(out.variance).all() and out.variance.abs().max() < 1e-6
@@ -106,9 +107,9 @@ def test_sizes_channels_and_empty_data():
     with pytest.raises(ValueError, match="x has 3 channels; this POD was fitted on 1"):
         pod.encode(x.expand(-1, 3, -1, -1))
     with pytest.raises(ValueError, match="training needs at least two samples; got 0"):
-        PODiffPipeline(config()).fit(torch.zeros(0, 1, 4, 4), torch.zeros(0, 1, 16, 16), progress=False)
+        fit(PODiffPipeline(config()), torch.zeros(0, 1, 4, 4), torch.zeros(0, 1, 16, 16), progress=False)
     pipe = PODiffPipeline(config())
-    pipe.fit(F.avg_pool2d(x, S), x, progress=False)
+    fit(pipe, F.avg_pool2d(x, S), x, progress=False)
     with pytest.raises(ValueError, match=r"lr must be \[B, 1, 4, 4\] \(the trained size\); got \(2, 3, 4, 4\)"):
         pipe.sample(F.avg_pool2d(x[:2], S).expand(-1, 3, -1, -1))
     with pytest.raises(ValueError, match=r"image_ids must hold one id per image \(2\); got shape \(3,\)"):
@@ -116,7 +117,7 @@ def test_sizes_channels_and_empty_data():
 
 
 def test_npz_without_samples_or_numbers(tmp_path):
-    from podiff.data import load_npz
+    from podiff.data.datasets import load_npz
 
     np.savez(tmp_path / "empty.npz", hr=np.zeros((0, 1, 16, 16), np.float32))
     with pytest.raises(ValueError, match=r"'hr' holds no data; got shape \(0, 1, 16, 16\)"):
@@ -140,7 +141,7 @@ def test_half_precision_inputs(dtype):
     rounding = (x.to(dtype).double() - x.double()).abs().max()  # what the input dtype alone costs
     assert float((tokens.double() - exact).abs().max()) < 50 * float(rounding) / float(pod64.eigenvalues.min().sqrt())
     pipe = PODiffPipeline(config())
-    pipe.fit(F.avg_pool2d(x, S).to(dtype), x.to(dtype), progress=False)
+    fit(pipe, F.avg_pool2d(x, S).to(dtype), x.to(dtype), progress=False)
     out = pipe.sample(F.avg_pool2d(x[:2], S).to(dtype), num_samples=2)
     assert torch.isfinite(out.mean).all()
 
@@ -149,7 +150,7 @@ def test_bad_model_and_checkpoint_files(tmp_path):
     x = fields(6, 5)
     pipe = PODiffPipeline(config())
     ckpt = tmp_path / "run.ckpt"
-    pipe.fit(F.avg_pool2d(x, S), x, progress=False, checkpoint=ckpt)
+    fit(pipe, F.avg_pool2d(x, S), x, progress=False, checkpoint=ckpt)
     pipe.save(tmp_path / "model")
 
     def corrupt(name, data):
@@ -178,7 +179,7 @@ def test_bad_model_and_checkpoint_files(tmp_path):
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 3])
     for bad in ("foreign.ckpt", "cut.ckpt"):
         with pytest.raises(ValueError, match="cannot resume from .*corrupted or from another model"):
-            PODiffPipeline(config()).fit(F.avg_pool2d(x, S), x, progress=False, checkpoint=tmp_path / bad)
+            fit(PODiffPipeline(config()), F.avg_pool2d(x, S), x, progress=False, checkpoint=tmp_path / bad)
 
 
 # ---------------------------------------------------------------------- faults and data safety
@@ -231,7 +232,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     done = subprocess.run(_train_command(data, straight), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = PODiffPipeline.load(run / "model"), PODiffPipeline.load(straight / "model")
-    assert a.step_count == b.step_count == 300
+    assert a.training.step == b.training.step == 300
     for (name, x), y in zip(a.ema.state_dict().items(), b.ema.state_dict().values()):
         assert torch.equal(x, y), name
     for (name, x), y in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values()):
@@ -257,7 +258,7 @@ def test_outputs_are_not_overwritten_without_the_flag(tmp_path, capsys):
 
 _FIT_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch
-    from podiff.pod import PatchPOD
+    from podiff.latent.pod import PatchPOD
 
     def rss_mib():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -292,7 +293,7 @@ def test_streaming_pod_fit_stays_within_its_budget():
 def test_sampling_keeps_to_its_member_budget():
     x = fields(8, 8)
     pipe = PODiffPipeline(config())
-    pipe.fit(F.avg_pool2d(x, S), x, progress=False)
+    fit(pipe, F.avg_pool2d(x, S), x, progress=False)
     seen = []
     forward = pipe.ema[0].forward
 
@@ -319,12 +320,12 @@ def test_same_seed_same_pod_weights_and_samples():
     runs = []
     for seed in (0, 0, 1):
         pipe = PODiffPipeline(config(seed=seed, train_steps=6, schedule="learned"))
-        pipe.fit(lr, x, progress=False)
+        fit(pipe, lr, x, progress=False)
         runs.append((pipe, pipe.sample(lr[:2], num_samples=3, return_samples=True)))
     (a, sa), (b, sb), (c, sc) = runs
     assert torch.equal(a.pod.basis, b.pod.basis) and torch.equal(a.pod.mean, b.pod.mean)
     for (name, u), v in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values()):
         assert torch.equal(u, v), name
-    assert a.history == b.history
+    assert a.training.history == b.training.history
     assert torch.equal(sa.samples, sb.samples)
-    assert a.history != c.history and not torch.equal(sa.samples, sc.samples)
+    assert a.training.history != c.training.history and not torch.equal(sa.samples, sc.samples)

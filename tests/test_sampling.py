@@ -5,16 +5,16 @@ the last step returns x̂_0; seeded runs repeat exactly."""
 import pytest
 import torch
 
-from podiff.sampling import DiffusionScheduler
-from podiff.schedules import CosineSchedule, LinearSchedule, make_schedule
+from podiff.diffusion.sampling import DiffusionScheduler
+from podiff.diffusion.schedules import CosineSchedule, LinearSchedule, make_schedule
 
 R = 8
 
 
 def schedules():
     torch.manual_seed(0)
-    learned_v = make_schedule("learned", rank=R, prediction="v")
-    learned_eps = make_schedule("learned", rank=R, prediction="epsilon")
+    learned_v = make_schedule("learned", rank=R, prediction_type="v")
+    learned_eps = make_schedule("learned", rank=R, prediction_type="epsilon")
     for sched in (learned_v, learned_eps):
         with torch.no_grad():
             for p in sched.parameters():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from podiff.schedules import (EPS_MIN_SNR, CosineSchedule, LearnedSchedule, LinearSchedule,
+from podiff.diffusion.schedules import (EPS_MIN_SNR, CosineSchedule, LearnedSchedule, LinearSchedule,
                               make_schedule)
 
 T = torch.linspace(0, 1, 201, dtype=torch.float64)
@@ -87,9 +87,9 @@ def test_epsilon_prediction_stops_where_snr_is_bounded():
         assert 0.5 < t_eps < 1.0 and sched.t_max("v") == 1.0
         lam = float(sched.log_snr(torch.tensor([t_eps], dtype=torch.float64)))
         assert abs(lam - math.log(EPS_MIN_SNR)) < 1e-6
-    assert make_schedule("learned", rank=4, prediction="epsilon").t_max("epsilon") == 1.0
+    assert make_schedule("learned", rank=4, prediction_type="epsilon").t_max("epsilon") == 1.0
     with pytest.raises(ValueError, match="epsilon-prediction with a learned schedule needs lambda_min"):
-        make_schedule("learned", rank=4, prediction="v").t_max("epsilon")
+        make_schedule("learned", rank=4, prediction_type="v").t_max("epsilon")
 
 
 def test_make_schedule_errors():

@@ -1,4 +1,4 @@
-"""Training on fields that do not fit in memory (podiff.streaming.FieldStream / StreamedTokens,
+"""Training on fields that do not fit in memory (podiff.data.streaming.FieldStream / StreamedTokens,
 PODiffPipeline.fit_streamed, podiff train --memory-mb): the fits on an evenly spaced subsample,
 every step's batch read from the file and encoded."""
 
@@ -15,10 +15,12 @@ xr = pytest.importorskip("xarray")
 pytest.importorskip("netCDF4")
 pytest.importorskip("zarr")
 
-from podiff import data  # noqa: E402
-from podiff.fields import open_field  # noqa: E402
-from podiff.pipeline import PipelineConfig, PODiffPipeline  # noqa: E402
-from podiff.streaming import FieldStream, StreamedTokens  # noqa: E402
+from podiff.fitting import fit, fit_streamed
+from podiff.data import datasets as data  # noqa: E402
+from podiff.data.fields import open_field  # noqa: E402
+from podiff import PipelineConfig, PODiffPipeline  # noqa: E402
+from podiff.data.streaming import FieldStream  # noqa: E402
+from podiff.fitting import StreamedTokens  # noqa: E402
 from utils import run_command as run  # noqa: E402
 
 N, H, W, S = 36, 16, 24, 4
@@ -46,7 +48,7 @@ def stream_of(path, indices):
 
 def config(**kw):
     return PipelineConfig(**{**dict(scale=S, patch_size=4, rank=6, denoiser=dict(width=16, depth=1, heads=2),
-                                    batch_size=8, sample_steps=3, train_steps=30, lr=3e-3), **kw})
+                                    batch_size=8, sample_steps=3, train_steps=30, learning_rate=3e-3), **kw})
 
 
 def test_a_stream_reads_any_positions_as_the_loaded_fields(field_file):
@@ -84,14 +86,14 @@ def test_streamed_training_with_room_for_every_field_is_in_memory_training(field
     lr, hr = whole.lr, whole.hr
     validation = (lr[28:], hr[28:])
     memory = PODiffPipeline(config(residual="ridge", rank=None))
-    memory.fit(lr[:28], hr[:28], validation=validation, eval_every=10, progress=False)
+    fit(memory, lr[:28], hr[:28], validation=validation, eval_every=10, progress=False)
     streamed = PODiffPipeline(config(residual="ridge", rank=None))
-    streamed.fit_streamed(stream_of(field_file, np.arange(28)), validation, memory_bytes=10**9, eval_every=10,
+    fit_streamed(streamed, stream_of(field_file, np.arange(28)), validation, memory_bytes=10**9, eval_every=10,
                           progress=False)
     assert streamed.mean_model.ridge.settings() == memory.mean_model.ridge.settings()
     torch.testing.assert_close(streamed.pod.basis, memory.pod.basis)
-    torch.testing.assert_close(torch.tensor(streamed.history), torch.tensor(memory.history), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(streamed.val_history), torch.tensor(memory.val_history), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(streamed.training.history), torch.tensor(memory.training.history), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(streamed.training.val_history), torch.tensor(memory.training.val_history), rtol=1e-4, atol=1e-6)
     a, b = (p.sample(lr[28:], num_samples=4, seed=0) for p in (streamed, memory))
     torch.testing.assert_close(a.mean, b.mean, rtol=1e-4, atol=1e-4, equal_nan=True)
 
@@ -101,7 +103,7 @@ def test_streamed_tokens_give_fitted_fields_their_out_of_fold_prediction(field_f
     stream = stream_of(field_file, np.arange(28))
     pipe = PODiffPipeline(config(residual="ridge", rank=None))
     budget = 10 * stream.field_bytes  # 10 of the 28 fields for the fits
-    pipe.fit_streamed(stream, (whole.lr[28:], whole.hr[28:]), memory_bytes=budget, steps=5, progress=False)
+    fit_streamed(pipe, stream, (whole.lr[28:], whole.hr[28:]), memory_bytes=budget, steps=5, progress=False)
     fitted = stream.subsample(budget)
     assert len(fitted) == 10
     lr_fit, hr_fit = stream.read(fitted)

@@ -1,4 +1,4 @@
-"""Grid-correlated diffusion noise (``podiff.token_noise``): the colouring's covariance is the
+"""Grid-correlated diffusion noise (``podiff.diffusion.token_noise``): the colouring's covariance is the
 separable AR(1) correlation exactly; ``fit`` recovers it and ignores invalid tokens; samplers
 driven by the coloured noise with the exact denoiser of matching Gaussian tokens reproduce the
 correlation (white noise does not); a pipeline measures it, keeps it through save/load, and a
@@ -13,10 +13,11 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
-from podiff.pipeline import PipelineConfig, PODiffPipeline
-from podiff.sampling import DiffusionScheduler, RowNoise
-from podiff.schedules import CosineSchedule
-from podiff.token_noise import LIMIT, GridCorrelation, ar1_cholesky
+from podiff.fitting import fit, training_noise
+from podiff import PipelineConfig, PODiffPipeline
+from podiff.diffusion.sampling import DiffusionScheduler, RowNoise
+from podiff.diffusion.schedules import CosineSchedule
+from podiff.diffusion.token_noise import LIMIT, GridCorrelation, ar1_cholesky
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.6, -0.5, LIMIT])
@@ -124,20 +125,20 @@ def tiny(**overrides):
 def test_pipeline_measures_the_correlation_and_keeps_it(tmp_path):
     lr, hr = smooth_fields(24)
     pipe = PODiffPipeline(tiny())
-    pipe.fit(lr[:20], hr[:20], progress=False)
-    state = pipe.config.noise_correlation
+    fit(pipe, lr[:20], hr[:20], progress=False)
+    state = pipe.noise_correlation
     assert state is not None and state["grid"] == [4, 4]
     expected = GridCorrelation.fit(pipe.target_tokens(hr[:20]), (4, 4))
     np.testing.assert_allclose(state["rho_x"], expected.rho_x.tolist(), atol=1e-12)
     assert max(abs(v) for v in state["rho_x"]) > 0.3  # integrated noise: neighbours are alike
     # the training noise carries it
-    _, eps = pipe.draw_noise(torch.zeros(4000, 16, 6, dtype=torch.float64), torch.Generator().manual_seed(1))
+    _, eps = training_noise(pipe, torch.zeros(4000, 16, 6, dtype=torch.float64), torch.Generator().manual_seed(1))
     np.testing.assert_allclose(GridCorrelation.fit(eps, (4, 4)).rho_x, state["rho_x"], atol=0.03)
     # saved and loaded: the same ensemble
     before = pipe.sample(lr[20:], num_samples=4, steps=3, seed=0).mean
     pipe.save(tmp_path / "model")
     loaded = PODiffPipeline.load(tmp_path / "model")
-    assert loaded.config.noise_correlation == state
+    assert loaded.noise_correlation == state
     torch.testing.assert_close(loaded.sample(lr[20:], num_samples=4, steps=3, seed=0).mean, before)
     # a model saved before the option existed: no correlation stored, white noise
     config = json.loads((tmp_path / "model" / "config.json").read_text())
@@ -152,12 +153,12 @@ def test_pipeline_measures_the_correlation_and_keeps_it(tmp_path):
 def test_correlated_noise_off_draws_white_noise():
     lr, hr = smooth_fields(12)
     pipe = PODiffPipeline(tiny(correlated_noise=False))
-    pipe.fit(lr, hr, progress=False)
-    assert pipe.config.noise_correlation is None and pipe.token_noise is None
+    fit(pipe, lr, hr, progress=False)
+    assert pipe.noise_correlation is None and pipe.token_noise is None
 
 
 def test_valid_locations_mark_patches_with_a_valid_pixel():
-    from podiff.pod import PatchPOD
+    from podiff.latent.pod import PatchPOD
 
     x = torch.randn(6, 1, 8, 12, generator=torch.Generator().manual_seed(0))
     x[:, :, :4, :4] = float("nan")   # the top-left patch is all land

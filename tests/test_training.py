@@ -5,10 +5,11 @@ and the model's device after fit, to and load."""
 import pytest
 import torch
 
+from podiff.fitting import build, fit
 from podiff import cli
-from podiff.devices import resolve_device
-from podiff.pipeline import PipelineConfig, PODiffPipeline
-from podiff.training import Trainer
+from podiff.core.devices import resolve_device
+from podiff import PipelineConfig, PODiffPipeline
+from podiff.diffusion.training import Trainer
 
 
 def _data(n=8, seed=0):
@@ -36,7 +37,7 @@ def linear_dtypes():
 def test_training_and_sampling_steps_run_under_bfloat16_autocast(schedule, linear_dtypes):
     lr, hr = _data()
     pipe = PODiffPipeline(_config(schedule=schedule))
-    history = pipe.fit(lr, hr, progress=False, amp=True)
+    history = fit(pipe, lr, hr, progress=False, amp=True)
     assert len(history) == 6 and all(torch.isfinite(torch.tensor(history)))
     assert set(linear_dtypes) == {torch.bfloat16}, "the denoiser ran in bfloat16"
     linear_dtypes.clear()
@@ -50,17 +51,17 @@ def test_training_and_sampling_steps_run_under_bfloat16_autocast(schedule, linea
 
 
 def test_amp_is_off_on_cpu_by_default():
-    pipe = PODiffPipeline(_config()).build(*_data())
+    pipe = build(PODiffPipeline(_config()), *_data())
     assert Trainer(pipe).amp is False and pipe.config.amp is True  # config.amp means "on CUDA"
 
 
 def test_build_makes_the_model_without_training():
     lr, hr = _data()
-    pipe = PODiffPipeline(_config()).build(lr, hr)
-    assert pipe.denoiser is not None and pipe.step_count == 0 and pipe.history == []
+    pipe = build(PODiffPipeline(_config()), lr, hr)
+    assert pipe.denoiser is not None and pipe.training.step == 0 and pipe.training.history == []
     assert pipe.pod.fitted and pipe.offset.shape == (1,)
     # Weights come from config.seed on the CPU: two builds give the same initial weights.
-    other = PODiffPipeline(_config()).build(lr, hr)
+    other = build(PODiffPipeline(_config()), lr, hr)
     for a, b in zip(pipe.denoiser.parameters(), other.denoiser.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -68,7 +69,7 @@ def test_build_makes_the_model_without_training():
 def test_fit_device_and_load_device_place_everything(tmp_path):
     lr, hr = _data()
     pipe = PODiffPipeline(_config(train_steps=2))
-    pipe.fit(lr, hr, progress=False, device="cpu")
+    fit(pipe, lr, hr, progress=False, device="cpu")
     assert pipe.device == torch.device("cpu")
     pipe.save(tmp_path / "m")
     loaded = PODiffPipeline.load(tmp_path / "m", device="meta")  # any device: placement only
@@ -108,7 +109,7 @@ def test_cli_cuda_without_cuda_is_one_line_and_writes_nothing(command, tmp_path,
 
 
 def test_moving_a_built_pipeline_twice_is_harmless():
-    pipe = PODiffPipeline(_config()).build(*_data())
+    pipe = build(PODiffPipeline(_config()), *_data())
     pipe.to("meta").to("meta")
     assert pipe.pod.basis.device.type == "meta" and pipe.offset.device.type == "meta"
     assert {p.device.type for p in list(pipe.denoiser.parameters()) + list(pipe.ema.parameters())} == {"meta"}

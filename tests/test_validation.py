@@ -8,12 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from podiff import metrics
+from podiff.fitting import build, calibrate_spread, fit
+from podiff.evaluation import metrics
 from podiff.baselines import bicubic
-from podiff.pipeline import PipelineConfig, PODiffPipeline
-from podiff.pod_selection import held_out_energy, select_pod
-from podiff.regression import RegressionBaseline
-from podiff.training import Trainer
+from podiff import PipelineConfig, PODiffPipeline
+from podiff.model.state import Calibration
+from podiff.latent.pod_selection import held_out_energy, select_pod
+from podiff.baselines.regression import RegressionBaseline
+from podiff.diffusion.training import Trainer
 
 
 def fields(n, seed=0, size=16):
@@ -25,22 +27,22 @@ def fields(n, seed=0, size=16):
 
 def config(**kw):
     return PipelineConfig(**{**dict(scale=4, patch_size=4, rank=6, denoiser=dict(width=16, depth=1, heads=2),
-                                    batch_size=8, sample_steps=4, train_steps=40, lr=3e-3), **kw})
+                                    batch_size=8, sample_steps=4, train_steps=40, learning_rate=3e-3), **kw})
 
 
 def test_best_validation_weights_are_kept_and_training_stops_early():
     lr, hr = fields(24)
-    pipe = PODiffPipeline(config(train_steps=400, lr=3e-2, warmup=1))  # a high rate: the loss soon stops improving
-    pipe.fit(lr, hr, validation=0.25, eval_every=5, patience=3, progress=False)
-    steps = [s for s, _ in pipe.val_history]
-    assert steps == list(range(5, pipe.step_count + 1, 5))
-    assert pipe.step_count < 400  # stopped early: three evaluations without improvement
-    best_step, best_loss = min(pipe.val_history, key=lambda v: v[1])
-    assert pipe.best_step == best_step and pipe.step_count - best_step == 15
+    pipe = PODiffPipeline(config(train_steps=400, learning_rate=3e-2, warmup=1))  # a high rate: the loss soon stops improving
+    fit(pipe, lr, hr, validation=0.25, eval_every=5, patience=3, progress=False)
+    steps = [s for s, _ in pipe.training.val_history]
+    assert steps == list(range(5, pipe.training.step + 1, 5))
+    assert pipe.training.step < 400  # stopped early: three evaluations without improvement
+    best_step, best_loss = min(pipe.training.val_history, key=lambda v: v[1])
+    assert pipe.training.best_step == best_step and pipe.training.step - best_step == 15
     # The weights in place are the best evaluation's: their validation loss is the best loss.
     x0, cond = pipe.target_tokens(hr[18:]).float(), pipe.condition_tokens(lr[18:]).float()
     assert Trainer(pipe).validation_loss(x0, cond) == pytest.approx(best_loss, rel=1e-6)
-    assert pipe.val_history[-1][1] > best_loss
+    assert pipe.training.val_history[-1][1] > best_loss
 
 
 def test_validation_fraction_holds_out_the_last_fields_from_every_fit():
@@ -48,27 +50,27 @@ def test_validation_fraction_holds_out_the_last_fields_from_every_fit():
     hr_changed = hr.clone()
     hr_changed[15:] += 100.0  # only the held-out fields change
     a, b = (PODiffPipeline(config(train_steps=2)) for _ in range(2))
-    a.fit(lr, hr, validation=0.25, progress=False)
-    b.fit(lr, hr_changed, validation=0.25, progress=False)
+    fit(a, lr, hr, validation=0.25, progress=False)
+    fit(b, lr, hr_changed, validation=0.25, progress=False)
     assert torch.equal(a.offset, b.offset) and torch.equal(a.pod.basis, b.pod.basis)
     with pytest.raises(ValueError, match="validation must be"):
-        PODiffPipeline(config()).fit(lr, hr, validation=1.5, progress=False)
+        fit(PODiffPipeline(config()), lr, hr, validation=1.5, progress=False)
     with pytest.raises(ValueError, match="leaves 1 to train on"):
-        PODiffPipeline(config()).fit(lr[:4], hr[:4], validation=0.7, progress=False)
+        fit(PODiffPipeline(config()), lr[:4], hr[:4], validation=0.7, progress=False)
 
 
 def test_resume_continues_the_validation_history(tmp_path):
     lr, hr = fields(16)
     whole = PODiffPipeline(config(train_steps=30))
-    whole.fit(lr, hr, validation=0.25, eval_every=10, patience=None, progress=False)
+    fit(whole, lr, hr, validation=0.25, eval_every=10, patience=None, progress=False)
     ckpt = tmp_path / "ckpt.pt"
     part = PODiffPipeline(config(train_steps=30))
-    part.fit(lr, hr, validation=0.25, eval_every=10, patience=None, steps=20, checkpoint=ckpt,
+    fit(part, lr, hr, validation=0.25, eval_every=10, patience=None, steps=20, checkpoint=ckpt,
              checkpoint_every=10, progress=False)
     resumed = PODiffPipeline(config(train_steps=30))
-    resumed.fit(lr, hr, validation=0.25, eval_every=10, patience=None, checkpoint=ckpt, progress=False)
-    assert [s for s, _ in resumed.val_history] == [10, 20, 30]
-    for (s1, v1), (s2, v2) in zip(whole.val_history, resumed.val_history):
+    fit(resumed, lr, hr, validation=0.25, eval_every=10, patience=None, checkpoint=ckpt, progress=False)
+    assert [s for s, _ in resumed.training.val_history] == [10, 20, 30]
+    for (s1, v1), (s2, v2) in zip(whole.training.val_history, resumed.training.val_history):
         assert s1 == s2 and v1 == pytest.approx(v2, rel=1e-4)
 
 
@@ -90,7 +92,7 @@ def test_pod_selection_prefers_local_for_location_dependent_fields_and_shared_ot
 
 def test_pod_selection_prefers_the_basis_that_reaches_the_target_at_equal_rank():
     """Both at full rank, only one reaching the energy: that one, not the tie-break's shared."""
-    from podiff.pod_selection import preferred
+    from podiff.latent.pod_selection import preferred
 
     both_full = {"shared": {"rank": 16, "held_out_energy": 0.9965}, "local": {"rank": 16, "held_out_energy": 1.0}}
     assert preferred(both_full, 0.999) == "local"
@@ -105,7 +107,7 @@ def test_pod_selection_prefers_the_basis_that_reaches_the_target_at_equal_rank()
 def test_residual_pipeline_adds_the_tuned_ridge_and_learns_out_of_fold_residuals(tmp_path):
     lr, hr = fields(40, seed=3)
     pipe = PODiffPipeline(config(residual="ridge", rank=None, train_steps=60))
-    pipe.fit(lr[:32], hr[:32], validation=0.25, eval_every=20, progress=False)
+    fit(pipe, lr[:32], hr[:32], validation=0.25, eval_every=20, progress=False)
     assert pipe.mean_model.choice["tuned_on_validation"]
     ridge = pipe.mean_model.ridge
     # Out-of-fold predictions of the training fields are worse than in-sample ones: test-like errors.
@@ -137,7 +139,7 @@ def test_residual_condition_tokens_have_unit_rms_and_detail_ignores_the_level():
     tokens = {}
     for condition in ("anomaly", "detail"):
         pipe = PODiffPipeline(config(residual="ridge", condition=condition, train_steps=0))
-        pipe.fit(lr[:32], hr[:32], validation=0.25, progress=False)
+        fit(pipe, lr[:32], hr[:32], validation=0.25, progress=False)
         oof = pipe.mean_model.out_of_fold(lr[:24], hr[:24])
         rms = pipe.condition_tokens(lr[:24], oof).double().square().mean((0, 1)).sqrt()
         torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=0)
@@ -151,69 +153,69 @@ def test_antithetic_members_run_mirrored_chains():
     """Member 2k+1 starts from member 2k's noise negated; with the untrained (zero-head) denoiser the
     DDIM chain is linear, so the pair's tokens are exact negatives and their mean is zero."""
     lr, hr = fields(12)
-    pipe = PODiffPipeline(config(antithetic=True)).build(lr, hr)
+    pipe = build(PODiffPipeline(config(antithetic=True)), lr, hr)
     cond = pipe.condition_tokens(lr[:2]).float()
     tokens = pipe.sample_tokens(cond, num_samples=4, steps=3)
     torch.testing.assert_close(tokens[1], -tokens[0])
     torch.testing.assert_close(tokens[3], -tokens[2])
     assert not torch.allclose(tokens[2], tokens[0])  # pairs differ from each other
-    plain = PODiffPipeline(config()).build(lr, hr).sample_tokens(cond, num_samples=4, steps=3)
+    plain = build(PODiffPipeline(config()), lr, hr).sample_tokens(cond, num_samples=4, steps=3)
     torch.testing.assert_close(plain[0], tokens[0])  # the first of a pair is the plain member 0
 
 
 def test_calibrated_spread_matches_the_validation_error():
     lr, hr = fields(24, seed=6)
     pipe = PODiffPipeline(config(train_steps=30))
-    pipe.fit(lr[:18], hr[:18], progress=False)
-    spread = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0), method="moments")
+    fit(pipe, lr[:18], hr[:18], progress=False)
+    spread = calibrate_spread(pipe, lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0), method="moments")
     out = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True)
     mse = float((out.mean - hr[18:]).square().mean())
     assert float(out.variance.mean()) == pytest.approx(mse, rel=1e-4)  # the moment matched
-    pipe.config.spread = 1.0
+    pipe.calibration.spread = 1.0
     assert float(pipe.sample(lr[18:], num_samples=8, seed=3).variance.mean()) == pytest.approx(
         float(out.variance.mean()) / spread**2, rel=1e-4)
     with pytest.raises(ValueError, match="spread must be > 0"):
         PipelineConfig(spread=0)
     # "crps" minimises the validation CRPS of the scaled Gaussian predictive
-    k = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0), method="crps")
-    assert pipe.config.spread == k
-    pipe.config.spread = 1.0
+    k = calibrate_spread(pipe, lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0), method="crps")
+    assert pipe.calibration.spread == k
+    pipe.calibration.spread = 1.0
     base = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True)
     crps = lambda s: metrics.crps_gaussian(base.mean, s * s * base.variance, hr[18:])  # noqa: E731
     assert crps(k) <= min(crps(1.02 * k), crps(k / 1.02))
     # the default, "members", minimises the fair CRPS of the members it scales
-    k = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0))
+    k = calibrate_spread(pipe, lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0))
     scaled = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True).samples
     centre = base.samples.mean(0)
     torch.testing.assert_close(scaled, centre + k * (base.samples - centre), rtol=1e-4, atol=1e-5)
     fair = lambda s: metrics.crps_ensemble(centre + s * (base.samples - centre), hr[18:], fair=True)  # noqa: E731
     assert fair(k) <= min(fair(1.02 * k), fair(k / 1.02))
-    pipe.config.spread = 1.0
+    pipe.calibration.spread = 1.0
     with pytest.raises(ValueError, match="method must be one of"):
-        pipe.calibrate_spread(lr[18:], hr[18:], method="mse")
+        calibrate_spread(pipe, lr[18:], hr[18:], method="mse")
 
     # per-mode factors scale each mode's token deviations; the pixel variance follows in closed form
     plain = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True)
     r = plain.tokens.shape[-1]
-    pipe.config.mode_spread = [1.0 + 0.5 * j for j in range(r)]
+    pipe.calibration.mode_spread = [1.0 + 0.5 * j for j in range(r)]
     scaled = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True)
-    factors = torch.tensor(pipe.config.mode_spread)
+    factors = torch.tensor(pipe.calibration.mode_spread)
     centre = plain.tokens.mean(0)
     torch.testing.assert_close(scaled.tokens - centre, (plain.tokens - centre) * factors, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scaled.mean, plain.mean)
     decoded_var = scaled.samples.var(0)  # members' own variance = the block variance (stride = patch)
     torch.testing.assert_close(scaled.variance, decoded_var, rtol=1e-3, atol=1e-7)
-    pipe.config.mode_spread = [1.0] * (r + 1)
+    pipe.calibration.mode_spread = [1.0] * (r + 1)
     with pytest.raises(ValueError, match=f"holds {r + 1} factors; the POD has {r} modes"):
         pipe.sample(lr[18:], num_samples=2)
     with pytest.raises(ValueError, match="mode_spread must be None or a list of finite factors > 0"):
-        PipelineConfig(mode_spread=[1.0, -1.0])
+        Calibration(mode_spread=[1.0, -1.0])
 
     # "modes": each mode's factor minimises the CRPS of its validation tokens, then k on top
-    k = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, method="modes")
-    modes = pipe.config.mode_spread
-    assert len(modes) == r and pipe.config.spread == k
-    pipe.config.spread, pipe.config.mode_spread = 1.0, None
+    k = calibrate_spread(pipe, lr[18:], hr[18:], num_samples=8, seed=3, method="modes")
+    modes = pipe.calibration.mode_spread
+    assert len(modes) == r and pipe.calibration.spread == k
+    pipe.calibration.spread, pipe.calibration.mode_spread = 1.0, None
     raw = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True).tokens
     truth = pipe.target_tokens(hr[18:], lr[18:])
     for j in (0, r - 1):
@@ -222,41 +224,41 @@ def test_calibrated_spread_matches_the_validation_error():
         assert 0.25 <= modes[j] <= 4.0
         if 0.25 < modes[j] < 4.0:
             assert score(modes[j]) <= min(score(1.02 * modes[j]), score(modes[j] / 1.02))
-    pipe.config.mode_spread = modes
+    pipe.calibration.mode_spread = modes
     on_top = pipe.sample(lr[18:], num_samples=8, seed=3)
     pixel = lambda f: metrics.crps_gaussian(on_top.mean, f * f * on_top.variance, hr[18:])  # noqa: E731
     assert pixel(k) <= min(pixel(1.02 * k), pixel(k / 1.02))
     with tempfile.TemporaryDirectory() as folder:  # the factors are part of the saved model
-        pipe.config.spread = k
+        pipe.calibration.spread = k
         pipe.save(folder)
         again = PODiffPipeline.load(folder)
-        assert again.config.mode_spread == modes and again.config.spread == k
+        assert again.calibration.mode_spread == modes and again.calibration.spread == k
 
 
 def test_calibration_learns_the_error_shape_on_the_validation_fields():
-    from podiff import error_shape
+    from podiff.evaluation import error_shape
 
     lr, hr = fields(24, seed=6)
     pipe = PODiffPipeline(config(train_steps=30))
-    pipe.fit(lr[:18], hr[:18], progress=False)
-    k = pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, bands=1)
-    quantiles = pipe.config.error_quantiles
-    assert len(quantiles) == error_shape.QUANTILE_COUNT and pipe.config.error_band_edges is None
+    fit(pipe, lr[:18], hr[:18], progress=False)
+    k = calibrate_spread(pipe, lr[18:], hr[18:], num_samples=8, seed=3, bands=1)
+    quantiles = pipe.calibration.error_quantiles
+    assert len(quantiles) == error_shape.QUANTILE_COUNT and pipe.calibration.error_band_edges is None
     calibrated = pipe.sample(lr[18:], num_samples=8, seed=3)  # the same draw, scaled by k
     assert quantiles == pytest.approx(error_shape.fit_error_quantiles(calibrated.mean, calibrated.variance, hr[18:]),
                                       rel=1e-4, abs=1e-6)
     # on the fields it was fitted to, the shape's intervals cover their levels
     cov = error_shape.coverage(calibrated.mean, calibrated.variance, hr[18:], quantiles)
     assert metrics.mace(cov) < 0.01, cov
-    assert pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3, shape="gaussian") == k
-    assert pipe.config.error_quantiles is None and pipe.config.error_band_edges is None
+    assert calibrate_spread(pipe, lr[18:], hr[18:], num_samples=8, seed=3, shape="gaussian") == k
+    assert pipe.calibration.error_quantiles is None and pipe.calibration.error_band_edges is None
     with pytest.raises(ValueError, match="shape must be one of \\('validation', 'gaussian'\\); got 'student'"):
-        pipe.calibrate_spread(lr[18:], hr[18:], shape="student")
+        calibrate_spread(pipe, lr[18:], hr[18:], shape="student")
     with pytest.raises(ValueError, match="bands must be an integer >= 1; got 0"):
-        pipe.calibrate_spread(lr[18:], hr[18:], bands=0)
+        calibrate_spread(pipe, lr[18:], hr[18:], bands=0)
     # the default: one shape per equal-count band of the predicted mean
-    assert pipe.calibrate_spread(lr[18:], hr[18:], num_samples=8, seed=3) == k
-    banded, edges = pipe.config.error_quantiles, pipe.config.error_band_edges
+    assert calibrate_spread(pipe, lr[18:], hr[18:], num_samples=8, seed=3) == k
+    banded, edges = pipe.calibration.error_quantiles, pipe.calibration.error_band_edges
     mean, var, truth = calibrated.mean, calibrated.variance, hr[18:]
     assert len(banded) == error_shape.ERROR_BANDS and len(edges) == 1 and len(edges[0]) == error_shape.ERROR_BANDS - 1
     np.testing.assert_allclose(edges[0], np.quantile(mean.double().numpy(), [0.2, 0.4, 0.6, 0.8]), rtol=1e-5)
@@ -270,7 +272,7 @@ def test_calibration_learns_the_error_shape_on_the_validation_fields():
         pipe.save(folder)
         loaded = PODiffPipeline.load(folder).config
         assert loaded.error_quantiles == banded and loaded.error_band_edges == edges
-    pipe.config.error_quantiles, pipe.config.error_band_edges = quantiles, None
+    pipe.calibration.error_quantiles, pipe.calibration.error_band_edges = quantiles, None
     with tempfile.TemporaryDirectory() as folder:
         pipe.save(folder)
-        assert PODiffPipeline.load(folder).config.error_quantiles == quantiles
+        assert PODiffPipeline.load(folder).calibration.error_quantiles == quantiles

@@ -1,0 +1,51 @@
+"""What every baseline shares: ``Deterministic`` (``sample`` for a point predictor) and
+``BaselineEntry`` (how the training and evaluation workflows make, fit, save and load one).
+
+Every baseline has ``predict(lr) -> [N, C, H, W]`` in data units and ``sample(lr, num_samples=...)``
+returning a ``SampleOutput`` like the pipeline's (zero variance, identical members).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from podiff.core.sample_output import SampleOutput
+
+
+class Deterministic:
+    """``sample`` for a point predictor: the prediction with zero variance."""
+
+    def sample(self, lr: torch.Tensor, num_samples: int = 1, steps=None, seed=None, return_samples=False,
+               **_) -> SampleOutput:
+        mean = self.predict(lr)
+        var = torch.where(torch.isnan(mean), mean, torch.zeros_like(mean))
+        samples = mean[None].expand(num_samples, *mean.shape) if return_samples else None
+        return SampleOutput(mean, var, samples)
+
+
+@dataclass(frozen=True)
+class BaselineEntry:
+    """A baseline as the workflows see it (``BASELINES`` in ``podiff.baselines``).
+
+    ``make(pipe)``: the baseline made from a trained model alone (nothing to fit or save), or
+    ``fit(pipe, lr, hr, validation, options, progress) -> (baseline, info)``: fitted by ``podiff
+    train`` on the model's training fields and tuned on its validation fields (None: skipped
+    under these ``options``), saved as ``file`` in the model's ``baselines/`` folder and read back
+    by ``load(pipe, path)`` (written by ``save(baseline, path, info)``, default
+    ``baseline.save(path)``). ``refit(pipe, lr, hr)``: for a model saved without it, fitted at
+    evaluation on the data's train split (None: left out then).
+    """
+
+    name: str
+    make: Callable | None = None
+    fit: Callable | None = None
+    load: Callable | None = None
+    file: str | None = None
+    refit: Callable | None = None
+    save: Callable = lambda baseline, path, info: baseline.save(path)
+
+
+__all__ = ["BaselineEntry", "Deterministic"]

@@ -1,0 +1,367 @@
+"""``PODiffPipeline``: a fitted model of conditional super-resolution by diffusion over POD tokens,
+with closed-form pixel uncertainty. It samples, moves between devices, saves and loads; the code
+that produces its state from fields is ``podiff.fitting``.
+
+>>> import torch
+>>> from podiff.fitting import fit
+>>> hr = torch.randn(12, 1, 16, 16).cumsum(-1) / 4                 # [N, C, H, W]
+>>> lr = torch.nn.functional.avg_pool2d(hr, 4)                     # [N, C, h, w]
+>>> pipe = PODiffPipeline(PipelineConfig(scale=4, patch_size=4, rank=8, train_steps=5, batch_size=4,
+...                                      residual="none", denoiser=dict(width=32, depth=1, heads=2)))
+>>> history = fit(pipe, lr[:10], hr[:10], progress=False)         # device="cuda" on a GPU
+>>> out = pipe.sample(lr[10:], num_samples=4, steps=3, seed=0)
+>>> out.mean.shape, out.variance.shape                           # [B, C, H, W] each, NaN on masked pixels
+(torch.Size([2, 1, 16, 16]), torch.Size([2, 1, 16, 16]))
+
+State (what fitting produces): the data scaling (``offset``, ``data_scale``); a fitted
+``PatchPOD`` of the standardised high-resolution fields; a residual model's ``mean_model``; the
+denoiser, schedule and EMA weights; ``noise_correlation`` (the grid-correlated noise, None: white);
+``calibration`` (``model.state.Calibration``: spread and predictive shape); ``training``
+(``diffusion.training.TrainingRecord``: steps, losses, best step); ``pod_choice``. The config
+is the caller's, copied.
+
+Sampling: condition tokens are the POD encoding of the bicubic-upsampled low-resolution field
+(or of the mean model's anomaly); all ``M`` members of all images run as one batched chain
+(chunked to ``member_budget`` tokens), then ``ensemble_moments`` + ``decode_moments`` give the
+pixel mean and variance (block by default) without decoding the members, and undo the data
+scaling (offset, scale²). ``save``/``load``: ``model.persistence``.
+
+Device: everything (weights, EMA, POD basis, data scaling, tokens, noise) lives on
+``pipe.device``; ``to(device)`` and ``load(..., device=...)`` choose it. Weights are initialised
+on the CPU from ``config.seed`` and moved, and noise is drawn from CPU generators and moved, so a
+CPU and a CUDA run start from the same weights and the same noise; their results agree to float
+rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import podiff_kernels as pk
+from podiff.config import PipelineConfig
+from podiff.core import distributed as distributed_
+from podiff.core.sample_output import SampleOutput
+from podiff.data import bounds as bounds_
+from podiff.data.datasets import block_average
+from podiff.data.resample import upsample
+from podiff.data.standardise import standardise, unstandardise
+from podiff.diffusion.denoiser import DenoiserConfig, MLPDenoiser, PODDenoiser
+from podiff.diffusion.sampling import DiffusionScheduler, RowNoise, member_seed
+from podiff.diffusion.schedules import make_schedule
+from podiff.diffusion.token_noise import GridCorrelation
+from podiff.diffusion.training import TrainingRecord, autocast
+from podiff.latent.pod import PatchPOD
+from podiff.mean.mean_model import MeanModel
+from podiff.model.persistence import load_pipeline, save_pipeline
+from podiff.model.state import Calibration
+
+
+def check_pair(lr: torch.Tensor, hr: torch.Tensor | None, scale: int) -> None:
+    for name, x in (("lr", lr), ("hr", hr)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+            raise ValueError(f"{name} must be a floating [N, C, H, W] tensor; got {getattr(x, 'shape', type(x))}")
+        infinite = torch.isinf(x)
+        if bool(infinite.any()):  # NaN marks masked pixels; ±Inf is a data error
+            where = tuple(int(i) for i in infinite.nonzero()[0])
+            raise ValueError(f"{name} has an infinite value at {where}; mark masked pixels with NaN or fix the data")
+    if hr is None:
+        return
+    if lr.shape[0] != hr.shape[0]:
+        raise ValueError(f"lr and hr must hold the same number of samples; got {lr.shape[0]} and {hr.shape[0]}")
+    if lr.shape[1] != hr.shape[1]:
+        raise ValueError(f"lr and hr must have the same channels; got {lr.shape[1]} and {hr.shape[1]}")
+    expected = (lr.shape[2] * scale, lr.shape[3] * scale)
+    if tuple(hr.shape[-2:]) != expected:
+        raise ValueError(f"hr must be scale={scale} times lr's size {tuple(lr.shape[-2:])} = {expected}; "
+                         f"got {tuple(hr.shape[-2:])}")
+
+
+def _on_device(module: nn.Module, device: torch.device) -> bool:
+    """Every parameter and buffer already on ``device`` (``cuda`` matches ``cuda:0``)."""
+    def same(d: torch.device) -> bool:
+        return d.type == device.type and (device.index is None or d.index is None or d.index == device.index)
+
+    return all(same(t.device) for t in list(module.parameters()) + list(module.buffers()))
+
+
+class PODiffPipeline:
+    """Train, sample and save a Patch-PODiff-ViT model (see the module docstring).
+
+    Args:
+        config: the model and its training (``PipelineConfig``).
+        pod: a fitted ``PatchPOD`` (or ``GlobalPOD``) to use instead of fitting one; an unfitted
+            one is fitted by ``build``.
+        device: where the model lives and runs (default CPU; ``to`` moves it).
+    """
+
+    def __init__(self, config: PipelineConfig | None = None, pod: PatchPOD | None = None, device=None):
+        self.config = copy.deepcopy(config) if config is not None else PipelineConfig()
+        self.pod = pod
+        self.denoiser: nn.Module | None = None
+        self.ema: nn.Module | None = None
+        self.schedule = None
+        self.offset = self.data_scale = None  # per channel, [C]
+        self.image_size: tuple[int, int] | None = None
+        self.pod_choice: dict | None = None  # how the POD was chosen (pod_selection), when it was
+        self.mean_model: MeanModel | None = None  # residual="ridge": μ(lr), the diffusion models x − μ
+        self.noise_correlation: dict | None = None  # the grid-correlated noise's state (token_noise)
+        self.calibration = Calibration()
+        self.training = TrainingRecord()
+        self._device = torch.device(device if device is not None else "cpu")
+
+    # ------------------------------------------------------------------ device
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device) -> "PODiffPipeline":
+        """Moves the weights, EMA, schedule, POD basis and data scaling to ``device``; returns self."""
+        device = torch.device(device)
+        for module in (self.denoiser, self.schedule, self.ema):
+            if module is not None and not _on_device(module, device):  # moving in place is enough
+                module.to(device)
+        if self.pod is not None and self.pod.fitted:
+            self.pod.to(device)
+        if self.offset is not None:
+            self.offset, self.data_scale = self.offset.to(device), self.data_scale.to(device)
+        if self.mean_model is not None and self.mean_model.cond_mean is not None:
+            self.mean_model.to(device)
+        self._device = device
+        return self
+
+    # ------------------------------------------------------------------ data <-> tokens
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        return standardise(x, self.offset, self.data_scale)
+
+    def condition_tokens(self, lr: torch.Tensor, mu: torch.Tensor | None = None) -> torch.Tensor:
+        """``lr [B, C, h, w]`` -> standardised condition tokens ``[B, L, r]``: the bicubic-upsampled
+        field, masked where the high-resolution fields are (so a coastal patch is encoded from its
+        ocean pixels only, as its target is)."""
+        if self.mean_model is not None:  # residual: μ(lr)'s anomaly, unit RMS per mode
+            mu = self.mean_model.predict(lr) if mu is None else mu
+            return self.condition_coefficients(mu) / self.mean_model.cond_scale.to(lr)
+        up = upsample(self.standardise(lr), self.image_size)
+        return self.pod.encode(up.masked_fill(~self.pod.valid_pixels.to(up.device), float("nan")))
+
+    def condition_coefficients(self, mu: torch.Tensor) -> torch.Tensor:
+        if self.config.condition == "detail":  # what μ adds below the input grid: blind to level and trend
+            field = mu - upsample(block_average(mu, self.config.scale), self.image_size)
+        else:
+            field = self.mean_model.condition_field(mu)
+        field = field / self.data_scale.view(1, -1, 1, 1).to(mu)
+        field = field.masked_fill(~self.pod.valid_pixels.to(field.device), float("nan"))
+        return self.pod.encode(field, standardized=False)
+
+    def target_tokens(self, hr: torch.Tensor, lr: torch.Tensor | None = None,
+                      mu: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardised tokens of ``hr`` (of its residual ``hr − μ(lr)`` when residual; ``lr`` or
+        ``μ``'s ``prediction`` needed then)."""
+        if self.mean_model is not None:
+            if lr is None and mu is None:
+                raise ValueError("a residual pipeline's target tokens need lr (the target is hr − μ(lr))")
+            hr = hr - (self.mean_model.predict(lr) if mu is None else mu)
+        return self.pod.encode(self.standardise(hr))
+
+    # ------------------------------------------------------------------ building
+
+    def build_model(self, denoiser_config: dict | None = None) -> None:
+        """Creates the denoiser, schedule and EMA for the POD's rank and grid, initialised on the
+        CPU from ``config.seed`` (so every device starts from the same weights), on ``self.device``."""
+        cfg = self.config
+        if denoiser_config is None:
+            noise_input = "per_token" if cfg.schedule == "learned" else "time"
+            dcfg = DenoiserConfig.preset(cfg.preset, rank=self.pod.rank, grid=self.pod.grid, noise_input=noise_input,
+                                         **cfg.denoiser)
+        else:
+            dcfg = DenoiserConfig(**denoiser_config)
+        torch.manual_seed(cfg.seed)
+        self.denoiser = (PODDenoiser if cfg.denoiser_kind == "vit" else MLPDenoiser)(dcfg)
+        self.schedule = make_schedule(cfg.schedule, rank=dcfg.rank, prediction_type=cfg.prediction_type)
+        self.ema = copy.deepcopy(nn.ModuleList([self.denoiser, self.schedule])).requires_grad_(False)
+        for module in (self.denoiser, self.schedule, self.ema):
+            module.to(self._device)
+
+    @property
+    def noise_input(self) -> str:
+        return self.denoiser.config.noise_input
+
+    # ------------------------------------------------------------------ training
+
+    @property
+    def token_noise(self) -> GridCorrelation | None:
+        """The grid-correlated noise map (``noise_correlation``), or None for white noise."""
+        state = self.noise_correlation
+        if state is None:
+            return None
+        if getattr(self, "_token_noise_state", None) is not state:  # cached per fitted state
+            self._token_noise, self._token_noise_state = GridCorrelation.from_state(state), state
+        return self._token_noise
+
+    @torch.no_grad()
+    def sample_tokens(self, cond: torch.Tensor, num_samples: int, steps: int | None = None,
+                      seed: int | None = None, member_budget: int = 1 << 20, use_ema: bool = True,
+                      progress: bool = False, image_ids=None, amp: bool | None = None,
+                      sampler: str | None = None) -> torch.Tensor:
+        """``M`` members for condition tokens ``[B, L, r]`` -> ``[M, B, L, r]``, in chunks of at most
+        ``member_budget`` token values per call. ``sampler`` (None: ``config.sampler``) is one of
+        ``podiff.diffusion.sampling.SAMPLERS``, e.g. ``"dpmsolver++"`` for few steps.
+
+        Member ``m`` of image ``b`` draws its noise from its own CPU generator, seeded by
+        ``(seed, image_ids[b], m)`` (``image_ids`` defaults to ``0..B-1``), moved to ``cond``'s
+        device: the same seed gives the same samples whatever the chunking, the batch or the
+        number of ranks, and the same noise on every device. ``amp``: bfloat16 autocast for the
+        denoiser (None: ``config.amp`` on CUDA, off elsewhere); the sampler's updates stay float32.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        denoiser, schedule = (self.ema[0], self.ema[1]) if use_ema else (self.denoiser, self.schedule)
+        scheduler = DiffusionScheduler(schedule, cfg.prediction_type, sampler or cfg.sampler, cfg.eta)
+        steps = cfg.sample_steps if steps is None else int(steps)
+        amp = (cfg.amp and cond.device.type == "cuda") if amp is None else bool(amp)
+        B, L, r = cond.shape
+        seed = cfg.seed if seed is None else int(seed)
+        ids = list(range(B)) if image_ids is None else [int(i) for i in image_ids]
+        if len(ids) != B:
+            raise ValueError(f"image_ids must hold one id per image ({B}); got {len(ids)}")
+        # Antithetic pairs (config.antithetic): member 2k+1 runs the mirror chain of member 2k (the
+        # same noise, negated), which cancels the ensemble mean's leading Monte-Carlo error; each
+        # member is still a sample of the model.
+        pair = 2 if cfg.antithetic else 1
+        seeds = [member_seed(seed, i, m // pair) for m in range(num_samples) for i in ids]  # member-major, like flat
+        signs = [(-1.0 if cfg.antithetic and m % 2 else 1.0) for m in range(num_samples) for _ in ids]
+        flat = cond[None].expand(num_samples, B, L, r).reshape(num_samples * B, L, r)
+        chunk = max(1, member_budget // max(1, L * r))
+        colour = self.token_noise
+
+        def noise_for(rows: slice):
+            white = RowNoise(seeds[rows], cond.device, signs[rows])
+            return white if colour is None else (lambda shape, dtype: colour(white(shape, dtype)))
+
+        was_training = denoiser.training
+        denoiser.eval()
+        starts = range(0, flat.shape[0], chunk)
+        with autocast(cond.device, amp):
+            out = [scheduler.sample(denoiser, flat[i : i + chunk], steps, noise_input=self.noise_input,
+                                    noise=noise_for(slice(i, i + chunk)))
+                   for i in tqdm(starts, disable=not progress, desc="sample", unit="chunk")]
+        denoiser.train(was_training)
+        return torch.cat(out).view(num_samples, B, L, r)
+
+    @torch.no_grad()
+    def ensemble(self, cond: torch.Tensor, num_samples: int, steps: int | None = None, *, seed: int | None = None,
+                 variance: str = "block", return_samples: bool = False, member_budget: int = 1 << 20,
+                 progress: bool = False, image_ids=None, amp: bool | None = None,
+                 sampler: str | None = None) -> SampleOutput:
+        """The ensemble from condition tokens ``[B, L, r]`` (``condition_tokens(lr)``): sampling,
+        ensemble moments, closed-form pixel moments, data units. ``sample`` checks its input and
+        calls this; no device value is read here, so it also runs under ``FakeTensorMode``."""
+        tokens = self.sample_tokens(cond, int(num_samples), steps, seed, member_budget, progress=progress,
+                                    image_ids=image_ids, amp=amp, sampler=sampler)
+        if self.calibration.mode_spread is not None:  # per-mode spread (calibrate_spread(method="modes"))
+            factors = self.calibration.mode_spread
+            if len(factors) != tokens.shape[-1]:
+                raise ValueError(f"calibration.mode_spread holds {len(factors)} factors; the POD has {tokens.shape[-1]} modes")
+            centre = tokens.mean(0, keepdim=True)
+            tokens = centre + (tokens - centre) * torch.tensor(factors, dtype=tokens.dtype).to(tokens.device)
+        mean_tok, cov = pk.ensemble_moments(tokens, diagonal=variance == "diagonal")
+        mean, var = self.pod.decode_moments(mean_tok, cov)
+        mean = unstandardise(mean, self.offset, self.data_scale)
+        var = var * self.data_scale.view(1, -1, 1, 1).to(var) ** 2
+        samples = None
+        if return_samples:
+            M, B = tokens.shape[:2]
+            decoded = self.pod.decode(tokens.reshape(M * B, *tokens.shape[2:]))
+            samples = unstandardise(decoded, self.offset, self.data_scale).view(M, B, *decoded.shape[1:])
+        return SampleOutput(mean, var, samples, tokens if return_samples else None)
+
+    @torch.no_grad()
+    def sample(self, lr: torch.Tensor, num_samples: int = 16, steps: int | None = None, *,
+               seed: int | None = None, variance: str = "block", return_samples: bool = False,
+               member_budget: int = 1 << 20, progress: bool = False, image_ids=None,
+               distributed: bool | None = None, amp: bool | None = None,
+               sampler: str | None = None) -> SampleOutput:
+        """Ensemble super-resolution of ``lr [B, C, h, w]`` (any device; moved to ``self.device``).
+
+        Returns ``SampleOutput`` with the pixel ``mean`` and ``variance`` ``[B, C, H, W]`` on
+        ``self.device`` (analytic: ``variance="block"`` uses each token's r×r covariance,
+        ``"diagonal"`` only its diagonal), and with ``return_samples`` the decoded members
+        ``[M, B, C, H, W]``. ``image_ids`` name the images for seeding (default ``0..B-1``; see
+        ``sample_tokens``): the same seed gives the same ensemble on the same device for any
+        chunking or sharding; a CPU and a CUDA run share the noise and agree to float rounding.
+        ``distributed`` (None: when a multi-rank group is initialised): every rank passes the
+        same ``lr``, samples its contiguous share of the images and gets the gathered result,
+        equal to the one-process result up to float rounding. ``sampler``: see ``sample_tokens``.
+        """
+        if self.denoiser is None:
+            raise RuntimeError("this pipeline is not trained; call podiff.fitting.fit(pipe, lr, hr) or PODiffPipeline.load(dir)")
+        if variance not in ("block", "diagonal"):
+            raise ValueError(f"variance must be 'block' or 'diagonal'; got {variance!r}")
+        if int(num_samples) < 2:
+            raise ValueError(f"num_samples must be >= 2 for a variance; got {num_samples}")
+        check_pair(lr, None, self.config.scale)
+        expected = (self.image_size[0] // self.config.scale, self.image_size[1] // self.config.scale)
+        if tuple(lr.shape[-2:]) != expected or lr.shape[1] != self.offset.numel():
+            raise ValueError(f"lr must be [B, {self.offset.numel()}, {expected[0]}, {expected[1]}] (the trained size); "
+                             f"got {tuple(lr.shape)}")
+        ids = torch.arange(lr.shape[0]) if image_ids is None else torch.as_tensor(image_ids).cpu()
+        if ids.shape != (lr.shape[0],):
+            raise ValueError(f"image_ids must hold one id per image ({lr.shape[0]}); got shape {tuple(ids.shape)}")
+        distributed = distributed_.is_active() if distributed is None else bool(distributed)
+        if distributed:
+            rows = distributed_.shard(lr.shape[0], *distributed_.rank_world())
+            lr, ids = lr[rows], ids[rows]
+        cond = self.condition_tokens(lr.to(self._device)).float()
+        out = self.ensemble(cond, num_samples, steps, seed=seed, variance=variance, return_samples=return_samples,
+                            member_budget=member_budget, progress=progress, image_ids=ids.tolist(), amp=amp,
+                            sampler=sampler)
+        if self.calibration.spread != 1.0:  # calibrated on validation fields (calibrate_spread)
+            k = self.calibration.spread
+            out.variance = out.variance * k**2
+            if out.samples is not None:
+                out.samples = out.mean + k * (out.samples - out.mean)
+        if self.mean_model is not None:  # the ensemble of residuals plus μ(lr): the variance is the residual's
+            mu = self.mean_model.predict(lr.to(self._device)).to(out.mean)
+            out.mean = out.mean + mu
+            if out.samples is not None:
+                out.samples = out.samples + mu
+        if self.config.bounds is not None:  # blocks whose mean sits at a bound are certain
+            out.mean, out.variance, out.samples = bounds_.apply(out.mean, lr, self.config.bounds, self.config.scale,
+                                                                out.variance, out.samples)
+        if distributed:
+            gather = distributed_.all_gather_rows
+            out.mean, out.variance = gather(out.mean), gather(out.variance)
+            if return_samples:
+                out.samples = gather(out.samples.transpose(0, 1)).transpose(0, 1)
+                out.tokens = gather(out.tokens.transpose(0, 1)).transpose(0, 1)
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        """``config.json``, ``pod.safetensors`` and ``weights.safetensors`` (live and EMA), atomically."""
+        save_pipeline(self, directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, device=None) -> "PODiffPipeline":
+        """Reads a folder written by ``save`` onto ``device`` (default CPU); bad or missing files give
+        a clear error."""
+        return load_pipeline(cls, directory, device)
+
+    def num_parameters(self) -> int:
+        return self.denoiser.num_parameters() + sum(p.numel() for p in self.schedule.parameters())
+
+    def describe(self) -> str:
+        return (f"PODiffPipeline: POD {self.pod}, denoiser {type(self.denoiser).__name__} "
+                f"{self.num_parameters():,} parameters, schedule {self.config.schedule}, "
+                f"prediction_type {self.config.prediction_type}, sampler {self.config.sampler}, device {self.device}"
+                + (f", residual over {self.mean_model.ridge.describe()}" if self.mean_model is not None else ""))
+
+
+__all__ = ["PODiffPipeline", "check_pair"]
