@@ -89,8 +89,8 @@ def measure(method: Method, plan: dict, ds, steps: int, members: int, chains: in
     cond = pipe.condition_tokens(lr[: plan["batch"]]).float()
 
     def train_step():
-        loss = loss(pipe, x0, cond, torch.Generator().manual_seed(0))
-        loss.backward()
+        value = loss(pipe, x0, cond, torch.Generator().manual_seed(0))
+        value.backward()
         pipe.denoiser.zero_grad(set_to_none=True)
 
     row["train_peak_mib"] = peak_memory_mb(_on(device, train_step))

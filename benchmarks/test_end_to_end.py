@@ -48,10 +48,10 @@ def test_training_step(compare, pipelines, provider):
     x0, cond = pipe.target_tokens(hr[:8]).float(), pipe.condition_tokens(lr[:8]).float()
 
     def step():
-        loss = loss(pipe, x0, cond, torch.Generator().manual_seed(0))
-        loss.backward()
+        value = loss(pipe, x0, cond, torch.Generator().manual_seed(0))
+        value.backward()
         pipe.denoiser.zero_grad(set_to_none=True)
-        return loss
+        return value
 
-    loss = compare("training step, batch 8, SST 16x432", provider, step, baseline=provider != "pod-vit p4", rounds=3)
-    assert torch.isfinite(loss)
+    value = compare("training step, batch 8, SST 16x432", provider, step, baseline=provider != "pod-vit p4", rounds=3)
+    assert torch.isfinite(value)

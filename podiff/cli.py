@@ -18,6 +18,7 @@ Errors are one line on stderr with exit status 1 (2 for bad usage). The entry po
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys

@@ -19,7 +19,7 @@ def smooth(n, seed, size=32):
 
 
 def tiny(**kw):
-    return PipelineConfig(**{**dict(scale=S, patch_size=4, rank=8, train_steps=20, batch_size=16, sample_steps=3,
+    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=8, train_steps=20, batch_size=16, sample_steps=3,
                                     denoiser=dict(width=32, depth=1, heads=2)), **kw})
 
 

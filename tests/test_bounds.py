@@ -122,7 +122,7 @@ def test_coverage_leaves_out_point_masses_at_the_observation():
 
 
 def tiny_config(**kw):
-    base = dict(scale=4, patch_size=4, rank=8, train_steps=3, batch_size=8, sample_steps=3,
+    base = dict(residual="none", antithetic=False, scale=4, patch_size=4, rank=8, train_steps=3, batch_size=8, sample_steps=3,
                 denoiser=dict(width=32, depth=1, heads=2))
     return PipelineConfig(**{**base, **kw})
 

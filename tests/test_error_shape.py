@@ -93,11 +93,11 @@ def test_bad_quantiles_and_levels_are_named():
         error_shape.central_interval(torch.zeros(2), torch.ones(2), 1.0)
     with pytest.raises(ValueError, match="var must be non-negative"):
         error_shape.crps(torch.zeros(2), -torch.ones(2), torch.zeros(2), [0.0, 1.0])
-    from podiff.config import PipelineConfig
+    from podiff.model.state import Calibration
 
     with pytest.raises(ValueError, match="error_quantiles must hold"):
-        PipelineConfig(error_quantiles=[2.0])
-    assert PipelineConfig(error_quantiles=(-1, 1)).error_quantiles == [-1.0, 1.0]
+        Calibration(error_quantiles=[2.0])
+    assert Calibration(error_quantiles=(-1, 1)).error_quantiles == [-1.0, 1.0]
 
 
 def test_asymmetric_shape_gives_asymmetric_intervals():
@@ -174,8 +174,8 @@ def test_bands_are_per_channel_and_bad_shapes_say_what_is_wrong():
         error_shape.check_error_shape(banded, [[0.0, 0.5, 1.0]])
     with pytest.raises(ValueError, match="bands must be an integer >= 1"):
         error_shape.fit_error_shape(mean, var, obs, bands=0)
-    from podiff.config import PipelineConfig
+    from podiff.model.state import Calibration
 
     with pytest.raises(ValueError, match="error_band_edges needs error_quantiles"):
-        PipelineConfig(error_band_edges=[[0.5]])
-    assert PipelineConfig(error_quantiles=banded, error_band_edges=edges).error_band_edges == edges
+        Calibration(error_band_edges=[[0.5]])
+    assert Calibration(error_quantiles=banded, error_band_edges=edges).error_band_edges == edges

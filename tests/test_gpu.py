@@ -95,7 +95,7 @@ def _tiny_pipeline():
     g = torch.Generator().manual_seed(0)
     hr = torch.randn(12, 1, 16, 32, generator=g).cumsum(-1) / 4
     lr = torch.nn.functional.avg_pool2d(hr, 4)
-    cfg = PipelineConfig(scale=4, patch_size=4, rank=5, basis="local", denoiser=dict(width=32, depth=2, heads=2),
+    cfg = PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=4, rank=5, basis="local", denoiser=dict(width=32, depth=2, heads=2),
                          batch_size=8, train_steps=40, sample_steps=10)
     return PODiffPipeline(cfg), lr, hr
 
@@ -145,7 +145,7 @@ def test_bounds_and_the_banded_shape_on_cuda():
     smooth = torch.nn.functional.avg_pool2d(torch.randn(24, 1, 22, 38, generator=g), 7, stride=1) * 7
     hr = (smooth - 0.3).clamp_min(0)  # patches of exact zeros
     lr = torch.nn.functional.avg_pool2d(hr, 4)
-    cfg = PipelineConfig(scale=4, patch_size=4, rank=5, residual="ridge", bounds=[0, None],
+    cfg = PipelineConfig(antithetic=False, scale=4, patch_size=4, rank=5, residual="ridge", bounds=[0, None],
                          denoiser=dict(width=32, depth=2, heads=2), batch_size=8, train_steps=20, sample_steps=5)
     pipe = PODiffPipeline(cfg)
     fit(pipe, lr[:16], hr[:16], progress=False, device=CUDA)

@@ -44,7 +44,7 @@ def test_script_runs_on_a_tiny_model(tmp_path):
     g = torch.Generator().manual_seed(1)
     hr = F.avg_pool2d(torch.randn(12, 1, 20, 20, generator=g), 5, stride=1) * 3 + 10.0
     np.savez(tmp_path / "train.npz", hr=hr.numpy())
-    pipe = PODiffPipeline(PipelineConfig(scale=4, patch_size=4, rank=4, train_steps=2, batch_size=4, basis="shared"))
+    pipe = PODiffPipeline(PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=4, rank=4, train_steps=2, batch_size=4, basis="shared"))
     from podiff.data.datasets import load_npz
 
     ds = load_npz(tmp_path / "train.npz", 4)

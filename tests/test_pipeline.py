@@ -33,7 +33,7 @@ def posterior(lr):
 
 
 def small_config(**kw):
-    base = dict(scale=S, patch_size=4, rank=16, train_steps=400, batch_size=128, learning_rate=2e-3, warmup=50,
+    base = dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=16, train_steps=400, batch_size=128, learning_rate=2e-3, warmup=50,
                 denoiser=dict(width=64, depth=3, heads=4), sample_steps=20, ema_decay=0.99)
     return PipelineConfig(**{**base, **kw})
 

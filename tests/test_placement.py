@@ -17,6 +17,7 @@ from podiff.fitting import build
 import podiff.diffusion.schedules
 from fake_cuda import FakeTensorDeviceMismatchError, devices_of, fake_cuda
 from podiff import PipelineConfig, PODiffPipeline
+from podiff.model.state import Calibration
 from podiff.diffusion.training import Trainer
 from test_drop_in import CASES, IDS, _inputs
 
@@ -37,11 +38,12 @@ def _data(seed=0):
 
 
 def _built(basis, stride, schedule, prediction, sampler) -> PODiffPipeline:
-    cfg = PipelineConfig(scale=4, patch_size=4, stride=stride, rank=3, basis=basis, schedule=schedule,
+    cfg = PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=4, stride=stride, rank=3, basis=basis, schedule=schedule,
                          prediction_type=prediction, sampler=sampler, eta=0.0, denoiser=dict(width=16, depth=1, heads=2),
-                         batch_size=4, sample_steps=2, mode_spread=[1.1, 0.9, 1.2])  # per-mode spread on the device too
+                         batch_size=4, sample_steps=2)
     lr, hr = _data()
     pipe = build(PODiffPipeline(cfg), lr, hr)  # real, on the CPU: the fits read data
+    pipe.calibration = Calibration(mode_spread=[1.1, 0.9, 1.2])  # per-mode spread on the device too
     assert pipe.token_noise is not None  # the chain's noise is coloured on the device too
     return pipe
 

@@ -31,7 +31,7 @@ def fields(n, seed, size=16):
 
 
 def config(**kw):
-    base = dict(scale=S, patch_size=4, rank=6, train_steps=4, batch_size=4, warmup=2,
+    base = dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=6, train_steps=4, batch_size=4, warmup=2,
                 denoiser=dict(width=32, depth=1, heads=2), sample_steps=2)
     return PipelineConfig(**{**base, **kw})
 
@@ -166,7 +166,7 @@ def test_bad_model_and_checkpoint_files(tmp_path):
         PODiffPipeline.load(corrupt("weights.safetensors", weights[: len(weights) // 2]))
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         PODiffPipeline.load(corrupt("config.json", b'{"format": "podiff.PODiffPipeline", '))
-    with pytest.raises(ValueError, match="is 'other' version 3; this podiff reads podiff.PODiffPipeline version 1"):
+    with pytest.raises(ValueError, match="is 'other' version 3; this podiff reads podiff.PODiffPipeline versions 1 to 2"):
         PODiffPipeline.load(corrupt("config.json", json.dumps({"format": "other", "version": 3}).encode()))
     pod = (tmp_path / "model" / "pod.safetensors").read_bytes()
     with pytest.raises(ValueError, match="not a readable PatchPOD file"):

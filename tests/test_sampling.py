@@ -90,7 +90,7 @@ def test_last_step_returns_the_clean_estimate_and_seeds_repeat():
 
 
 def test_scheduler_errors():
-    with pytest.raises(ValueError, match="prediction must be 'v' or 'epsilon'; got 'x0'"):
+    with pytest.raises(ValueError, match="prediction_type must be 'v' or 'epsilon'; got 'x0'"):
         DiffusionScheduler(CosineSchedule(), "x0")
     with pytest.raises(ValueError, match="sampler must be one of 'ddim', 'ancestral', 'dpmsolver\\+\\+', "
                                          "'sde-dpmsolver\\+\\+'; got 'euler'"):

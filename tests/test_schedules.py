@@ -93,7 +93,7 @@ def test_epsilon_prediction_stops_where_snr_is_bounded():
 
 
 def test_make_schedule_errors():
-    with pytest.raises(ValueError, match="'cosine', 'linear' or 'learned'; got 'quadratic'"):
+    with pytest.raises(ValueError, match="schedule must be one of 'cosine', 'linear', 'learned'; got 'quadratic'"):
         make_schedule("quadratic")
     with pytest.raises(ValueError, match="needs rank"):
         make_schedule("learned")

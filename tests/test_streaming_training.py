@@ -47,7 +47,7 @@ def stream_of(path, indices):
 
 
 def config(**kw):
-    return PipelineConfig(**{**dict(scale=S, patch_size=4, rank=6, denoiser=dict(width=16, depth=1, heads=2),
+    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=6, denoiser=dict(width=16, depth=1, heads=2),
                                     batch_size=8, sample_steps=3, train_steps=30, learning_rate=3e-3), **kw})
 
 

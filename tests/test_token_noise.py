@@ -118,7 +118,7 @@ def smooth_fields(n, seed=0):
 
 
 def tiny(**overrides):
-    return PipelineConfig(scale=4, patch_size=4, rank=6, train_steps=3, batch_size=4,
+    return PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=4, rank=6, train_steps=3, batch_size=4,
                           denoiser=dict(width=32, depth=1, heads=2), **overrides)
 
 
@@ -142,7 +142,7 @@ def test_pipeline_measures_the_correlation_and_keeps_it(tmp_path):
     torch.testing.assert_close(loaded.sample(lr[20:], num_samples=4, steps=3, seed=0).mean, before)
     # a model saved before the option existed: no correlation stored, white noise
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    config["config"].pop("noise_correlation"), config["config"].pop("correlated_noise")
+    config.pop("noise_correlation"), config["config"].pop("correlated_noise")
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
     old = PODiffPipeline.load(tmp_path / "model")
     assert old.token_noise is None

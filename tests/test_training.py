@@ -19,7 +19,7 @@ def _data(n=8, seed=0):
 
 
 def _config(**kw):
-    return PipelineConfig(**{**dict(scale=4, patch_size=4, rank=4, denoiser=dict(width=16, depth=1, heads=2),
+    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=4, patch_size=4, rank=4, denoiser=dict(width=16, depth=1, heads=2),
                                     batch_size=4, sample_steps=3, train_steps=6), **kw})
 
 

@@ -26,7 +26,7 @@ def fields(n, seed=0, size=16):
 
 
 def config(**kw):
-    return PipelineConfig(**{**dict(scale=4, patch_size=4, rank=6, denoiser=dict(width=16, depth=1, heads=2),
+    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=4, patch_size=4, rank=6, denoiser=dict(width=16, depth=1, heads=2),
                                     batch_size=8, sample_steps=4, train_steps=40, learning_rate=3e-3), **kw})
 
 
@@ -174,8 +174,8 @@ def test_calibrated_spread_matches_the_validation_error():
     pipe.calibration.spread = 1.0
     assert float(pipe.sample(lr[18:], num_samples=8, seed=3).variance.mean()) == pytest.approx(
         float(out.variance.mean()) / spread**2, rel=1e-4)
-    with pytest.raises(ValueError, match="spread must be > 0"):
-        PipelineConfig(spread=0)
+    with pytest.raises(ValueError, match="spread must be a finite number > 0"):
+        Calibration(spread=0)
     # "crps" minimises the validation CRPS of the scaled Gaussian predictive
     k = calibrate_spread(pipe, lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0), method="crps")
     assert pipe.calibration.spread == k
@@ -270,7 +270,7 @@ def test_calibration_learns_the_error_shape_on_the_validation_fields():
     assert metrics.mace(cov) < 0.01, cov
     with tempfile.TemporaryDirectory() as folder:  # the shape is part of the saved model
         pipe.save(folder)
-        loaded = PODiffPipeline.load(folder).config
+        loaded = PODiffPipeline.load(folder).calibration
         assert loaded.error_quantiles == banded and loaded.error_band_edges == edges
     pipe.calibration.error_quantiles, pipe.calibration.error_band_edges = quantiles, None
     with tempfile.TemporaryDirectory() as folder:

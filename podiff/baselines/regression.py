@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from podiff.baselines.base import BaselineEntry
 from podiff.core.io import load_tensors, save_tensors
+from podiff.core.progress import progress_bar
 from podiff.core.sample_output import SampleOutput
 from podiff.data.standardise import unstandardise
 from podiff.diffusion.denoiser import DenoiserConfig, PODDenoiser
@@ -63,18 +64,16 @@ class RegressionBaseline:
             learning_rate: float | None = None, eval_every: int = 50, patience: int | None = 8,
             progress: bool = False) -> "RegressionBaseline":
         """Trains on the pipeline's training fields ``lr, hr`` (and validates on ``(lr_val, hr_val)``)."""
-        from tqdm.auto import tqdm
-
         cfg = self.pipeline.config
         x0, cond = self._tokens(lr, hr, out_of_fold=True)
         val = self._tokens(*validation, out_of_fold=False) if validation is not None else None
         batch = min(batch_size or cfg.batch_size, x0.shape[0])
-        optimiser = torch.optim.AdamW(self.model.parameters(), lr=learning_rate or cfg.lr, weight_decay=0.0)
+        optimiser = torch.optim.AdamW(self.model.parameters(), lr=learning_rate or cfg.learning_rate, weight_decay=0.0)
         generator = torch.Generator().manual_seed(cfg.seed + 2)
         best = None
-        for step in tqdm(range(1, steps + 1), disable=not progress, desc="regression", unit="step"):
+        for step in progress_bar(range(1, steps + 1), enabled=progress, desc="regression", unit="step"):
             for group in optimiser.param_groups:
-                group["lr"] = (learning_rate or cfg.lr) * min(1.0, step / max(1, cfg.warmup))
+                group["lr"] = (learning_rate or cfg.learning_rate) * min(1.0, step / max(1, cfg.warmup))
             idx = torch.randint(0, x0.shape[0], (batch,), generator=generator).to(x0.device)
             loss = F.mse_loss(self._forward(cond[idx]), x0[idx])
             optimiser.zero_grad(set_to_none=True)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from podiff.core import distributed as distributed_
 from podiff.core.io import atomic_write
+from podiff.core.progress import log_line, progress_bar
 
 CHECKPOINT_FORMAT = "podiff.PODiffPipeline.checkpoint"
 
@@ -240,8 +241,6 @@ class Trainer:
         (``validation_loss``, every ``eval_every`` steps) has not improved for ``patience``
         evaluations (None: never stop early). The weights of the best evaluation are kept and
         put back at the end (``record.best_step``); ``record.val_history`` holds ``(step, loss)``."""
-        from tqdm.auto import tqdm
-
         cfg, record = self.pipe.config, self.record
         if int(eval_every) < 1:
             raise ValueError(f"eval_every must be >= 1; got {eval_every}")
@@ -257,8 +256,8 @@ class Trainer:
         path = Path(checkpoint) if checkpoint is not None else None
         if path is not None and resume and path.is_file():
             self.restore(path)
-        bar = tqdm(total=steps, initial=min(record.step, steps), disable=not progress or self.rank != 0,
-                   desc="train", unit="step")
+        shown = progress and self.rank == 0
+        bar = progress_bar(total=steps, initial=min(record.step, steps), enabled=shown, desc="train", unit="step")
         while record.step < steps and not self._stopped(patience):
             x0, cond, t, eps = self.batch(source, None, batch)  # every rank draws the global batch
             loss = self.step(x0[rows], cond[rows], t[rows], eps[rows])
@@ -277,6 +276,10 @@ class Trainer:
                 postfix["best"] = f"{self.best['loss']:.4f}@{self.best['step']}"
             if postfix:
                 bar.set_postfix(postfix)
+                # in a log, no bar: one line per validation (or per log_every steps without one)
+                if "val" in postfix or validation is None:
+                    log_line(f"train step {record.step}/{steps}: " + ", ".join(f"{k} {v}" for k, v in postfix.items()),
+                             enabled=shown)
             if path is not None and self.rank == 0 and (record.step % checkpoint_every == 0
                                                         or record.step == steps or self._stopped(patience)):
                 state = self.state()

@@ -30,6 +30,7 @@ from podiff_kernels.ops.patch_encode_masked import DEFAULT_GAP_WEIGHT
 from podiff_kernels.ops.patch_stats import DEFAULT_BUDGET, PatchStats
 
 from podiff.core.io import atomic_write, load_tensors, save_tensors  # noqa: F401  (atomic_write: re-exported)
+from podiff.core.progress import progress_bar
 
 FORMAT = "podiff.PatchPOD"
 #: Relative eigenvalue floor: smaller modes are treated as exactly zero variance.
@@ -188,8 +189,6 @@ class PatchPOD:
         Returns:
             ``self``.
         """
-        from tqdm.auto import tqdm
-
         total = None
         if isinstance(data, torch.Tensor):
             self._check_images(data, "data")
@@ -202,7 +201,7 @@ class PatchPOD:
         size = channels = None
         images = 0
         dtype = torch.float32
-        for x, m in tqdm(self._batches(data, mask, batch_size), total=total, disable=not progress,
+        for x, m in progress_bar(self._batches(data, mask, batch_size), total=total, enabled=progress,
                          desc="POD statistics", unit="batch"):
             self._check_images(x, "data batch")
             if size is None:

@@ -221,10 +221,8 @@ class RidgeBaseline:
 
         The choice is the best validation RMSE, guarded against selection noise: a per-location
         or pooled fit, which has far more weights, replaces the best shared one only if a
-        one-sided paired t-test on the per-field validation MSE finds it better at the 5 % level.
-        (On 8 validation fields of 4×4 locations a pooled fit validated 1.3 standard errors
-        better by chance and was worse on 168 test fields; on the packaged SST's 6 validation
-        months the pooled fit is 8.5 standard errors better.)"""
+        one-sided paired t-test on the per-field validation MSE finds it better at the 5 % level
+        (why: ``benchmarks/RESULTS.md``, partial pooling)."""
         unknown = set(placements) - {"shared", "per-location", "pooled"}
         if unknown or not placements:
             raise ValueError(f"placements must be some of 'shared', 'per-location', 'pooled'; got {placements}")

@@ -44,6 +44,7 @@ import torch.nn as nn
 import podiff_kernels as pk
 from podiff.config import PipelineConfig
 from podiff.core import distributed as distributed_
+from podiff.core.progress import progress_bar
 from podiff.core.sample_output import SampleOutput
 from podiff.data import bounds as bounds_
 from podiff.data.datasets import block_average
@@ -220,8 +221,6 @@ class PODiffPipeline:
         number of ranks, and the same noise on every device. ``amp``: bfloat16 autocast for the
         denoiser (None: ``config.amp`` on CUDA, off elsewhere); the sampler's updates stay float32.
         """
-        from tqdm.auto import tqdm
-
         cfg = self.config
         denoiser, schedule = (self.ema[0], self.ema[1]) if use_ema else (self.denoiser, self.schedule)
         scheduler = DiffusionScheduler(schedule, cfg.prediction_type, sampler or cfg.sampler, cfg.eta)
@@ -252,7 +251,7 @@ class PODiffPipeline:
         with autocast(cond.device, amp):
             out = [scheduler.sample(denoiser, flat[i : i + chunk], steps, noise_input=self.noise_input,
                                     noise=noise_for(slice(i, i + chunk)))
-                   for i in tqdm(starts, disable=not progress, desc="sample", unit="chunk")]
+                   for i in progress_bar(starts, enabled=progress, desc="sample", unit="chunk")]
         denoiser.train(was_training)
         return torch.cat(out).view(num_samples, B, L, r)
 

@@ -2,7 +2,7 @@
 its config): ``Calibration`` (the spread factor, per-mode factors, the predictive's shape) and
 ``upgrade_saved`` (a version-1 model folder, whose config held those values, read as today's).
 
->>> Calibration().spread, Calibration(spread=1.5, error_quantiles=[[-1.0, 0.0, 1.0]]).error_band_edges
+>>> Calibration().spread, Calibration(spread=1.5).error_quantiles
 (1.0, None)
 """
 
