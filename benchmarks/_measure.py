@@ -70,4 +70,5 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}; torch {torch.__version__}, Python {sys.version.split()[0]}"
+    return (f"{cpu}, {torch.get_num_threads()} threads, {gpu}; torch {torch.__version__}, Python "
+            f"{sys.version.split()[0]}")

@@ -51,7 +51,8 @@ def compare(benchmark):
 
 def _table() -> list[str]:
     lines = [
-        "| benchmark | ours | baseline | ours (ms) | baseline (ms) | speed-up | ours peak (MiB) | baseline peak (MiB) | memory ratio |",
+        "| benchmark | ours | baseline | ours (ms) | baseline (ms) | speed-up | ours peak (MiB) | baseline peak (MiB) "
+        "| memory ratio |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for group, providers in _RESULTS.items():

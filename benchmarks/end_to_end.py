@@ -27,14 +27,15 @@ from pathlib import Path
 
 import torch
 
-from podiff.fitting import fit, loss
+from podiff import PipelineConfig, PODiffPipeline
+from podiff.baselines import global_pod_pipeline, pixel_space_pipeline
 from podiff.data import datasets as data
 from podiff.evaluation import metrics
-from podiff.baselines import global_pod_pipeline, pixel_space_pipeline
-from podiff import PipelineConfig, PODiffPipeline
+from podiff.fitting import fit, loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import machine, peak_memory_mb  # noqa: E402
+
 
 @dataclass
 class Method:
@@ -51,7 +52,8 @@ PLANS = {
                          Method("pixel p8", "pixel", 8), Method("pixel p4", "pixel", 4),
                          Method("pixel p2", "pixel", 2, train=False), Method("global-pod mlp", "global")]),
     # 22 crops of 256² from scikit-image's images (shared POD); pixel p4 has 4096 tokens: cost only.
-    "images256": dict(load=lambda: data.load_images(4, size=256, by_position=False), basis="shared", energy=0.99, steps=300, batch=8,
+    "images256": dict(load=lambda: data.load_images(4, size=256, by_position=False), basis="shared", energy=0.99,
+                      steps=300, batch=8,
                       members=16,
                       methods=[Method("pod-vit p16", "pod", 16), Method("pod-vit p8", "pod", 8),
                                Method("pixel p16", "pixel", 16), Method("pixel p8", "pixel", 8),

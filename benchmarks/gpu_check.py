@@ -4,8 +4,8 @@
     python benchmarks/gpu_check.py --install --out gpu_check.json  # from a fresh checkout: pip install first
     python benchmarks/gpu_check.py --dry-run --out dry.json        # anywhere: the same stages, CPU-sized
 
-Stages, each with its own time limit (30 + 90 + 200 + 90 + 100 s: at most 8 minutes), each recorded (exit code, seconds, figures) even when
-one fails:
+Stages, each with its own time limit (30 + 90 + 200 + 90 + 100 s: at most 8 minutes), each recorded
+(exit code, seconds, figures) even when one fails:
 
 1. ``environment``: GPU name and memory, torch / CUDA / Triton versions, which kernel runs
    where (``python -m podiff_kernels.info --json``).
@@ -63,7 +63,8 @@ def environment() -> dict:
         info["triton"] = f"unavailable: {exc}"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", memory_GiB=round(props.total_memory / 2**30, 1),
+        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                    memory_GiB=round(props.total_memory / 2**30, 1),
                     sms=props.multi_processor_count, devices=torch.cuda.device_count())
     kernels = subprocess.run([sys.executable, "-m", "podiff_kernels.info", "--json"], cwd=ROOT, capture_output=True,
                              text=True, timeout=30)
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
     stages = [environment()]
     if args.install:
         stages.append(_run("install", [sys.executable, "-m", "pip", "install", "-q", "-e", ".[test,data]"], 90))
-    gpu_tests = _run("gpu_tests", [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-p", "no:cacheprovider"],
+    gpu_tests = _run("gpu_tests", [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-p",
+                                   "no:cacheprovider"],
                      200)
     gpu_tests["counts"] = _pytest_counts(gpu_tests["stdout_tail"])
     if args.dry_run:  # no GPU: every gpu test skips; that is the expected outcome here
@@ -124,7 +126,8 @@ def main(argv=None) -> int:
             demo["metrics"] = {k: result[k] for k in ("model", "bicubic", "ridge", "pod_projection") if k in result}
             demo["meta"] = {k: result["meta"].get(k) for k in ("train_seconds", "total_seconds", "sample_seconds")}
         stages.append(demo)
-    report = {"dry_run": args.dry_run, "ok": all(s["ok"] for s in stages), "seconds": round(time.perf_counter() - t0, 1),
+    report = {"dry_run": args.dry_run, "ok": all(s["ok"] for s in stages),
+              "seconds": round(time.perf_counter() - t0, 1),
               "stages": stages}
     out = Path(args.out)
     tmp_out = out.with_name(f".{out.name}.tmp")

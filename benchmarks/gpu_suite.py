@@ -109,7 +109,7 @@ def run(device: torch.device, dry: bool, repeats: int) -> dict:
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)
         err = max(float((a.double().cpu() - b.double()).abs().max() / b.abs().max().clamp_min(1e-30))
-                  for a, b in zip(got, want))
+                  for a, b in zip(got, want, strict=False))
         seconds = best_time(fn, device, repeats)
         moved = nbytes(*inputs) + 4 * int(torch.tensor(out_shape).prod())
         choice = dispatch.last_choice.get(name)

@@ -20,9 +20,9 @@ import argparse
 import torch
 
 from podiff.data import datasets as data
+from podiff.diffusion.token_noise import GridCorrelation
 from podiff.evaluation.metrics import high_wavenumber_power_ratio
 from podiff.model.pipeline import PODiffPipeline
-from podiff.diffusion.token_noise import GridCorrelation
 
 
 def stationary_covariance(tokens: torch.Tensor, grid: tuple[int, int], lags: int) -> torch.Tensor:
@@ -76,8 +76,10 @@ def main() -> None:
     root = vectors * eigenvalues.clamp_min(0).sqrt()
     draws = {
         "white, each mode's variance": decode(torch.randn(N, L, r) * scale),
-        "per-mode grid AR(1) (GridCorrelation)": decode(GridCorrelation.fit(tokens.float(), grid)(torch.randn(N, L, r)) * scale),
-        f"stationary r×r cross-covariance, lags ±{args.lags}": decode((torch.randn(N, L * r, dtype=torch.float64) @ root.T).view(N, L, r)),
+        "per-mode grid AR(1) (GridCorrelation)":
+            decode(GridCorrelation.fit(tokens.float(), grid)(torch.randn(N, L, r)) * scale),
+        f"stationary r×r cross-covariance, lags ±{args.lags}":
+            decode((torch.randn(N, L * r, dtype=torch.float64) @ root.T).view(N, L, r)),
         "check: random combinations of the training tokens": decode(
             torch.einsum("mn,nlr->mlr", torch.randn(N, N, dtype=torch.float64) / N**0.5, torch.nan_to_num(tokens))),
     }

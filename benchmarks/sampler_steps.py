@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from podiff.core.io import write_json
 from podiff.data import datasets as data
 from podiff.evaluation import metrics
-from podiff.core.io import write_json
 from podiff.model.pipeline import PODiffPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from podiff.fitting import build, loss
-from podiff.baselines import pixel_space_pipeline
 from podiff import PipelineConfig, PODiffPipeline
+from podiff.baselines import pixel_space_pipeline
+from podiff.fitting import build, loss
 
 SIZE = (16, 432)
 PROVIDERS = {"pod-vit p4": ("pod", 4), "pixel p4": ("pixel", 4), "pixel p2": ("pixel", 2)}

@@ -78,7 +78,8 @@ def test_dispatcher_pick_against_the_faster(benchmark, monkeypatch, batch, n):
     benchmark.extra_info.update(picked=choice.backend, faster=faster, case=choice.reason,
                                 **{f"{k}_s": v for k, v in times.items()})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    verdict = "the faster" if choice.backend == faster else f"the slower by {times[choice.backend] / times[faster]:.2f}x"
+    ratio = times[choice.backend] / times[faster]
+    verdict = "the faster" if choice.backend == faster else f"the slower by {ratio:.2f}x"
     print(f"batched_eigh n={n} batch={batch}: picked {choice.backend} ({verdict}); "
           f"cpp {times['cpp'] * 1e3:.3f} ms, torch {times['torch'] * 1e3:.3f} ms")
     assert choice.backend in times
@@ -98,8 +99,8 @@ def naive_local_fit(x):
     """What a user writes without podiff: unfold everything, one SVD per location."""
     patches = F.unfold(x, P, stride=P)  # B, D, L (the whole patch matrix)
     means, bases, eigenvalues = [], [], []
-    for l in range(patches.shape[-1]):
-        xl = patches[:, :, l]
+    for loc in range(patches.shape[-1]):
+        xl = patches[:, :, loc]
         mu = xl.mean(0)
         _, s, vh = torch.linalg.svd(xl - mu, full_matrices=False)
         means.append(mu)

@@ -6,9 +6,9 @@ Shapes from the uncertainty issue: B=4, C=1, 256x256, p=8 (s=p), r=16, M=64.
 import pytest
 import torch
 import torch.nn.functional as F
+from _measure import peak_rss_mb
 
 import podiff_kernels as pk
-from _measure import peak_rss_mb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # inputs live here; conftest syncs timings
 M, B, C, H, p, r = 64, 4, 1, 256, 8, 16
@@ -75,7 +75,8 @@ samples = torch.randn(M, B, L, r, generator=g)
 """
 RSS_CALLS = {
     "analytic": "m, v = pk.ensemble_moments(samples)\npm, pv = pk.decode_moments(m, v, basis, mean, (H, H), p)",
-    "decode_members": "d = pk.patch_decode(samples.reshape(M * B, L, r), basis, mean, (H, H), p).reshape(M, B, C, H, H)\n"
+    "decode_members": "d = pk.patch_decode(samples.reshape(M * B, L, r), basis, mean, (H, H), p).reshape(M, B, C, H, "
+                      "H)\n"
                       "pm, pv = d.mean(0), d.var(0)",
 }
 

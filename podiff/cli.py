@@ -22,13 +22,20 @@ import math
 import os
 import platform
 import sys
-from pathlib import Path
 
 import torch
 
 from podiff import __version__
-from podiff.config import BASES, CONDITIONS, PREDICTION_TYPES, PRESETS, RESIDUALS, SPREAD_CALIBRATIONS, PipelineConfig, \
-    TrainOptions
+from podiff.config import (
+    BASES,
+    CONDITIONS,
+    PREDICTION_TYPES,
+    PRESETS,
+    RESIDUALS,
+    SPREAD_CALIBRATIONS,
+    PipelineConfig,
+    TrainOptions,
+)
 from podiff.core import distributed
 from podiff.core.devices import CHOICES as DEVICE_CHOICES
 from podiff.core.devices import resolve_device
@@ -63,7 +70,9 @@ TRAIN_OPTIONS = ("val_fraction", "eval_every", "patience", "checkpoint_every", "
 
 def _source(args) -> DataSource:
     """``--data`` and what of it is read (``--scale``, ``--var``, ``--channels``, ``--dims``, ``--time``)."""
-    split = (lambda text: text.split(",") if text else None)
+    def split(text):
+        return text.split(",") if text else None
+
     return DataSource(args.data, args.scale, args.var, split(args.channels), split(args.dims), args.time)
 
 
@@ -244,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         if data:
             p.add_argument("--data", required=True,
                            help="sst | mri | images | a netCDF file | a Zarr store | 'files*.nc' | FILE.npz")
-            p.add_argument("--scale", type=_positive_int, default=None, help="downscaling factor (makes LR when absent)")
+            p.add_argument("--scale", type=_positive_int, default=None,
+                           help="downscaling factor (makes LR when absent)")
             p.add_argument("--var", default=None, help="the netCDF/Zarr variable (default: the only gridded one)")
             p.add_argument("--channels", default=None, help="VAR1,VAR2,...: variables stacked as channels")
             p.add_argument("--dims", default=None, help="Y,X: the grid's dimension names (default: lat/lon, "
@@ -284,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibrated std (validation, the default: heavier tails where edges make them), or Gaussian")
     p.add_argument("--error-bands", type=_positive_int, default=OPTIONS.error_bands,
                    help=f"with --error-shape validation: one shape per equal-count band of the predicted mean "
-                        f"(default {OPTIONS.error_bands}; errors are often larger for their std at some levels, e.g. the "
+                        f"(default {OPTIONS.error_bands}; errors are often larger for their std at some levels, e.g. "
+                        f"the "
                         f"dark edge of a head; 1: one shape)")
     p.add_argument("--no-regression-baseline", dest="regression_baseline", action="store_false",
                    help="skip training the regression ViT baseline (the ridge baseline is always fitted)")

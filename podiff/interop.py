@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from podiff.latent.pod import PatchPOD
 from podiff.diffusion.schedules import NoiseSchedule
+from podiff.latent.pod import PatchPOD
 
 
 class _Config(dict):

@@ -14,15 +14,15 @@ torch.Size([4, 1, 32, 32])
 
 from .dispatch import backends
 from .ops import (
+    PatchStats,
     batched_eigh,
     decode_moments,
     ensemble_moments,
+    masked_projector,
     patch_correlate,
     patch_decode,
-    PatchStats,
     patch_encode,
     patch_encode_masked,
-    masked_projector,
     patch_stats,
     propagate_variance,
 )

@@ -65,7 +65,8 @@ def build_hash() -> str:
         if path.is_file():
             h.update(path.name.encode())
             h.update(path.read_bytes())
-    h.update(repr((CXX_FLAGS, LD_FLAGS, NVCC_FLAGS, torch.__version__, torch.version.cuda, sys.version_info[:2])).encode())
+    h.update(repr((CXX_FLAGS, LD_FLAGS, NVCC_FLAGS, torch.__version__, torch.version.cuda,
+                   sys.version_info[:2])).encode())
     return h.hexdigest()[:16]
 
 
@@ -139,7 +140,8 @@ def _build_lock(build_dir: Path):
         try:
             stale = build_dir / "lock"  # torch's FileBaton; no live builder holds it now
             if stale.exists():
-                print(f"podiff: removing a stale build lock left by a killed build: {stale}", file=sys.stderr, flush=True)
+                print(f"podiff: removing a stale build lock left by a killed build: {stale}", file=sys.stderr,
+                      flush=True)
                 stale.unlink(missing_ok=True)
             yield
         finally:

@@ -342,13 +342,15 @@ def run(archs=("sm_80", "sm_86", "sm_90"), quick: bool = False, workers: int | N
     eigh = [compile_eigh(ARCHS[a]) for a in archs]
     failures = [r for r in rows + eigh if not r["ok"]]
     return {"archs": list(archs), "quick": quick, "configurations": len(launches), "compiled": len(rows),
-            "triton": _triton.triton.__version__, "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
+            "triton": _triton.triton.__version__, "torch": torch.__version__,
+            "seconds": round(time.perf_counter() - t0, 1),
             "ok": not failures, "failures": failures, "triton_kernels": rows, "eigh": eigh}
 
 
 def summary_table(report: dict) -> str:
     """Markdown: per kernel and architecture, the configurations and their worst resource figures."""
-    lines = ["| kernel | arch | configs | registers (max) | spills | stack (max B) | shared (max B) | occupancy (min–max) |",
+    lines = ["| kernel | arch | configs | registers (max) | spills | stack (max B) | shared (max B) | occupancy "
+             "(min–max) |",
              "|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for r in report["triton_kernels"]:
@@ -371,7 +373,8 @@ def summary_table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m podiff_kernels.compile_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m podiff_kernels.compile_check",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="sm_80,sm_86,sm_90", help="comma-separated: " + ", ".join(ARCHS))
     parser.add_argument("--json", default=None, help="write the full report here")
     parser.add_argument("--quick", action="store_true", help="float32, two shapes: a few configurations")

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -125,7 +125,8 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype, case: str = 
     if device.type == "cpu":
         order, measured = entry.cpu_order.get(case, (("cpp", "torch"), "default order"))
         if force is None and INTERPRETED:
-            rejected["triton"] = "interpreter mode is for checking kernels, not speed (force with PODIFF_BACKEND=triton)"
+            rejected["triton"] = ("interpreter mode is for checking kernels, not speed (force with "
+                                  "PODIFF_BACKEND=triton)")
         elif force is None:
             rejected["triton"] = _unusable("triton", entry, device, dtype) or "not chosen"
     else:

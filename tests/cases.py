@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from utils import orthonormal
 
 # (B, C, H, W, p, s): prime sizes that the stride covers, C in {1, 3}, overlap and none.

@@ -89,7 +89,8 @@ def _setitem(original):
         if not _is_fake_cuda(self):
             return original(self, index, value)
         parts, advanced = _split_index(index)
-        value = value if isinstance(value, torch.Tensor) else torch.full((), value, dtype=self.dtype, device=self.device)
+        if not isinstance(value, torch.Tensor):
+            value = torch.full((), value, dtype=self.dtype, device=self.device)
         if advanced:
             torch.ops.aten.index_put_.default(self, _tensor_indices(self, parts), value)
         else:

@@ -39,7 +39,7 @@ for name, rel, old, new, tests in MUTATIONS:
         t0 = time.time()
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                            cwd=ROOT, capture_output=True, text=True)
-        last = [l for l in r.stdout.splitlines() if l.strip()][-1]
+        last = [loc for loc in r.stdout.splitlines() if loc.strip()][-1]
         missed += r.returncode == 0
         print(f"{name}: {'CAUGHT' if r.returncode else 'MISSED'} ({last}; {time.time()-t0:.0f} s)", flush=True)
     finally:

@@ -16,8 +16,8 @@ from hypothesis import strategies as st  # noqa: E402
 from podiff.cli import build_parser, main  # noqa: E402
 
 DTYPES = ["float16", "float32", "float64", "int8", "int16", "int32", "uint8", "bool"]
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                           HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 @st.composite
@@ -83,7 +83,7 @@ def datasets(draw):
     if draw(st.booleans()):  # names the reader does not know: the last two dimensions are the grid
         dims = [f"d{i}" for i in range(values.ndim)]
     coords = {}
-    for d, n in zip(dims, values.shape):
+    for d, n in zip(dims, values.shape, strict=False):
         kind = draw(st.sampled_from(["none", "regular", "reversed", "duplicated", "shuffled"]))
         if kind == "none" or n == 0:
             continue
@@ -132,7 +132,8 @@ def test_netcdf_and_zarr_inputs(tmp_path_factory, spec, scale, var):
 NUMERIC = {"--scale": (int, 1, math.inf), "--steps": (int, 0, math.inf), "--batch-size": (int, 1, math.inf),
            "--rank": (int, 1, math.inf), "--patch-size": (int, 1, math.inf), "--eval-every": (int, 1, math.inf),
            "--patience": (int, 0, math.inf), "--sample-steps": (int, 1, math.inf),
-           "--val-fraction": (float, 0.0, 1.0), "--energy": (float, 0.0, 1.0), "--learning-rate": (float, 0.0, math.inf),
+           "--val-fraction": (float, 0.0, 1.0), "--energy": (float, 0.0, 1.0),
+           "--learning-rate": (float, 0.0, math.inf),
            "--memory-mb": (float, 0.0, math.inf), "--error-bands": (int, 1, math.inf)}
 
 

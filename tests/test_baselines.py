@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from podiff import PipelineConfig, PODiffPipeline, baselines
 from podiff.fitting import fit
-from podiff import baselines
-from podiff import PipelineConfig, PODiffPipeline
 
 S = 4
 
@@ -19,7 +18,8 @@ def smooth(n, seed, size=32):
 
 
 def tiny(**kw):
-    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=8, train_steps=20, batch_size=16, sample_steps=3,
+    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=8, train_steps=20,
+                                    batch_size=16, sample_steps=3,
                                     denoiser=dict(width=32, depth=1, heads=2)), **kw})
 
 
@@ -77,7 +77,8 @@ def test_per_location_ridge_equals_scikit_learn_at_each_location_with_masked_tar
     location, output = 5, 1 * S + 1  # LR pixel (1, 1): HR pixel (5, 5), then the sparse one (5, 6)
     for out_pixel in (output, output + 1):
         rows = V[:, location, out_pixel]
-        ref = linear_model.Ridge(alpha=ridge.penalty).fit(Xc[rows, location].numpy(), Y[rows, location, out_pixel].numpy())
+        ref = linear_model.Ridge(alpha=ridge.penalty).fit(Xc[rows, location].numpy(),
+                                                          Y[rows, location, out_pixel].numpy())
         w = ridge.weights[location, out_pixel]
         torch.testing.assert_close(w[:-1], torch.from_numpy(ref.coef_), rtol=1e-7, atol=1e-9)
         torch.testing.assert_close(w[-1], torch.tensor(ref.intercept_, dtype=torch.float64), rtol=1e-7, atol=1e-9)
@@ -103,7 +104,8 @@ def test_pooled_ridge_is_scikit_learn_ridge_on_what_the_shared_fit_leaves():
         rows = V[:, location, out_pixel]
         prior = shared.weights[0, out_pixel]
         target = Y[rows, location, out_pixel] - Xa[rows, location] @ prior
-        ref = linear_model.Ridge(alpha=ridge.penalty, fit_intercept=False).fit(Xa[rows, location].numpy(), target.numpy())
+        ref = linear_model.Ridge(alpha=ridge.penalty, fit_intercept=False)
+        ref = ref.fit(Xa[rows, location].numpy(), target.numpy())
         torch.testing.assert_close(ridge.weights[location, out_pixel], prior + torch.from_numpy(ref.coef_),
                                    rtol=1e-7, atol=1e-9)
     assert int(V[:, location, sparse].sum()) == 22
@@ -133,7 +135,8 @@ def test_tuned_ridge_chooses_on_validation_and_reports_every_candidate(tmp_path)
     torch.testing.assert_close(best.predict(lr[40:]), refit.predict(lr[40:]))
     # Each pooled row shrinks toward the shared fit that validated best for its k.
     for k in (3, 5, 7):
-        shared = min((r for r in table if r["neighbourhood"] == k and not r["per_location"]), key=lambda r: r["val_rmse"])
+        shared = min((r for r in table if r["neighbourhood"] == k and not r["per_location"]),
+                     key=lambda r: r["val_rmse"])
         assert {r["alpha"] for r in table if r["neighbourhood"] == k and r["pooling"] > 0} == {shared["alpha"]}
     # The chosen model (whatever its placement) survives a save and load; a file from before pooling loads too.
     pooled = baselines.RidgeBaseline(S, 5, 1e-2, True, pooling=1e-1).fit(lr[:40], hr[:40])

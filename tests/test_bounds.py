@@ -6,12 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from podiff.fitting import fit
-from podiff.data import bounds
-from podiff.evaluation import error_shape
-from podiff.evaluation import metrics
-from podiff.data.datasets import block_average
 from podiff import PipelineConfig, PODiffPipeline
+from podiff.data import bounds
+from podiff.data.datasets import block_average
+from podiff.evaluation import error_shape, metrics
+from podiff.fitting import fit
 
 
 def nonnegative_fields(n, seed, size=16):
@@ -122,7 +121,8 @@ def test_coverage_leaves_out_point_masses_at_the_observation():
 
 
 def tiny_config(**kw):
-    base = dict(residual="none", antithetic=False, scale=4, patch_size=4, rank=8, train_steps=3, batch_size=8, sample_steps=3,
+    base = dict(residual="none", antithetic=False, scale=4, patch_size=4, rank=8, train_steps=3, batch_size=8,
+                sample_steps=3,
                 denoiser=dict(width=32, depth=1, heads=2))
     return PipelineConfig(**{**base, **kw})
 

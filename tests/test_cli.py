@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch.nn.functional as F
 import torch
+import torch.nn.functional as F
+from utils import run_command as run
 
 from podiff.cli import main
 from podiff.data.prediction_file import read_prediction
-from utils import run_command as run
 
 TRAIN = ["--steps", "3", "--batch-size", "4", "--patch-size", "4", "--rank", "6", "--quiet"]
 
@@ -234,8 +234,8 @@ def test_entry_point_runs_as_a_module():
 def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held_out_fields(tmp_path, capsys):
     """A user's few dozen fields (with land) and the documented commands, with only an upper bound on
     the steps: the saved model is the best validation step's, and it beats bicubic on new fields."""
-    from podiff.model.pipeline import PODiffPipeline
     from podiff.diffusion.training import Trainer
+    from podiff.model.pipeline import PODiffPipeline
 
     g = torch.Generator().manual_seed(5)
     smooth = F.avg_pool2d(F.avg_pool2d(torch.randn(40, 1, 24, 24, generator=g), 5, stride=1), 5, stride=1)
@@ -274,8 +274,7 @@ def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held
     result = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert result["model"]["rmse"] < result["bicubic"]["rmse"], result
     # the scores use the saved error shape; the Gaussian's are kept beside them
-    from podiff.evaluation import error_shape
-    from podiff.evaluation import metrics
+    from podiff.evaluation import error_shape, metrics
 
     written = read_prediction(pred)
     edges = pipe.calibration.error_band_edges
@@ -285,12 +284,13 @@ def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held
     assert np.allclose(written.attrs["error_band_edges"], edges)
     truth = torch.from_numpy(np.load(tmp_path / "test.npz")["hr"])
     mean, variance = torch.from_numpy(written.mean), torch.from_numpy(written.variance)
-    assert result["model"]["crps"] == pytest.approx(error_shape.crps(mean, variance, truth, pipe.calibration.error_quantiles,
-                                                                     edges=edges), rel=1e-6)
+    expected = error_shape.crps(mean, variance, truth, pipe.calibration.error_quantiles, edges=edges)
+    assert result["model"]["crps"] == pytest.approx(expected, rel=1e-6)
     assert result["model"]["crps_gaussian"] == pytest.approx(metrics.crps_gaussian(mean, variance, truth), rel=1e-6)
     shaped = error_shape.coverage(mean, variance, truth, pipe.calibration.error_quantiles, edges=edges)
     assert result["model"]["mace"] == pytest.approx(metrics.mace(shaped))
-    assert {"ridge", "regression"} <= set(result) and "tuned on its validation fields" in result["meta"]["baselines"]["ridge"]
+    assert {"ridge",
+            "regression"} <= set(result) and "tuned on its validation fields" in result["meta"]["baselines"]["ridge"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| ridge |" in report and "| regression |" in report
     assert "the error shape of the validation fields" in report and "With a Gaussian shape instead" in report

@@ -47,7 +47,8 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
 
 def test_forcing_an_unusable_backend_says_why(monkeypatch):
     monkeypatch.setenv("PODIFF_BACKEND", "cpp")
-    with pytest.raises(RuntimeError, match="PODIFF_BACKEND=cpp cannot run patch_encode on cpu torch.float16: float32/float64 only; got torch.float16"):
+    with pytest.raises(RuntimeError, match="PODIFF_BACKEND=cpp cannot run patch_encode on cpu torch.float16: "
+                                           "float32/float64 only; got torch.float16"):
         dispatch.select("patch_encode", "cpu", torch.float16, "shared")
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from podiff.fitting import fit
-from podiff.core import distributed
 from podiff import PipelineConfig, PODiffPipeline
+from podiff.core import distributed
 from podiff.diffusion.training import rank_rows
+from podiff.fitting import fit
 
 S = 4
 
@@ -29,7 +29,8 @@ def fields(n, seed):
 
 
 def config(**kw):
-    base = dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=6, train_steps=12, batch_size=8, warmup=3, ema_decay=0.9,
+    base = dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=6, train_steps=12, batch_size=8,
+                warmup=3, ema_decay=0.9,
                 denoiser=dict(width=32, depth=2, heads=2), sample_steps=3, schedule="learned")
     return PipelineConfig(**{**base, **kw})
 

@@ -27,7 +27,8 @@ MODULES = _modules()
 
 
 def test_every_module_is_collected():
-    assert {"podiff.latent.pod", "podiff.core.io", "podiff_kernels.ops.patch_decode", "podiff_kernels.ops.patch_stats"} <= set(MODULES)
+    assert {"podiff.latent.pod", "podiff.core.io", "podiff_kernels.ops.patch_decode",
+            "podiff_kernels.ops.patch_stats"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

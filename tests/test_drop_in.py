@@ -1,22 +1,22 @@
 """Every op as another codebase would use it: ``torch.ops.podiff.<name>``, called directly with
 the positional arguments another codebase would pass, matches the float64 reference (and the
-Python function, which adds only argument checks, returns the same), ``torch.library.opcheck`` passes, and the Python function compiles with
-``torch.compile(fullgraph=True)`` (no graph breaks), forward and, where the op is differentiable,
-backward, matching eager.
+Python function, which adds only argument checks, returns the same), ``torch.library.opcheck``
+passes, and the Python function compiles with ``torch.compile(fullgraph=True)`` (no graph breaks),
+forward and, where the op is differentiable, backward, matching eager.
 
 ``patch_stats`` returns a ``PatchStats`` object and validates its input data-dependently (NaN and
 Inf outside the mask), so it is the registered op ``torch.ops.podiff.patch_stats`` that compiles."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
+from utils import orthonormal
 
 import podiff_kernels as pk
 from podiff_kernels import reference as ref
 from podiff_kernels.ops.eigh import fix_signs
-from utils import orthonormal
 
 OPS = torch.ops.podiff
 B, C, H, W, P, S = 2, 3, 11, 13, 3, 2  # odd sizes: nH = 5, nW = 6
@@ -113,10 +113,10 @@ def test_torch_op_matches_the_reference_and_the_function(case):
         got = [ref.patch_stats.covariance(count.expand_as(m2), m2), mean.expand_as(m2).diagonal(dim1=1, dim2=2)]
         expected = [ref.patch_stats.covariance(expected[0], expected[2]), expected[1].diagonal(dim1=1, dim2=2)]
     assert len(got) == len(expected)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=False):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-10, atol=1e-10)
     if case.name != "patch_stats":  # the function returns a PatchStats there
-        for a, b in zip(_flat(case.function(inputs)), got):
+        for a, b in zip(_flat(case.function(inputs)), got, strict=False):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -134,7 +134,7 @@ def test_compiles_fullgraph_and_matches_eager(case):
     inputs = _inputs(2)
     compiled = torch.compile(case.function, fullgraph=True, backend="aot_eager")
     eager_out, compiled_out = _flat(case.function(inputs)), _flat(compiled(inputs))
-    for a, b in zip(eager_out, compiled_out):
+    for a, b in zip(eager_out, compiled_out, strict=False):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     if not case.grads:
         return
@@ -146,5 +146,5 @@ def test_compiles_fullgraph_and_matches_eager(case):
 
     eager_grads = torch.autograd.grad(loss(case.function), list(leaves.values()))
     compiled_grads = torch.autograd.grad(loss(compiled), list(leaves.values()))
-    for name, a, b in zip(leaves, eager_grads, compiled_grads):
+    for name, a, b in zip(leaves, eager_grads, compiled_grads, strict=False):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)

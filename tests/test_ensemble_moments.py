@@ -2,14 +2,15 @@
 
 import pytest
 import torch
+from utils import assert_close
 
 import podiff_kernels as pk
 from podiff_kernels import dispatch, reference
-from utils import assert_close
 
 
 @pytest.mark.parametrize("diagonal", [False, True], ids=["block", "diagonal"])
-@pytest.mark.parametrize("M, B, L, r", [(2, 1, 3, 5), (7, 2, 11, 3), (70, 1, 4, 20), (5, 1, 2, 70)])  # r = 70: 2×2 tiles
+# r = 70: 2×2 tiles
+@pytest.mark.parametrize("M, B, L, r", [(2, 1, 3, 5), (7, 2, 11, 3), (70, 1, 4, 20), (5, 1, 2, 70)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", ["torch", "triton"])
 def test_values_match_reference(backend, name, dtype, M, B, L, r, diagonal):
@@ -27,8 +28,8 @@ def test_reference_matches_torch_cov():
     samples = torch.randn(9, 2, 3, 4, dtype=torch.float64)
     _, cov = reference.ensemble_moments(samples)
     for b in range(2):
-        for l in range(3):
-            assert torch.allclose(cov[b, l], torch.cov(samples[:, b, l].t()))
+        for loc in range(3):
+            assert torch.allclose(cov[b, loc], torch.cov(samples[:, b, loc].t()))
 
 
 def test_chunked_torch_path_matches_unchunked(monkeypatch):
@@ -51,7 +52,7 @@ import torch, podiff_kernels as pk
 samples = torch.randn(64, 4, 1024, 16)                      # 16 MiB of members
 pk.ensemble_moments(samples[:, :1, :8])                     # imports and first-call set-up done
 def rss(field):
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) * 1024
+    return next(int(loc.split()[1]) for loc in open("/proc/self/status") if loc.startswith(field)) * 1024
 before = rss("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")               # reset the high-water mark to now
 mean, cov = pk.ensemble_moments(samples)

@@ -5,8 +5,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from podiff.evaluation import error_shape
-from podiff.evaluation import metrics
+from podiff.evaluation import error_shape, metrics
 
 properscoring = pytest.importorskip("properscoring")
 

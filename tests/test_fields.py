@@ -12,7 +12,7 @@ xr = pytest.importorskip("xarray")
 pytest.importorskip("netCDF4")
 
 from podiff.data import datasets as data  # noqa: E402
-from podiff.data import fields
+from podiff.data import fields  # noqa: E402
 from podiff.data.fields import Axis  # noqa: E402
 
 
@@ -99,9 +99,9 @@ def test_high_resolution_coordinates_from_low_resolution_ones_are_exact():
 
 
 def test_streaming_fit_equals_the_in_memory_fit(tmp_path):
-    from podiff.latent.pod import PatchPOD
     from podiff.data.standardise import fit_scaling, standardise
     from podiff.data.streaming import fit_pod_streaming
+    from podiff.latent.pod import PatchPOD
 
     ds = dataset(n=11, h=16, w=20, seed=3)
     ds["sst"][:, :3, :4] = np.nan  # land

@@ -4,14 +4,14 @@ on the GPU with the per-member seeding guarantees. ``benchmarks/gpu_check.py`` r
 
 import pytest
 import torch
-
-from podiff.fitting import build, calibrate_spread, fit
-import podiff_kernels as pk
 from cases import SHAPE_IDS, SHAPES, make_case
 from fake_cuda import devices_of
-from podiff import PipelineConfig, PODiffPipeline
-from podiff_kernels import dispatch, reference
 from utils import assert_close
+
+import podiff_kernels as pk
+from podiff import PipelineConfig, PODiffPipeline
+from podiff.fitting import build, calibrate_spread, fit
+from podiff_kernels import dispatch, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = "cuda"
@@ -63,7 +63,7 @@ def test_encode_and_decode_gradients_on_cuda_match_cpu(local, backend):
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=device).view_as(out)).sum().backward()
         grads[device] = [t.grad.cpu() for t in leaves]
         backend("triton")
-    for a, b in zip(grads[CUDA], grads["cpu"]):
+    for a, b in zip(grads[CUDA], grads["cpu"], strict=False):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
@@ -95,7 +95,8 @@ def _tiny_pipeline():
     g = torch.Generator().manual_seed(0)
     hr = torch.randn(12, 1, 16, 32, generator=g).cumsum(-1) / 4
     lr = torch.nn.functional.avg_pool2d(hr, 4)
-    cfg = PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=4, rank=5, basis="local", denoiser=dict(width=32, depth=2, heads=2),
+    cfg = PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=4, rank=5, basis="local",
+                         denoiser=dict(width=32, depth=2, heads=2),
                          batch_size=8, train_steps=40, sample_steps=10)
     return PODiffPipeline(cfg), lr, hr
 

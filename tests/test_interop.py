@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from podiff.diffusion.denoiser import DenoiserConfig, PODDenoiser
-from podiff.interop import PODAutoencoder, continuous_time, ddim_scheduler
-from podiff.latent.pod import PatchPOD
 from podiff.diffusion.sampling import DiffusionScheduler
 from podiff.diffusion.schedules import make_schedule
+from podiff.interop import PODAutoencoder, continuous_time, ddim_scheduler
+from podiff.latent.pod import PatchPOD
 
 
 def fields(n, seed, channels=1, size=16):
@@ -36,7 +36,8 @@ def test_autoencoder_interface_and_layout(pod):
     torch.testing.assert_close(decoded, pod.decode(tokens), rtol=0, atol=0)
     assert torch.equal(vae.decode(z, return_dict=False)[0], decoded) and torch.equal(vae(x).sample, decoded)
     c = vae.config
-    assert (c.latent_channels, c.in_channels, c.scaling_factor, c.latent_size, c["patch_size"]) == (7, 2, 1.0, [7, 7], 4)
+    found = (c.latent_channels, c.in_channels, c.scaling_factor, c.latent_size, c["patch_size"])
+    assert found == (7, 2, 1.0, [7, 7], 4)
     assert vae.dtype == pod.dtype and vae.device.type == "cpu"
     # Analytic pixel moments from latent moments, in the latent layout.
     members = torch.stack([vae.encode(x + 0.05 * torch.randn_like(x)).latent_dist.mode() for _ in range(6)])
@@ -108,7 +109,7 @@ def test_diffusers_ddim_scheduler_matches_podiff_ddim(kind, steps):
     torch.testing.assert_close(times, torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1], rtol=0, atol=1e-12)
     x = x_T.clone()
     with torch.no_grad():
-        for timestep, t in zip(scheduler.timesteps, times):
+        for timestep, t in zip(scheduler.timesteps, times, strict=False):
             v = net(x, cond, t.expand(x.shape[0]).to(x.dtype))
             x = scheduler.step(v, timestep, x).prev_sample
     assert x.abs().max() > 0.1  # a real chain, not zeros
@@ -155,7 +156,7 @@ def test_diffusers_dpm_solver_matches_podiff(algorithm, kind, steps):
             theirs = scheduler.step(v, timestep, x, variance_noise=noise).prev_sample.double()
             x = ours.step(v, times[i], times[i + 1], x, generator=torch.Generator().manual_seed(10 + i)).prev_sample
             assert theirs.abs().max() > 0.1
-            torch.testing.assert_close(x, theirs, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
+            torch.testing.assert_close(x, theirs, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"step {i}: {m}")
 
 
 def test_ddim_scheduler_is_the_same_forward_process():

@@ -39,8 +39,8 @@ def test_rmse_mae_psnr_with_and_without_mask():
 def test_ssim_matches_scikit_image():
     pred, target = fields(1, (2, 1, 32, 40))
     rng = float(target.max() - target.min())
-    expected = np.mean([skimage_metrics.structural_similarity(t[0].numpy(), p[0].numpy(), data_range=rng,
-                                                              win_size=7) for p, t in zip(pred, target)])
+    expected = np.mean([skimage_metrics.structural_similarity(t[0].numpy(), p[0].numpy(), data_range=rng, win_size=7)
+                        for p, t in zip(pred, target, strict=True)])
     assert metrics.ssim(pred, target, rng) == pytest.approx(expected, rel=1e-6)
     assert metrics.ssim(target, target, rng) == pytest.approx(1.0)
 
@@ -158,8 +158,8 @@ def test_scores_agree_with_xskillscore_on_masked_data_with_a_member_dimension():
     maps = metric_maps(mu, var, truth, members)
     rmse_map = xs.rmse(obs, fc.mean("member"), dim="time", skipna=True).values
     np.testing.assert_allclose(maps["rmse_map"][0].numpy(), rmse_map, rtol=1e-12, equal_nan=True)
-    np.testing.assert_allclose(maps["rmse_time"][:, 0].numpy(), xs.rmse(obs, fc.mean("member"), dim=["lat", "lon"],
-                                                                      skipna=True).values, rtol=1e-12)
+    expected = xs.rmse(obs, fc.mean("member"), dim=["lat", "lon"], skipna=True).values
+    np.testing.assert_allclose(maps["rmse_time"][:, 0].numpy(), expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize("length", [100, 101])

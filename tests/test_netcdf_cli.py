@@ -13,9 +13,10 @@ xr = pytest.importorskip("xarray")
 pytest.importorskip("netCDF4")
 pytest.importorskip("zarr")
 
+from utils import run_command as run  # noqa: E402
+
 from podiff.cli import main  # noqa: E402
 from podiff.latent.pod import PatchPOD  # noqa: E402
-from utils import run_command as run  # noqa: E402
 
 N, H, W = 40, 24, 32
 
@@ -115,7 +116,8 @@ def test_evaluate_reads_netcdf_and_writes_maps_where_and_when(files, model, tmp_
     maps = xr.open_dataset(tmp_path / "report_nc" / "metrics_maps.nc")
     assert maps["rmse_map"].dims == ("channel", "lat", "lon") and maps["rmse_time"].dims == ("time", "channel")
     np.testing.assert_array_equal(maps["time"].values, truth["time"].values[32:])
-    assert np.isnan(maps["rmse_map"].values[0, :4, :6]).all() and np.isfinite(maps["rmse_map"].values[0, 10:, 10:]).all()
+    rmse_map = maps["rmse_map"].values
+    assert np.isnan(rmse_map[0, :4, :6]).all() and np.isfinite(rmse_map[0, 10:, 10:]).all()
     # The per-time RMSEs recombine to the report's RMSE (equal valid pixels per month: a fixed coast).
     overall = float(np.sqrt(np.mean(maps["rmse_time"].values.astype(np.float64) ** 2)))
     assert overall == pytest.approx(reports["nc"]["model"]["rmse"], rel=1e-4)

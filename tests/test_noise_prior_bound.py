@@ -1,7 +1,6 @@
 """benchmarks/noise_prior_bound.py: the stationary covariance it builds, checked by hand, and
 the script end to end on a tiny trained model, so the RESULTS bound cannot rot."""
 
-from podiff.fitting import fit
 import importlib.util
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from podiff.fitting import fit
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "noise_prior_bound.py"
 
@@ -30,7 +31,8 @@ def test_stationary_covariance_holds_each_lag_covariance_in_its_block():
     assert cov.shape == (24, 24) and torch.equal(cov, cov.T)
     z = tokens.view(5, 3, 4, 2)
     ok = ~torch.isnan(z).any(-1)
-    pairs = [(z[n, y, x], z[n, y, x + 1]) for n in range(5) for y in range(3) for x in range(3) if ok[n, y, x] and ok[n, y, x + 1]]
+    pairs = [(z[n, y, x], z[n, y, x + 1]) for n in range(5) for y in range(3) for x in range(3)
+             if ok[n, y, x] and ok[n, y, x + 1]]
     by_hand = sum(torch.outer(a, b) for a, b in pairs) / len(pairs)  # lag (0, +1)
     block = cov[(1 * 4 + 1) * 2 : (1 * 4 + 1) * 2 + 2, (1 * 4 + 2) * 2 : (1 * 4 + 2) * 2 + 2]
     torch.testing.assert_close(block, by_hand, rtol=1e-12, atol=1e-12)
@@ -44,7 +46,8 @@ def test_script_runs_on_a_tiny_model(tmp_path):
     g = torch.Generator().manual_seed(1)
     hr = F.avg_pool2d(torch.randn(12, 1, 20, 20, generator=g), 5, stride=1) * 3 + 10.0
     np.savez(tmp_path / "train.npz", hr=hr.numpy())
-    pipe = PODiffPipeline(PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=4, rank=4, train_steps=2, batch_size=4, basis="shared"))
+    pipe = PODiffPipeline(PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=4, rank=4,
+                                         train_steps=2, batch_size=4, basis="shared"))
     from podiff.data.datasets import load_npz
 
     ds = load_npz(tmp_path / "train.npz", 4)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from cases import SHAPE_IDS, SHAPES, make_case
+from utils import assert_close
 
 import podiff_kernels as pk
-from cases import SHAPE_IDS, SHAPES, make_case
 from podiff_kernels import dispatch, reference
-from utils import assert_close
 
 
 @pytest.mark.parametrize("local", [False, True], ids=["pooled", "local"])

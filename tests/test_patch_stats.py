@@ -3,11 +3,11 @@ masks (NaN and explicit), complete-case statistics, cancellation, errors, opchec
 
 import pytest
 import torch
+from cases import SHAPE_IDS, SHAPES
 
 import podiff_kernels as pk
 from podiff_kernels import dispatch
 from podiff_kernels.reference import patch_stats as ref
-from cases import SHAPE_IDS, SHAPES
 
 
 def reference_stats(x, valid, p, s, local):
@@ -172,14 +172,14 @@ def test_fixed_land_mask_gives_the_sea_covariance():
     x[:, :, land] = float("nan")
     stats = pk.patch_stats(x, 4, local=True)
     patches = torch.nn.functional.unfold(x, 4, stride=4).permute(2, 0, 1)  # L, B, D
-    for l in range(stats.m2.shape[0]):
-        sea = ~torch.isnan(patches[l, 0])
-        cov = stats.covariance()[l]
+    for loc in range(stats.m2.shape[0]):
+        sea = ~torch.isnan(patches[loc, 0])
+        cov = stats.covariance()[loc]
         if sea.any():
-            expected = torch.cov(patches[l][:, sea].T).reshape(int(sea.sum()), int(sea.sum()))
+            expected = torch.cov(patches[loc][:, sea].T).reshape(int(sea.sum()), int(sea.sum()))
             torch.testing.assert_close(cov[sea][:, sea], expected, rtol=1e-12, atol=1e-13)
         assert (cov[~sea] == 0).all() and (cov[:, ~sea] == 0).all()
-        assert (stats.samples()[l][~sea] == 0).all() and (stats.samples()[l][sea] == 20).all()
+        assert (stats.samples()[loc][~sea] == 0).all() and (stats.samples()[loc][sea] == 20).all()
 
 
 def test_errors():

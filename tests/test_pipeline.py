@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from podiff.fitting import fit, loss
 from podiff import PipelineConfig, PODiffPipeline
 from podiff.data.resample import upsample
+from podiff.fitting import fit, loss
 
 H, S = 16, 4
 
@@ -33,7 +33,8 @@ def posterior(lr):
 
 
 def small_config(**kw):
-    base = dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=16, train_steps=400, batch_size=128, learning_rate=2e-3, warmup=50,
+    base = dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=16, train_steps=400, batch_size=128,
+                learning_rate=2e-3, warmup=50,
                 denoiser=dict(width=64, depth=3, heads=4), sample_steps=20, ema_decay=0.99)
     return PipelineConfig(**{**base, **kw})
 
@@ -108,7 +109,8 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
     resumed = PODiffPipeline(cfg)  # a new process would start here
     fit(resumed, lr, hr, checkpoint=ckpt, checkpoint_every=5, progress=False)
     assert resumed.training.history == straight.training.history
-    for (name, a), b in zip(straight.denoiser.state_dict().items(), resumed.denoiser.state_dict().values()):
+    for (name, a), b in zip(straight.denoiser.state_dict().items(), resumed.denoiser.state_dict().values(),
+                            strict=False):
         assert torch.equal(a, b), name
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot resume from"):

@@ -12,14 +12,14 @@ CUDA here). A planted CPU tensor inside a step makes both checks fail.
 
 import pytest
 import torch
-
-from podiff.fitting import build
-import podiff.diffusion.schedules
 from fake_cuda import FakeTensorDeviceMismatchError, devices_of, fake_cuda
-from podiff import PipelineConfig, PODiffPipeline
-from podiff.model.state import Calibration
-from podiff.diffusion.training import Trainer
 from test_drop_in import CASES, IDS, _inputs
+
+import podiff.diffusion.schedules
+from podiff import PipelineConfig, PODiffPipeline
+from podiff.diffusion.training import Trainer
+from podiff.fitting import build
+from podiff.model.state import Calibration
 
 CONFIGS = [  # basis, stride, schedule, prediction, sampler
     ("shared", None, "cosine", "v", "ddim"),
@@ -38,8 +38,10 @@ def _data(seed=0):
 
 
 def _built(basis, stride, schedule, prediction, sampler) -> PODiffPipeline:
-    cfg = PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=4, stride=stride, rank=3, basis=basis, schedule=schedule,
-                         prediction_type=prediction, sampler=sampler, eta=0.0, denoiser=dict(width=16, depth=1, heads=2),
+    cfg = PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=4, stride=stride, rank=3, basis=basis,
+                         schedule=schedule,
+                         prediction_type=prediction, sampler=sampler, eta=0.0,
+                         denoiser=dict(width=16, depth=1, heads=2),
                          batch_size=4, sample_steps=2)
     lr, hr = _data()
     pipe = build(PODiffPipeline(cfg), lr, hr)  # real, on the CPU: the fits read data

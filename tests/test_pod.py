@@ -43,11 +43,11 @@ def test_local_matches_per_location_eigh():
     x = smooth_fields(30, seed=2)
     pod = PatchPOD(6, 6, rank=5, basis="local").fit(x, progress=False)
     patches = F.unfold(x, 6, stride=6).permute(2, 0, 1)  # L, B, D
-    for l in [0, 7, patches.shape[0] - 1]:
-        cov = torch.cov(patches[l].T)
+    for loc in [0, 7, patches.shape[0] - 1]:
+        cov = torch.cov(patches[loc].T)
         w, v = torch.linalg.eigh(cov)
-        torch.testing.assert_close(pod.eigenvalues[l], w.flip(0)[:5], rtol=1e-9, atol=1e-12)
-        cosines = torch.linalg.svdvals(pod.basis[l].T @ v.flip(1)[:, :5])
+        torch.testing.assert_close(pod.eigenvalues[loc], w.flip(0)[:5], rtol=1e-9, atol=1e-12)
+        cosines = torch.linalg.svdvals(pod.basis[loc].T @ v.flip(1)[:, :5])
         assert cosines.min() > 1 - 1e-9
 
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from podiff.fitting import fit
-from podiff.cli import main
 from podiff import PipelineConfig, PODiffPipeline
+from podiff.cli import main
+from podiff.fitting import fit
 from podiff.latent.pod import PatchPOD, atomic_write
 
 S = 4
@@ -166,7 +166,8 @@ def test_bad_model_and_checkpoint_files(tmp_path):
         PODiffPipeline.load(corrupt("weights.safetensors", weights[: len(weights) // 2]))
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         PODiffPipeline.load(corrupt("config.json", b'{"format": "podiff.PODiffPipeline", '))
-    with pytest.raises(ValueError, match="is 'other' version 3; this podiff reads podiff.PODiffPipeline versions 1 to 2"):
+    with pytest.raises(ValueError,
+                       match="is 'other' version 3; this podiff reads podiff.PODiffPipeline versions 1 to 2"):
         PODiffPipeline.load(corrupt("config.json", json.dumps({"format": "other", "version": 3}).encode()))
     pod = (tmp_path / "model" / "pod.safetensors").read_bytes()
     with pytest.raises(ValueError, match="not a readable PatchPOD file"):
@@ -233,9 +234,9 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = PODiffPipeline.load(run / "model"), PODiffPipeline.load(straight / "model")
     assert a.training.step == b.training.step == 300
-    for (name, x), y in zip(a.ema.state_dict().items(), b.ema.state_dict().values()):
+    for (name, x), y in zip(a.ema.state_dict().items(), b.ema.state_dict().values(), strict=False):
         assert torch.equal(x, y), name
-    for (name, x), y in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values()):
+    for (name, x), y in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values(), strict=False):
         assert torch.equal(x, y), name
     ra, rb = (json.loads((d / "train.json").read_text()) for d in (run, straight))
     assert ra["final_loss"] == rb["final_loss"]
@@ -324,7 +325,7 @@ def test_same_seed_same_pod_weights_and_samples():
         runs.append((pipe, pipe.sample(lr[:2], num_samples=3, return_samples=True)))
     (a, sa), (b, sb), (c, sc) = runs
     assert torch.equal(a.pod.basis, b.pod.basis) and torch.equal(a.pod.mean, b.pod.mean)
-    for (name, u), v in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values()):
+    for (name, u), v in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values(), strict=False):
         assert torch.equal(u, v), name
     assert a.training.history == b.training.history
     assert torch.equal(sa.samples, sb.samples)

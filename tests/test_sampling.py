@@ -34,7 +34,7 @@ def run_chain(schedule, prediction, sampler, eta, steps, delta, seed=0):
     g = torch.Generator().manual_seed(seed)
     cond = torch.randn(512, 4, R, generator=g)
     x = torch.randn(512, 4, R, generator=g)
-    for t, s in zip(times[:-1], times[1:]):
+    for t, s in zip(times[:-1], times[1:], strict=False):
         lam = schedule.log_snr(t.expand(512), cond)
         sigma = torch.sigmoid(-lam).sqrt()
         optimal = torch.zeros_like(x) if prediction == "v" else sigma * x
@@ -114,7 +114,7 @@ def ode_endpoint_error(schedule, sampler, steps, prediction="v"):
     x = torch.randn(256, 4, R, generator=g, dtype=torch.float64)
     alpha, sigma = (v.double() for v in schedule.alpha_sigma(times[0].expand(256).float(), cond))
     exact = m + c * (x - alpha * m) / (alpha**2 * c**2 + sigma**2).sqrt()
-    for t, s in zip(times[:-1], times[1:]):
+    for t, s in zip(times[:-1], times[1:], strict=False):
         alpha, sigma = (v.double() for v in schedule.alpha_sigma(t.expand(256).float(), cond))
         x0 = m + alpha * c**2 * (x - alpha * m) / (alpha**2 * c**2 + sigma**2)
         out = (alpha * x - x0) / sigma if prediction == "v" else (x - alpha * x0) / sigma
@@ -153,7 +153,7 @@ def test_sde_dpm_solver_samples_the_data_distribution():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20000, 1, 1, generator=g, dtype=torch.float64)
     with torch.no_grad():
-        for t, s in zip(times[:-1], times[1:]):
+        for t, s in zip(times[:-1], times[1:], strict=False):
             alpha, sigma = (v.double() for v in schedule.alpha_sigma(t.expand(x.shape[0])))
             x0 = m + alpha * c**2 * (x - alpha * m) / (alpha**2 * c**2 + sigma**2)
             x = scheduler.step((alpha * x - x0) / sigma, t, s, x, generator=g).prev_sample

@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from podiff.diffusion.schedules import (EPS_MIN_SNR, CosineSchedule, LearnedSchedule, LinearSchedule,
-                              make_schedule)
+from podiff.diffusion.schedules import EPS_MIN_SNR, CosineSchedule, LearnedSchedule, LinearSchedule, make_schedule
 
 T = torch.linspace(0, 1, 201, dtype=torch.float64)
 

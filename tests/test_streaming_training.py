@@ -15,13 +15,13 @@ xr = pytest.importorskip("xarray")
 pytest.importorskip("netCDF4")
 pytest.importorskip("zarr")
 
-from podiff.fitting import fit, fit_streamed
+from utils import run_command as run  # noqa: E402
+
+from podiff import PipelineConfig, PODiffPipeline  # noqa: E402
 from podiff.data import datasets as data  # noqa: E402
 from podiff.data.fields import open_field  # noqa: E402
-from podiff import PipelineConfig, PODiffPipeline  # noqa: E402
 from podiff.data.streaming import FieldStream  # noqa: E402
-from podiff.fitting import StreamedTokens  # noqa: E402
-from utils import run_command as run  # noqa: E402
+from podiff.fitting import StreamedTokens, fit, fit_streamed  # noqa: E402
 
 N, H, W, S = 36, 16, 24, 4
 
@@ -47,7 +47,8 @@ def stream_of(path, indices):
 
 
 def config(**kw):
-    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=6, denoiser=dict(width=16, depth=1, heads=2),
+    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=6,
+                                    denoiser=dict(width=16, depth=1, heads=2),
                                     batch_size=8, sample_steps=3, train_steps=30, learning_rate=3e-3), **kw})
 
 
@@ -92,8 +93,10 @@ def test_streamed_training_with_room_for_every_field_is_in_memory_training(field
                           progress=False)
     assert streamed.mean_model.ridge.settings() == memory.mean_model.ridge.settings()
     torch.testing.assert_close(streamed.pod.basis, memory.pod.basis)
-    torch.testing.assert_close(torch.tensor(streamed.training.history), torch.tensor(memory.training.history), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(streamed.training.val_history), torch.tensor(memory.training.val_history), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(streamed.training.history), torch.tensor(memory.training.history),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(streamed.training.val_history), torch.tensor(memory.training.val_history),
+                               rtol=1e-4, atol=1e-6)
     a, b = (p.sample(lr[28:], num_samples=4, seed=0) for p in (streamed, memory))
     torch.testing.assert_close(a.mean, b.mean, rtol=1e-4, atol=1e-4, equal_nan=True)
 
@@ -152,7 +155,8 @@ def peak():  # this process's high-water mark (VmHWM; ru_maxrss keeps the forkin
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
 before = peak()
 code = main(["train", "--data", sys.argv[1], "--var", "sst", "--scale", "4", "--out", sys.argv[2], "--steps", "10",
-             "--eval-every", "5", "--memory-mb", sys.argv[3], "--val-fraction", "0", "--no-regression-baseline", "--quiet"])
+             "--eval-every", "5", "--memory-mb", sys.argv[3], "--val-fraction", "0", "--no-regression-baseline",
+             "--quiet"])
 print(json.dumps({"code": code, "growth_mib": peak() - before}))
 """
 

@@ -13,11 +13,11 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
-from podiff.fitting import fit, training_noise
 from podiff import PipelineConfig, PODiffPipeline
 from podiff.diffusion.sampling import DiffusionScheduler, RowNoise
 from podiff.diffusion.schedules import CosineSchedule
 from podiff.diffusion.token_noise import LIMIT, GridCorrelation, ar1_cholesky
+from podiff.fitting import fit, training_noise
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.6, -0.5, LIMIT])
@@ -100,7 +100,8 @@ def test_samplers_driven_by_coloured_noise_keep_the_correlation(sampler, steps):
     results = {}
     for name, colour in (("white", lambda e: e), ("coloured", truth)):
         white = RowNoise(range(3000))  # one stream per chain, advanced by every draw
-        noise = (lambda shape, dtype, c=colour, w=white: c(w(shape, dtype)))
+        def noise(shape, dtype, c=colour, w=white):
+            return c(w(shape, dtype))
         with torch.no_grad():
             x = scheduler.sample(ExactDenoiser(schedule, 2), cond, steps,
                                  noise=(lambda shape, dtype, n=noise: n(shape, torch.float64)))

@@ -6,10 +6,10 @@ kernel (a CUDA/C++ one), and ``patch_stats``' kernel is checked on its own in te
 
 import pytest
 import torch
-
 from conftest import DEVICE
-from podiff.fitting import build, fit
+
 from podiff import PipelineConfig, PODiffPipeline
+from podiff.fitting import build, fit
 from podiff_kernels import dispatch
 
 MODEL_OPS = {"patch_encode", "patch_decode", "ensemble_moments", "decode_moments"}
@@ -35,7 +35,8 @@ def test_fit_and_sample_run_every_model_op_on_triton(basis, stride, backend, cal
     g = torch.Generator().manual_seed(3)
     hr = (torch.randn(6, 1, 8, 16, generator=g).cumsum(-1) / 4).to(DEVICE)  # small: the interpreter is slow
     lr = torch.nn.functional.avg_pool2d(hr, 4)
-    cfg = PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=4, stride=stride, rank=3, basis=basis, denoiser=dict(width=16, depth=1, heads=2),
+    cfg = PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=4, stride=stride, rank=3, basis=basis,
+                         denoiser=dict(width=16, depth=1, heads=2),
                          batch_size=4, sample_steps=2, train_steps=2)
     pipe = build(PODiffPipeline(cfg, device=DEVICE), lr, hr)  # the POD fit (eigh has no Triton kernel)
     backend("triton")

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from podiff.fitting import build, calibrate_spread, fit
-from podiff.evaluation import metrics
-from podiff.baselines import bicubic
 from podiff import PipelineConfig, PODiffPipeline
-from podiff.model.state import Calibration
-from podiff.latent.pod_selection import held_out_energy, select_pod
+from podiff.baselines import bicubic
 from podiff.baselines.regression import RegressionBaseline
 from podiff.diffusion.training import Trainer
+from podiff.evaluation import metrics
+from podiff.fitting import build, calibrate_spread, fit
+from podiff.latent.pod_selection import held_out_energy, select_pod
+from podiff.model.state import Calibration
 
 
 def fields(n, seed=0, size=16):
@@ -26,13 +26,15 @@ def fields(n, seed=0, size=16):
 
 
 def config(**kw):
-    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=4, patch_size=4, rank=6, denoiser=dict(width=16, depth=1, heads=2),
+    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=4, patch_size=4, rank=6,
+                                    denoiser=dict(width=16, depth=1, heads=2),
                                     batch_size=8, sample_steps=4, train_steps=40, learning_rate=3e-3), **kw})
 
 
 def test_best_validation_weights_are_kept_and_training_stops_early():
     lr, hr = fields(24)
-    pipe = PODiffPipeline(config(train_steps=400, learning_rate=3e-2, warmup=1))  # a high rate: the loss soon stops improving
+    # a high rate: the loss soon stops improving
+    pipe = PODiffPipeline(config(train_steps=400, learning_rate=3e-2, warmup=1))
     fit(pipe, lr, hr, validation=0.25, eval_every=5, patience=3, progress=False)
     steps = [s for s, _ in pipe.training.val_history]
     assert steps == list(range(5, pipe.training.step + 1, 5))
@@ -70,7 +72,7 @@ def test_resume_continues_the_validation_history(tmp_path):
     resumed = PODiffPipeline(config(train_steps=30))
     fit(resumed, lr, hr, validation=0.25, eval_every=10, patience=None, checkpoint=ckpt, progress=False)
     assert [s for s, _ in resumed.training.val_history] == [10, 20, 30]
-    for (s1, v1), (s2, v2) in zip(whole.training.val_history, resumed.training.val_history):
+    for (s1, v1), (s2, v2) in zip(whole.training.val_history, resumed.training.val_history, strict=False):
         assert s1 == s2 and v1 == pytest.approx(v2, rel=1e-4)
 
 
@@ -220,7 +222,9 @@ def test_calibrated_spread_matches_the_validation_error():
     truth = pipe.target_tokens(hr[18:], lr[18:])
     for j in (0, r - 1):
         m, v, y = raw[..., j].mean(0), raw[..., j].var(0), truth[..., j]
-        score = lambda f: metrics.crps_gaussian(m, f * f * v, y)  # noqa: E731
+        def score(f, m=m, v=v, y=y):
+            return metrics.crps_gaussian(m, f * f * v, y)
+
         assert 0.25 <= modes[j] <= 4.0
         if 0.25 < modes[j] < 4.0:
             assert score(modes[j]) <= min(score(1.02 * modes[j]), score(modes[j] / 1.02))

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from cases import SHAPE_IDS, SHAPES, interpreter_shape, make_case
+from utils import assert_close, orthonormal
 
 import podiff_kernels as pk
-from cases import SHAPE_IDS, SHAPES, interpreter_shape, make_case
 from podiff_kernels import dispatch, reference
-from utils import assert_close, orthonormal
 
 BACKENDS = ["torch", "triton"]
 
@@ -64,7 +64,6 @@ def test_cells_wider_than_one_program(backend, name, mode):
 def test_rank_above_one_block(backend, name, mode):
     """r = 20 > BLOCK_R: the Triton kernel loops over several r-blocks (and k-blocks in block mode)."""
     backend(name)
-    shape = (1, 1, 7, 5, 3, 2)
     L = 3 * 2
     basis = torch.randn(L, 9, 20, dtype=torch.float64)  # r > D: not orthonormal, still a linear map
     v = _var_or_cov(mode, 1, L, 20)
@@ -111,7 +110,7 @@ def test_block_mode_equals_empirical_variance_without_overlap(backend, name, loc
 def test_diagonal_mode_preserves_patch_total_variance(backend, name):
     """With s = p and orthonormal Φ, Σ_{j in patch} Var_j = tr Σ_l (diagonal and block mode alike)."""
     backend(name)
-    B, C, H, W, p = 2, 1, 12, 15, 3
+    B, H, W, p = 2, 12, 15, 3
     L = (H // p) * (W // p)
     basis = orthonormal(p * p, 5, L, seed=2)
     cov = _spd(B, L, 5, seed=3)

@@ -7,8 +7,8 @@ returning a ``SampleOutput`` like the pipeline's (zero variance, identical membe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -28,7 +28,7 @@ class BicubicBaseline(Deterministic):
     def __init__(self, scale: int):
         self.scale = int(scale)
 
-    def fit(self, lr=None, hr=None, **_) -> "BicubicBaseline":
+    def fit(self, lr=None, hr=None, **_) -> BicubicBaseline:
         return self
 
     def predict(self, lr: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ class PODProjectionBaseline(Deterministic):
     def __init__(self, pipeline):
         self.pipeline = pipeline
 
-    def fit(self, lr=None, hr=None, **_) -> "PODProjectionBaseline":
+    def fit(self, lr=None, hr=None, **_) -> PODProjectionBaseline:
         if self.pipeline.pod is None:
             raise RuntimeError("PODProjectionBaseline needs a fitted pipeline (its POD and data scaling)")
         return self

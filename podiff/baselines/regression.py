@@ -62,7 +62,7 @@ class RegressionBaseline:
 
     def fit(self, lr, hr, validation=None, *, steps: int = 2000, batch_size: int | None = None,
             learning_rate: float | None = None, eval_every: int = 50, patience: int | None = 8,
-            progress: bool = False) -> "RegressionBaseline":
+            progress: bool = False) -> RegressionBaseline:
         """Trains on the pipeline's training fields ``lr, hr`` (and validates on ``(lr_val, hr_val)``)."""
         cfg = self.pipeline.config
         x0, cond = self._tokens(lr, hr, out_of_fold=True)
@@ -121,7 +121,7 @@ class RegressionBaseline:
                      best_step=self.best_step, val_history=[list(v) for v in self.val_history])
 
     @classmethod
-    def load(cls, path, pipeline) -> "RegressionBaseline":
+    def load(cls, path, pipeline) -> RegressionBaseline:
         tensors, meta = load_tensors(path, FORMAT, "regression baseline")
         model = cls(pipeline, meta["denoiser"])
         model.model.load_state_dict(tensors)

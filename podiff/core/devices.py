@@ -23,7 +23,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         raise ValueError(f"device must be {CHOICES}; got {spec!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+            build = ("a CPU-only build" if torch.version.cuda is None
+                     else f"CUDA {torch.version.cuda}, but no GPU is visible")
             raise ValueError(f"device {spec!r} asked for, but torch {torch.__version__} here is {build}; "
                              f"use --device cpu (or auto)")
         count = torch.cuda.device_count()

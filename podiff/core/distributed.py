@@ -91,7 +91,7 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=False)])
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:

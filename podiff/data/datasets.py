@@ -95,7 +95,7 @@ class Dataset:
     scale: int
     name: str
     meta: dict = field(default_factory=dict)
-    grid: "Grid | None" = None  # coordinates of ``hr`` (gridded files); None for .npz and images
+    grid: Grid | None = None  # coordinates of ``hr`` (gridded files); None for .npz and images
 
     def __post_init__(self):
         if self.hr.shape[0] != self.lr.shape[0]:

@@ -72,7 +72,7 @@ class Axis:
     values: np.ndarray
     attrs: dict = field(default_factory=dict)
 
-    def take(self, index) -> "Axis":
+    def take(self, index) -> Axis:
         return Axis(self.name, np.asarray(self.values)[index], dict(self.attrs))
 
 
@@ -90,7 +90,7 @@ class Grid:
     var: str
     bounds: tuple | None = None  # (lo, hi) from CF valid_min / valid_max / valid_range (declared_bounds)
 
-    def take(self, index) -> "Grid":
+    def take(self, index) -> Grid:
         """The grid of the samples ``index`` (an index array, in order)."""
         return replace(self, sample=self.sample.take(index))
 
@@ -284,7 +284,7 @@ def open_field(source: str | Path, var: str | None = None, *, dims=None, channel
             raise ValueError(f"{label} has no variable {name!r} (variables: {candidates})")
     arrays = [ds[name] for name in names]
     first = arrays[0]
-    for name, a in zip(names[1:], arrays[1:]):
+    for name, a in zip(names[1:], arrays[1:], strict=False):
         if a.dims != first.dims or a.shape != first.shape:
             raise ValueError(f"{label}: channel variable {name!r} has dimensions {dict(a.sizes)}, "
                              f"not {dict(first.sizes)} like {names[0]!r}")
@@ -331,5 +331,6 @@ def open_field(source: str | Path, var: str | None = None, *, dims=None, channel
     return field_.astype(np.float32), grid
 
 
-__all__ = ["Axis", "Grid", "declared_bounds", "open_field", "sniff", "coarsen_axis", "refine_axis", "netcdf_available", "one_line",
+__all__ = ["Axis", "Grid", "declared_bounds", "open_field", "sniff", "coarsen_axis", "refine_axis", "netcdf_available",
+           "one_line",
            "Y_NAMES", "X_NAMES"]

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from podiff.data.fields import Axis, Grid, _xarray, coarsen_axis, one_line, sniff
 from podiff.core.io import atomic_directory, atomic_write
+from podiff.data.fields import Axis, Grid, _xarray, coarsen_axis, one_line, sniff
 
 FILL_VALUE = np.float32(9.969209968386869e36)  # the netCDF default fill for float
 CONVENTIONS = "CF-1.8"
@@ -168,7 +168,8 @@ def read_prediction(path: str | Path) -> Prediction:
         raise ValueError(f"{path} is not a readable prediction file (by content neither netCDF, Zarr nor .npz)")
     xr = _xarray()
     try:
-        ds = xr.open_zarr(path, consolidated=(path / ".zmetadata").exists()) if kind == "zarr" else xr.open_dataset(path)
+        ds = xr.open_zarr(path,
+                          consolidated=(path / ".zmetadata").exists()) if kind == "zarr" else xr.open_dataset(path)
         ds = ds.load()
     except Exception as exc:
         raise ValueError(f"{path} is not a readable prediction: {one_line(exc)}") from None

@@ -58,7 +58,7 @@ class DenoiserConfig:
             raise ValueError(f"noise_input must be 'time' or 'per_token'; got {self.noise_input!r}")
 
     @classmethod
-    def preset(cls, name: str, rank: int, grid, **overrides) -> "DenoiserConfig":
+    def preset(cls, name: str, rank: int, grid, **overrides) -> DenoiserConfig:
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
         return cls(rank=rank, grid=grid, **{**PRESETS[name], **overrides})
@@ -163,7 +163,8 @@ class PODDenoiser(nn.Module):
         B, L, r = x_t.shape
         if L != self.pos.shape[1] or r != self.config.rank or cond.shape[-1] != self.config.cond_rank:
             raise ValueError(
-                f"x_t must be [B, L={self.pos.shape[1]}, r={self.config.rank}] and cond [B, L, {self.config.cond_rank}]; "
+                f"x_t must be [B, L={self.pos.shape[1]}, r={self.config.rank}] and cond [B, L, "
+                f"{self.config.cond_rank}]; "
                 f"got {tuple(x_t.shape)} and {tuple(cond.shape)}"
             )
         h = self.embed(torch.cat([x_t, cond], dim=-1)) + self.pos.to(x_t.dtype)

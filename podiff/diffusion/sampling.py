@@ -33,8 +33,8 @@ rows share its batch — the same ensemble whatever the chunking or the number o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -201,7 +201,7 @@ class DiffusionScheduler:
         noise = noise or _generator_noise(generator, cond.device)
         x = noise((cond.shape[0], cond.shape[1], r), cond.dtype)
         last = len(times) - 2
-        for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
+        for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=False)):
             tb = t.expand(cond.shape[0]).to(cond.dtype)
             level = tb if noise_input == "time" else bound.log_snr(tb, cond).expand(-1, -1, r)
             out = denoiser(x, cond, level).to(x.dtype)  # the updates stay float32 under autocast

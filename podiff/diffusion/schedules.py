@@ -44,7 +44,7 @@ class NoiseSchedule(nn.Module):
         lam = self.log_snr(t, cond)
         return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
 
-    def bind(self, cond: torch.Tensor | None) -> "NoiseSchedule":
+    def bind(self, cond: torch.Tensor | None) -> NoiseSchedule:
         """The schedule for these condition tokens (a learned one precomputes its weights)."""
         return self
 
@@ -168,7 +168,7 @@ class LearnedSchedule(NoiseSchedule):
         exps = -(k**2) * torch.exp(-k * t) * scale
         return torch.cat([torch.zeros_like(t), (math.pi**2 / 2) * torch.cos(math.pi * t), exps], dim=-1)
 
-    def bind(self, cond: torch.Tensor | None) -> "NoiseSchedule":
+    def bind(self, cond: torch.Tensor | None) -> NoiseSchedule:
         """A view with the mixture weights of ``cond`` computed once (for the sampling loop)."""
         return _BoundLearned(self, self.weights(cond))
 

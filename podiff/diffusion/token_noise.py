@@ -71,7 +71,7 @@ class GridCorrelation:
         self._factors: dict = {}
 
     @classmethod
-    def fit(cls, tokens: torch.Tensor, grid: tuple[int, int], valid: torch.Tensor | None = None) -> "GridCorrelation":
+    def fit(cls, tokens: torch.Tensor, grid: tuple[int, int], valid: torch.Tensor | None = None) -> GridCorrelation:
         """Lag-one correlations of ``tokens [N, L, r]`` per mode along each grid axis, over the
         neighbouring pairs of valid tokens (``valid [L]`` bool, e.g. patches with an ocean pixel;
         NaN tokens are left out too), each mode centred by its mean; clipped to ``±LIMIT``. An
@@ -126,7 +126,7 @@ class GridCorrelation:
         return {"rho_y": self.rho_y.tolist(), "rho_x": self.rho_x.tolist(), "grid": list(self.grid)}
 
     @classmethod
-    def from_state(cls, state: dict) -> "GridCorrelation":
+    def from_state(cls, state: dict) -> GridCorrelation:
         return cls(torch.tensor(state["rho_y"]), torch.tensor(state["rho_x"]), tuple(state["grid"]))
 
     def __repr__(self) -> str:

@@ -115,7 +115,8 @@ class TokenTensors:
 
     def __init__(self, x0: torch.Tensor, cond: torch.Tensor):
         if x0.shape != cond.shape:
-            raise ValueError(f"x0 and cond must have one shape [N, L, r]; got {tuple(x0.shape)} and {tuple(cond.shape)}")
+            raise ValueError(f"x0 and cond must have one shape [N, L, r]; got {tuple(x0.shape)} and "
+                             f"{tuple(cond.shape)}")
         self.x0, self.cond = x0, cond
 
     def __len__(self) -> int:
@@ -203,7 +204,7 @@ class Trainer:
         pipe = self.pipe
         decay = min(pipe.config.ema_decay, (1 + self.record.step) / (10 + self.record.step))
         live = nn.ModuleList([pipe.denoiser, pipe.schedule])
-        for e, p in zip(pipe.ema.parameters(), live.parameters()):
+        for e, p in zip(pipe.ema.parameters(), live.parameters(), strict=False):
             e.lerp_(p.detach(), 1 - decay)
 
     # -------------------------------------------------------------- the loop
@@ -283,7 +284,7 @@ class Trainer:
             if path is not None and self.rank == 0 and (record.step % checkpoint_every == 0
                                                         or record.step == steps or self._stopped(patience)):
                 state = self.state()
-                atomic_write(path, lambda tmp: torch.save(state, tmp))
+                atomic_write(path, lambda tmp, state=state: torch.save(state, tmp))
         bar.close()
         if self.best is not None and self.best["step"] != record.step:
             self._load_weights(self.best)
@@ -350,4 +351,5 @@ class Trainer:
         self.best = state.get("best")
 
 
-__all__ = ["TokenTensors", "Trainer", "TrainingRecord", "TrainingModule", "autocast", "diffusion_loss", "draw_noise", "rank_rows"]
+__all__ = ["TokenTensors", "Trainer", "TrainingRecord", "TrainingModule", "autocast", "diffusion_loss", "draw_noise",
+           "rank_rows"]

@@ -94,7 +94,8 @@ def fit_error_shape(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, ba
     valid = metrics._valid(obs, mask, mean, var) & (var > 0)
     valid = valid.expand_as(mean)
     channels = mean.shape[-3] if mean.dim() >= 3 else 1
-    per_channel = (lambda t: t.movedim(-3, 0).reshape(channels, -1)) if mean.dim() >= 3 else (lambda t: t.reshape(1, -1))
+    def per_channel(t):
+        return t.movedim(-3, 0).reshape(channels, -1) if mean.dim() >= 3 else t.reshape(1, -1)
     means, ok = per_channel(mean.double()), per_channel(valid)
     steps = np.linspace(0, 1, int(bands) + 1)[1:-1]
     edges = [np.quantile(means[c][ok[c]].cpu().numpy(), steps).tolist() if bool(ok[c].any()) else [float("inf")] *
@@ -158,7 +159,7 @@ def _banded(fn, mean, edges, quantiles):
         if picked is None:
             picked = value
         elif isinstance(value, tuple):
-            picked = tuple(torch.where(band == b, v, p) for v, p in zip(value, picked))
+            picked = tuple(torch.where(band == b, v, p) for v, p in zip(value, picked, strict=False))
         else:
             picked = torch.where(band == b, value, picked)
     return picked
@@ -243,5 +244,6 @@ def crps(mean: torch.Tensor, var: torch.Tensor, obs: torch.Tensor, quantiles, ma
     return metrics._mean(score, valid)
 
 
-__all__ = ["ERROR_BANDS", "ERROR_SHAPES", "QUANTILE_COUNT", "central_interval", "check_error_quantiles", "check_error_shape",
+__all__ = ["ERROR_BANDS", "ERROR_SHAPES", "QUANTILE_COUNT", "central_interval", "check_error_quantiles",
+           "check_error_shape",
            "coverage", "crps", "fit_error_quantiles", "fit_error_shape", "quantile"]

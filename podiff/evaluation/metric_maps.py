@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from podiff.evaluation import error_shape
-from podiff.evaluation import metrics
 from podiff.core.io import atomic_write
+from podiff.evaluation import error_shape, metrics
 
 
 def _nanmean(x: torch.Tensor, dims) -> torch.Tensor:

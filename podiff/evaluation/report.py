@@ -28,11 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from podiff.data import bounds as bounds_
-from podiff.evaluation import error_shape
-from podiff.evaluation import metrics
 from podiff.core.io import atomic_write, write_json
-
+from podiff.data import bounds as bounds_
+from podiff.evaluation import error_shape, metrics
 
 #: Fields with a shorter side below this get no spectrum (too few wavenumbers to split in halves).
 SPECTRUM_MIN_SIZE = 8
@@ -150,7 +148,7 @@ def _figures(folder: Path, lr, target, mean, variance, coverage: dict | None, po
     def draw(name, panels, same_scale):
         rows, cols, figsize = _panels(len(panels), *target.shape[-2:])
         fig, axes = plt.subplots(rows, cols, figsize=figsize, squeeze=False)
-        for ax, (title, img) in zip(axes.flat, panels):
+        for ax, (title, img) in zip(axes.flat, panels, strict=False):
             same = title in same_scale
             im = ax.imshow(img.numpy(), vmin=vmin if same else None, vmax=vmax if same else None,
                            cmap="viridis" if same else "magma", aspect="auto" if cols == 1 else "equal")
@@ -203,7 +201,7 @@ def _figures(folder: Path, lr, target, mean, variance, coverage: dict | None, po
     if sd.numel() > 20:
         edges = torch.quantile(sd, torch.linspace(0, 1, 11, dtype=torch.float64))
         xs, ys = [], []
-        for lo, hi in zip(edges[:-1], edges[1:]):
+        for lo, hi in zip(edges[:-1], edges[1:], strict=False):
             sel = (sd >= lo) & (sd <= hi)
             if sel.any():
                 xs.append(float(sd[sel].pow(2).mean().sqrt()))

@@ -14,18 +14,19 @@ def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_sampl
                      seed: int | None = None, limits=(0.5, 2.0), method: str = "members",
                      mode_limits=(0.25, 4.0), shape: str = "validation",
                      bands: int = error_shape.ERROR_BANDS) -> float:
-    """Sets ``pipe.calibration.spread`` from the validation fields ``[N, C, H, W]`` and returns it, clipped
-    to ``limits``: ``method`` ``"members"`` (the default) is the factor for the members'
-    deviations that minimises their fair CRPS (``metrics.members_spread``: the members are
-    what a user draws); ``"crps"`` minimises the validation CRPS of ``N(m, k² σ²)`` and
-    ``"moments"`` matches the mean squared error (``metrics.calibrated_spread``). ``"modes"`` first sets ``calibration.mode_spread``, one factor per POD mode
-    minimising the CRPS of that mode's validation tokens (clipped to ``mode_limits``; where the
-    model's spread is wrong by a different amount in each mode), then ``k`` by CRPS on top.
-    ``shape`` ``"validation"`` (the default) also sets ``calibration.error_quantiles``, the quantiles
-    of the validation errors over the calibrated std (``podiff.evaluation.error_shape``: the intervals
-    and CRPS of a heavier-tailed predictive than the Gaussian), one shape for each of ``bands``
-    equal-count bands of the predicted mean (``calibration.error_band_edges``; ``bands=1``: one
-    shape); ``"gaussian"`` clears them.
+    """Sets ``pipe.calibration.spread`` from the validation fields ``[N, C, H, W]`` and returns it,
+    clipped to ``limits``: ``method`` ``"members"`` (the default) is the factor for the members'
+    deviations that minimises their fair CRPS (``metrics.members_spread``: the members are what a
+    user draws); ``"crps"`` minimises the validation CRPS of ``N(m, k² σ²)`` and ``"moments"``
+    matches the mean squared error (``metrics.calibrated_spread``). ``"modes"`` first sets
+    ``calibration.mode_spread``, one factor per POD mode minimising the CRPS of that mode's
+    validation tokens (clipped to ``mode_limits``; where the model's spread is wrong by a different
+    amount in each mode), then ``k`` by CRPS on top. ``shape`` ``"validation"`` (the default) also
+    sets ``calibration.error_quantiles``, the quantiles of the validation errors over the
+    calibrated std (``podiff.evaluation.error_shape``: the intervals and CRPS of a heavier-tailed
+    predictive than the Gaussian), one shape for each of ``bands`` equal-count bands of the
+    predicted mean (``calibration.error_band_edges``; ``bands=1``: one shape); ``"gaussian"``
+    clears them.
     The ensemble is drawn with ``spread = 1`` (and no per-mode factors)."""
     methods = ("members", "modes") + metrics.SPREAD_METHODS
     if method not in methods:

@@ -56,7 +56,7 @@ def hold_out(lr, hr, mask, validation):
 
 
 def build(pipe, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = None, *,
-          progress: bool = False, distributed: bool = False) -> "PODiffPipeline":
+          progress: bool = False, distributed: bool = False) -> PODiffPipeline:
     """Fits the data scaling and the POD (unless a fitted one was given) on ``hr``, then builds
     the denoiser, schedule and EMA copy and measures the tokens' grid correlation (the noise,
     ``token_noise``); no training (``lr`` is only checked against ``hr``).
@@ -86,7 +86,7 @@ def _fit_mean_model(pipe, lr, hr, validation):
     return hr - mu, hr_val, mu
 
 
-def _fit_condition(pipe, mu) -> "PODiffPipeline":
+def _fit_condition(pipe, mu) -> PODiffPipeline:
     if pipe.mean_model is not None:
         pipe.mean_model.fit_condition(mu, pipe.condition_coefficients)
         pipe.mean_model.to(pipe.device)
@@ -102,7 +102,7 @@ def _checked_on_device(pipe, lr, hr, mask):
 
 
 def _build(pipe, hr: torch.Tensor, mask, progress: bool, distributed: bool,
-           hr_val: torch.Tensor | None = None) -> "PODiffPipeline":
+           hr_val: torch.Tensor | None = None) -> PODiffPipeline:
     valid = ~torch.isnan(hr) if mask is None else (~torch.isnan(hr) & mask)
     pipe.offset, pipe.data_scale = fit_scaling(hr, valid, distributed)
     pipe.image_size = tuple(hr.shape[-2:])
@@ -252,7 +252,8 @@ def _validation_tokens(pipe, validation):
 
 def fit_streamed(pipe, stream, validation: tuple[torch.Tensor, torch.Tensor] | None = None, *,
                  memory_bytes: int = 1 << 30, steps: int | None = None, progress: bool = True,
-                 checkpoint: str | Path | None = None, checkpoint_every: int = _OPTIONS.checkpoint_every, resume: bool = True,
+                 checkpoint: str | Path | None = None, checkpoint_every: int = _OPTIONS.checkpoint_every,
+                 resume: bool = True,
                  log_every: int = 50, device=None, amp: bool | None = None, eval_every: int = _OPTIONS.eval_every,
                  patience: int | None = _OPTIONS.patience) -> list[float]:
     """``fit`` for training fields that do not fit in memory: a ``streaming.FieldStream``.
@@ -311,7 +312,7 @@ class StreamedTokens:
             mu = pipe.mean_model.predict(lr)
             own = [(i, self.row_of[int(p)]) for i, p in enumerate(positions) if int(p) in self.row_of]
             if own:
-                at, rows = (torch.tensor(v, device=lr.device) for v in zip(*own))
+                at, rows = (torch.tensor(v, device=lr.device) for v in zip(*own, strict=False))
                 mu[at] = self.mu[rows].to(mu.dtype)
         return (pipe.target_tokens(hr, lr, mu).float(), pipe.condition_tokens(lr, mu).float())
 

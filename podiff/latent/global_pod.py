@@ -6,7 +6,6 @@ part of ``PatchPOD``'s interface that the pipeline uses.
 
 from __future__ import annotations
 
-
 import torch
 
 from podiff.core import distributed as distributed_
@@ -38,7 +37,7 @@ class GlobalPOD:
     num_locations = 1
 
     def fit(self, data: torch.Tensor, mask: torch.Tensor | None = None, *, progress: bool = False,
-            distributed: bool | None = None) -> "GlobalPOD":
+            distributed: bool | None = None) -> GlobalPOD:
         """``data [N, C, H, W]`` (NaN = masked); over ranks the rows are gathered (exact)."""
         if not isinstance(data, torch.Tensor) or data.dim() != 4 or not data.is_floating_point():
             raise ValueError(f"data must be a floating [N, C, H, W] tensor; got {getattr(data, 'shape', type(data))}")
@@ -71,7 +70,7 @@ class GlobalPOD:
         self.fitted = True
         return self
 
-    def to(self, device) -> "GlobalPOD":
+    def to(self, device) -> GlobalPOD:
         """Moves mean, basis, eigenvalues and the valid-pixel mask to ``device``."""
         if self.fitted:
             for name in ("mean", "basis", "eigenvalues", "valid_pixels"):
@@ -118,7 +117,7 @@ class GlobalPOD:
                      image_size=list(self.image_size), channels=self.channels, report=self.report)
 
     @classmethod
-    def load(cls, path) -> "GlobalPOD":
+    def load(cls, path) -> GlobalPOD:
         tensors, meta = load_tensors(path, cls.FORMAT, "GlobalPOD file")
         pod = cls(meta["rank_request"], meta["energy"])
         pod.rank, pod.image_size, pod.channels, pod.report = (meta["rank"], tuple(meta["image_size"]),

@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 
 import podiff_kernels as pk
-from podiff_kernels.ops.patch_encode_masked import DEFAULT_GAP_WEIGHT
-from podiff_kernels.ops.patch_stats import DEFAULT_BUDGET, PatchStats
-
 from podiff.core.io import atomic_write, load_tensors, save_tensors  # noqa: F401  (atomic_write: re-exported)
 from podiff.core.progress import progress_bar
+from podiff_kernels.ops.patch_encode_masked import DEFAULT_GAP_WEIGHT
+from podiff_kernels.ops.patch_stats import DEFAULT_BUDGET, PatchStats
 
 FORMAT = "podiff.PatchPOD"
 #: Relative eigenvalue floor: smaller modes are treated as exactly zero variance.
@@ -126,7 +125,7 @@ class PatchPOD:
         self.valid_pixels = valid
         self._has_masked_pixels = not bool(valid.all())
 
-    def to(self, device) -> "PatchPOD":
+    def to(self, device) -> PatchPOD:
         """Moves mean, basis, eigenvalues and the valid-pixel mask (float64 masters) to ``device``."""
         self._check_fitted()
         for name in ("mean", "basis", "_eigenvalues", "_total_variance", "valid_pixels"):
@@ -173,7 +172,7 @@ class PatchPOD:
                 yield item, None
 
     def fit(self, data: torch.Tensor | Iterable, mask: torch.Tensor | None = None, *,
-            batch_size: int = 64, progress: bool = True, distributed: bool | None = None) -> "PatchPOD":
+            batch_size: int = 64, progress: bool = True, distributed: bool | None = None) -> PatchPOD:
         """Fits mean, basis and eigenvalues from ``data`` in one streaming pass.
 
         Args:
@@ -252,8 +251,8 @@ class PatchPOD:
         if images < 2:
             raise ValueError(f"data holds {images} image(s); the POD needs at least two")
         self.image_size, self.channels, self.dtype = size, channels, dtype
-        self._set_valid_pixels((torch.ones(channels, *size, dtype=torch.bool) if valid_any is None
-                             else valid_any.cpu()))
+        self._set_valid_pixels(torch.ones(channels, *size, dtype=torch.bool) if valid_any is None
+                             else valid_any.cpu())
         self._from_stats(self._shared_statistics(stats, complete), images)
         return self
 
@@ -340,7 +339,7 @@ class PatchPOD:
         self._cast_cache = {}
 
     @classmethod
-    def identity(cls, patch_size: int, channels: int, image_size, stride: int | None = None) -> "PatchPOD":
+    def identity(cls, patch_size: int, channels: int, image_size, stride: int | None = None) -> PatchPOD:
         """The identity "POD" (``Φ = I``, ``r = D``, zero mean, unit eigenvalues): tokens are the
         raw patch pixels, for pixel-space diffusion with the same model and pipeline."""
         pod = cls(patch_size, stride)
@@ -355,7 +354,7 @@ class PatchPOD:
         pod._fitted = True
         return pod
 
-    def truncated(self, rank: int) -> "PatchPOD":
+    def truncated(self, rank: int) -> PatchPOD:
         """A copy that keeps the leading ``rank`` modes (the mean, mask and fit report are shared)."""
         self._check_fitted()
         if not 1 <= int(rank) <= self.rank:
@@ -553,7 +552,7 @@ class PatchPOD:
         save_tensors(path, tensors, FORMAT, **state)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PatchPOD":
+    def load(cls, path: str | os.PathLike) -> PatchPOD:
         """Reads a file written by ``save``; a truncated, corrupted or foreign file is a ValueError."""
         path = Path(path)
         tensors, state = load_tensors(path, FORMAT, "PatchPOD file")

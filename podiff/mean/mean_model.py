@@ -37,7 +37,7 @@ class MeanModel:
         self.cond_scale: torch.Tensor | None = None  # [r] or [L, r]
 
     @classmethod
-    def fit(cls, scale: int, lr, hr, validation=None) -> "MeanModel":
+    def fit(cls, scale: int, lr, hr, validation=None) -> MeanModel:
         """Tuned on ``validation = (lr_val, hr_val)`` when given (fitted on ``lr, hr`` only)."""
         if validation is not None:
             ridge, table = RidgeBaseline.tuned(scale, lr, hr, *validation)
@@ -55,7 +55,7 @@ class MeanModel:
         r = self.ridge
         out = torch.empty(hr.shape, dtype=torch.float64)
         lr64, hr64 = lr.detach().cpu().double(), hr.detach().cpu().double()
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in zip(bounds[:-1], bounds[1:], strict=False):
             keep = torch.cat([torch.arange(0, a), torch.arange(b, n)])
             fold = RidgeBaseline(**r.settings()).fit(lr64[keep], hr64[keep])
             out[a:b] = fold.predict(lr64[a:b])
@@ -78,7 +78,7 @@ class MeanModel:
         rms = rms.mean(0) if rms.dim() == 2 else rms
         self.cond_scale = rms.sqrt().clamp_min(1e-12).float().cpu()
 
-    def to(self, device) -> "MeanModel":
+    def to(self, device) -> MeanModel:
         self.cond_mean, self.cond_scale = self.cond_mean.to(device), self.cond_scale.to(device)
         return self
 
@@ -89,7 +89,7 @@ class MeanModel:
         save_tensors(path, tensors, FORMAT, ridge=self.ridge.state(), choice=self.choice)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "MeanModel":
+    def load(cls, path: str | os.PathLike) -> MeanModel:
         tensors, meta = load_tensors(path, FORMAT, "mean model")
         model = cls(RidgeBaseline.from_state(meta["ridge"], tensors), meta.get("choice"))
         model.cond_mean, model.cond_scale = tensors["cond_mean"], tensors["cond_scale"]

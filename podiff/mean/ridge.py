@@ -142,7 +142,7 @@ class RidgeBaseline:
             return torch.linalg.solve_ex(A[:, 0], rhs.transpose(-1, -2))[0].transpose(-1, -2)  # G, D, F+1
         return torch.linalg.solve_ex(A, rhs.unsqueeze(-1))[0].squeeze(-1)  # G, D, F+1
 
-    def fit(self, lr: torch.Tensor, hr: torch.Tensor) -> "RidgeBaseline":
+    def fit(self, lr: torch.Tensor, hr: torch.Tensor) -> RidgeBaseline:
         prior = None
         if self.pooling > 0:
             shared = RidgeBaseline(self.scale, self.k, self.alpha).fit(lr, hr)
@@ -162,7 +162,8 @@ class RidgeBaseline:
         if self.weights is None:
             raise RuntimeError("RidgeBaseline is not fitted; call fit(lr, hr)")
         if self.per_location and tuple(lr.shape[-2:]) != self.lr_size:
-            raise ValueError(f"per-location weights predict on the fitted size {self.lr_size}; got {tuple(lr.shape[-2:])}")
+            raise ValueError(f"per-location weights predict on the fitted size {self.lr_size}; got "
+                             f"{tuple(lr.shape[-2:])}")
         X = self._design(lr)  # N, P, F+1
         pred = torch.einsum("npf,pdf->npd" if self.per_location else "npf,df->npd", X,
                             self.weights if self.per_location else self.weights[0])
@@ -190,7 +191,7 @@ class RidgeBaseline:
         return {"weights": self.weights.contiguous(), "feature_mean": self.feature_mean.contiguous()}
 
     @classmethod
-    def from_state(cls, state: dict, tensors: dict) -> "RidgeBaseline":
+    def from_state(cls, state: dict, tensors: dict) -> RidgeBaseline:
         ridge = cls(state["scale"], state["neighbourhood"], state["alpha"], state["per_location"],
                     state.get("pooling", 0.0))  # files from before pooling have none
         ridge.weights, ridge.feature_mean = tensors["weights"], tensors["feature_mean"]
@@ -202,7 +203,7 @@ class RidgeBaseline:
         save_tensors(path, self.tensors(), FORMAT, state=self.state(), **(extra or {}))
 
     @classmethod
-    def load(cls, path) -> tuple["RidgeBaseline", dict]:
+    def load(cls, path) -> tuple[RidgeBaseline, dict]:
         """``(ridge, metadata)`` from a file written by ``save``."""
         tensors, meta = load_tensors(path, FORMAT, "ridge baseline")
         return cls.from_state(meta["state"], tensors), meta
@@ -212,7 +213,7 @@ class RidgeBaseline:
     @classmethod
     def tuned(cls, scale: int, lr_train, hr_train, lr_val, hr_val, neighbourhoods=NEIGHBOURHOODS,
               penalties=PENALTIES, placements=("shared", "per-location", "pooled"),
-              poolings=POOLINGS) -> tuple["RidgeBaseline", list[dict]]:
+              poolings=POOLINGS) -> tuple[RidgeBaseline, list[dict]]:
         """The chosen ``(k, placement, α, pooling)``, fitted on the training fields; and every
         candidate's validation RMSE (``[{"neighbourhood", "per_location", "pooling", "alpha",
         "val_rmse", "chosen"}]``). ``placements``: any of ``"shared"``, ``"per-location"`` and

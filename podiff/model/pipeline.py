@@ -122,7 +122,7 @@ class PODiffPipeline:
     def device(self) -> torch.device:
         return self._device
 
-    def to(self, device) -> "PODiffPipeline":
+    def to(self, device) -> PODiffPipeline:
         """Moves the weights, EMA, schedule, POD basis and data scaling to ``device``; returns self."""
         device = torch.device(device)
         for module in (self.denoiser, self.schedule, self.ema):
@@ -268,7 +268,8 @@ class PODiffPipeline:
         if self.calibration.mode_spread is not None:  # per-mode spread (calibrate_spread(method="modes"))
             factors = self.calibration.mode_spread
             if len(factors) != tokens.shape[-1]:
-                raise ValueError(f"calibration.mode_spread holds {len(factors)} factors; the POD has {tokens.shape[-1]} modes")
+                raise ValueError(f"calibration.mode_spread holds {len(factors)} factors; the POD has "
+                                 f"{tokens.shape[-1]} modes")
             centre = tokens.mean(0, keepdim=True)
             tokens = centre + (tokens - centre) * torch.tensor(factors, dtype=tokens.dtype).to(tokens.device)
         mean_tok, cov = pk.ensemble_moments(tokens, diagonal=variance == "diagonal")
@@ -301,7 +302,8 @@ class PODiffPipeline:
         equal to the one-process result up to float rounding. ``sampler``: see ``sample_tokens``.
         """
         if self.denoiser is None:
-            raise RuntimeError("this pipeline is not trained; call podiff.fitting.fit(pipe, lr, hr) or PODiffPipeline.load(dir)")
+            raise RuntimeError("this pipeline is not trained; call podiff.fitting.fit(pipe, lr, hr) or "
+                               "PODiffPipeline.load(dir)")
         if variance not in ("block", "diagonal"):
             raise ValueError(f"variance must be 'block' or 'diagonal'; got {variance!r}")
         if int(num_samples) < 2:
@@ -348,7 +350,7 @@ class PODiffPipeline:
         save_pipeline(self, directory)
 
     @classmethod
-    def load(cls, directory: str | Path, device=None) -> "PODiffPipeline":
+    def load(cls, directory: str | Path, device=None) -> PODiffPipeline:
         """Reads a folder written by ``save`` onto ``device`` (default CPU); bad or missing files give
         a clear error."""
         return load_pipeline(cls, directory, device)

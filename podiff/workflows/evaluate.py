@@ -19,8 +19,14 @@ import torch
 
 from podiff import __version__
 from podiff.core import distributed
-from podiff.workflows.common import DataSource, WorkflowError, data_for_model, load_baselines, load_model, \
-    refuse_existing
+from podiff.workflows.common import (
+    DataSource,
+    WorkflowError,
+    data_for_model,
+    load_baselines,
+    load_model,
+    refuse_existing,
+)
 
 
 @dataclass

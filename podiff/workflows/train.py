@@ -170,7 +170,8 @@ def _train(request: TrainRequest, ds=None):
         if not quiet:
             print(f"streaming: the {len(stream)} training fields ({stream.nbytes / 2**20:.0f} MiB) exceed --memory-mb "
                   f"{options.memory_mb:g}; scaling, ridge and POD are fitted on {len(fitted)} evenly spaced fields, "
-                  f"validation uses {stream_info['val_fields']} of {n_val}, and each step reads its batch from the file")
+                  f"validation uses {stream_info['val_fields']} of {n_val}, and each step reads its batch from the "
+                  f"file")
     if world > 1:  # each rank reads its contiguous shard; the pipeline reduces and gathers exactly
         rows = distributed.shard(len(train_idx), rank, world)
         lr, hr = lr[rows], hr[rows]

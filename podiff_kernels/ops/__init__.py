@@ -9,5 +9,6 @@ from .patch_encode_masked import masked_projector, patch_encode_masked
 from .patch_stats import PatchStats, patch_stats
 from .variance import decode_moments, propagate_variance
 
-__all__ = ["patch_encode", "patch_encode_masked", "masked_projector", "patch_decode", "patch_correlate", "propagate_variance", "decode_moments",
+__all__ = ["patch_encode", "patch_encode_masked", "masked_projector", "patch_decode", "patch_correlate",
+           "propagate_variance", "decode_moments",
            "ensemble_moments", "batched_eigh", "patch_stats", "PatchStats"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch
-from .._triton import HAS_TRITON, launch, acc_dtype, block, tl, triton
+from .._triton import HAS_TRITON, acc_dtype, block, launch, tl, triton
 from ..reference import variance as reference
 
 if HAS_TRITON:

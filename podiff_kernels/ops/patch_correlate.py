@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import _extension, dispatch
 from .._geometry import PatchGrid, check_float_tensors, location_row_chunks, make_grid, resolve_stride, strip
-from .._triton import HAS_TRITON, launch, acc_dtype, block, tl, triton
+from .._triton import HAS_TRITON, acc_dtype, block, launch, tl, triton
 from ..reference import patches as reference
 
 if HAS_TRITON:
@@ -44,13 +44,13 @@ if HAS_TRITON:
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = (rows < ROWS) & (rows < row_start + ROWS_PER_SPLIT)
             b = (rows // LPG).to(tl.int64)
-            l = (grp * LPG + rows % LPG).to(tl.int64)
-            oy = (l // nW) * S
-            ox = (l % nW) * S
+            loc = (grp * LPG + rows % LPG).to(tl.int64)
+            oy = (loc // nW) * S
+            ox = (loc % nW) * S
             ptrs = (x_ptr + b[None, :] * sxb + c[:, None] * sxc
                     + (oy[None, :] + ky[:, None]) * sxh + (ox[None, :] + kx[:, None]) * sxw)
             vt = tl.load(ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_M]
-            gr = tl.load(g_ptr + b[:, None] * sgb + l[:, None] * sgl + rr[None, :] * sgr,
+            gr = tl.load(g_ptr + b[:, None] * sgb + loc[:, None] * sgl + rr[None, :] * sgr,
                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)
             acc += tl.dot(vt, gr, input_precision=PRECISION, out_dtype=ACC)
         out = out_ptr + split * sos + grp * sog + d[:, None] * sod + rr[None, :] * sor

@@ -9,8 +9,6 @@ the exact adjoint of patch extraction (used by ``patch_encode``'s backward).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +24,7 @@ from .._geometry import (
     location_row_chunks,
     resolve_stride,
 )
-from .._triton import HAS_TRITON, launch, acc_dtype, block, mean_strides, next_pow2, tl, triton
+from .._triton import HAS_TRITON, acc_dtype, block, launch, mean_strides, next_pow2, tl, triton
 from ..reference import patches as reference
 
 if HAS_TRITON:
@@ -58,17 +56,17 @@ if HAS_TRITON:
                 ox = x // S - ix
                 kx = x - ox * S
                 ok = pix_ok & ok_y & (ox >= 0) & (ox < nW) & (kx < P)
-                l = (oy * nW + ox).to(tl.int64)
+                loc = (oy * nW + ox).to(tl.int64)
                 d = (ch * P + ky) * P + kx
                 for r0 in range(0, R, BLOCK_R):
                     rr = r0 + tl.arange(0, BLOCK_R)
                     m2 = ok[:, None] & (rr < R)[None, :]
-                    a = tl.load(c_ptr + b * scb + l[:, None] * scl + rr[None, :] * scr, mask=m2, other=0.0)
-                    phi = tl.load(basis_ptr + l[:, None] * sbl + d[:, None] * sbd + rr[None, :] * sbr,
+                    a = tl.load(c_ptr + b * scb + loc[:, None] * scl + rr[None, :] * scr, mask=m2, other=0.0)
+                    phi = tl.load(basis_ptr + loc[:, None] * sbl + d[:, None] * sbd + rr[None, :] * sbr,
                                   mask=m2, other=0.0)
                     acc += tl.sum(a.to(ACC) * phi.to(ACC), axis=1)
                 if HAS_MEAN:
-                    acc += tl.load(mean_ptr + l * sml + d * smd, mask=ok, other=0.0).to(ACC)
+                    acc += tl.load(mean_ptr + loc * sml + d * smd, mask=ok, other=0.0).to(ACC)
         if AVERAGE:
             # n_j = (# covering rows) * (# covering columns), closed form.
             ny = tl.minimum(y // S, nH - 1) - tl.maximum(y - P + S, 0) // S + 1
@@ -175,7 +173,7 @@ def _check(coeffs, basis, mean, height, width, patch_size, stride) -> tuple[Patc
 
 
 @torch.library.custom_op("podiff::patch_decode", mutates_args=())
-def _patch_decode_op(coeffs: torch.Tensor, basis: torch.Tensor, mean: Optional[torch.Tensor], height: int,
+def _patch_decode_op(coeffs: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None, height: int,
                      width: int, patch_size: int, stride: int, average: bool = True) -> torch.Tensor:
     grid, local = _check(coeffs, basis, mean, height, width, patch_size, stride)
     case = "local" if local else "shared"

@@ -7,8 +7,6 @@ and the public function. No patch matrix is ever formed by the fast paths.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +19,7 @@ from .._geometry import (
     resolve_stride,
     strip,
 )
-from .._triton import HAS_TRITON, launch, acc_dtype, block, mean_strides, tl, triton
+from .._triton import HAS_TRITON, acc_dtype, block, launch, mean_strides, tl, triton
 from ..reference import patches as reference
 
 # ----------------------------------------------------------------------------------------------
@@ -50,9 +48,9 @@ if HAS_TRITON:
         rows = (pid % NBLK_M) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < ROWS
         b = (rows // LPG).to(tl.int64)
-        l = (g * LPG + rows % LPG).to(tl.int64)
-        oy = (l // nW) * S
-        ox = (l % nW) * S
+        loc = (g * LPG + rows % LPG).to(tl.int64)
+        oy = (loc // nW) * S
+        ox = (loc % nW) * S
         rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = rr < R
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=ACC)
@@ -67,11 +65,11 @@ if HAS_TRITON:
             m2 = row_ok[:, None] & d_ok[None, :]
             v = tl.load(ptrs, mask=m2, other=0.0)
             if HAS_MEAN:
-                v = v - tl.load(mean_ptr + l[:, None] * sml + d[None, :] * smd, mask=m2, other=0.0)
+                v = v - tl.load(mean_ptr + loc[:, None] * sml + d[None, :] * smd, mask=m2, other=0.0)
             phi = tl.load(basis_ptr + g * sbg + d[:, None] * sbd + rr[None, :] * sbr,
                           mask=d_ok[:, None] & r_ok[None, :], other=0.0)
             acc += tl.dot(v, phi, input_precision=PRECISION, out_dtype=ACC)
-        out = out_ptr + b[:, None] * sob + l[:, None] * sol + rr[None, :] * sor
+        out = out_ptr + b[:, None] * sob + loc[:, None] * sol + rr[None, :] * sor
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
 
@@ -165,7 +163,7 @@ _check = check_encode
 
 
 @torch.library.custom_op("podiff::patch_encode", mutates_args=())
-def _patch_encode_op(x: torch.Tensor, basis: torch.Tensor, mean: Optional[torch.Tensor],
+def _patch_encode_op(x: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None,
                      patch_size: int, stride: int) -> torch.Tensor:
     grid, local = _check(x, basis, mean, patch_size, stride)
     case = "local" if local else "shared"

@@ -17,8 +17,6 @@ projector and the public function.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -51,10 +49,10 @@ if HAS_TRITON:
     ):
         row = tl.program_id(0).to(tl.int64)
         b = row // L
-        l = row % L
-        oy = (l // nW) * S
-        ox = (l % nW) * S
-        g = l if LOCAL else 0
+        loc = row % L
+        oy = (loc // nW) * S
+        ox = (loc % nW) * S
+        g = loc if LOCAL else 0
         rr = tl.arange(0, BLOCK_R)
         r_ok = rr < R
         gap = tl.load(gap_ptr).to(ACC)  # a tensor, not a scalar argument: those are float32
@@ -71,7 +69,7 @@ if HAS_TRITON:
             v = tl.load(x_ptr + b * sxb + c * sxc + (oy + ky) * sxh + (ox + kx) * sxw, mask=d_ok & valid,
                         other=0.0).to(ACC)
             if HAS_MEAN:
-                v = v - tl.load(mean_ptr + l * sml + d * smd, mask=d_ok & valid, other=0.0).to(ACC)
+                v = v - tl.load(mean_ptr + loc * sml + d * smd, mask=d_ok & valid, other=0.0).to(ACC)
             weight = tl.where(valid, 1.0, gap).to(ACC)
             weight = tl.where(d_ok, weight, 0.0)
             phi = tl.load(basis_ptr + g * sbg + d[:, None] * sbd + rr[None, :] * sbr,
@@ -89,7 +87,7 @@ if HAS_TRITON:
             rhs_k = tl.sum(tl.where(rr == k, rhs, 0.0), axis=0) / pivot
             gram = tl.where(rr[:, None] == k, pivot_row[None, :], gram - column[:, None] * pivot_row[None, :])
             rhs = tl.where(rr == k, rhs_k, rhs - column * rhs_k)
-        tl.store(out_ptr + b * sob + l * sol + rr * sor, rhs.to(out_ptr.dtype.element_ty), mask=r_ok)
+        tl.store(out_ptr + b * sob + loc * sol + rr * sor, rhs.to(out_ptr.dtype.element_ty), mask=r_ok)
 
 
 def _encode_masked_triton(x, mask, basis, mean, grid: PatchGrid, gap_weight: float):
@@ -186,7 +184,7 @@ def _check(x, mask, basis, mean, patch_size, stride, gap_weight) -> tuple[PatchG
 
 
 @torch.library.custom_op("podiff::patch_encode_masked", mutates_args=())
-def _patch_encode_masked_op(x: torch.Tensor, mask: torch.Tensor, basis: torch.Tensor, mean: Optional[torch.Tensor],
+def _patch_encode_masked_op(x: torch.Tensor, mask: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor | None,
                             patch_size: int, stride: int, gap_weight: float) -> torch.Tensor:
     grid, local = _check(x, mask, basis, mean, patch_size, stride, gap_weight)
     case = "wide-rank" if basis.shape[-1] > MAX_TRITON_RANK else ("local" if local else "shared")
@@ -210,8 +208,8 @@ def _backward(ctx, grad):
     # torch ops (any device) and differentiate that, one patch strip at a time inside.
     x, mask, basis, mean = ctx.saved_tensors
     p, s, gap_weight = ctx.geometry
-    wanted = [t for t, need in zip((x, basis, mean), (ctx.needs_input_grad[0], ctx.needs_input_grad[2],
-                                                       ctx.needs_input_grad[3])) if need and t is not None]
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+    wanted = [t for t, need in zip((x, basis, mean), needs, strict=True) if need and t is not None]
     leaves = [t.detach().requires_grad_(any(t is w for w in wanted)) if t is not None else None
               for t in (x, basis, mean)]
     with torch.enable_grad():

@@ -157,11 +157,11 @@ if HAS_TRITON:
             s_ok = smp < S
             if LOCAL:
                 b = smp.to(tl.int64)
-                l = g + 0 * smp
+                loc = g + 0 * smp
             else:
                 b = (smp // L).to(tl.int64)
-                l = smp % L
-            base = b * sxb + ((l // nW) * STRIDE).to(tl.int64) * sxh + ((l % nW) * STRIDE).to(tl.int64) * sxw
+                loc = smp % L
+            base = b * sxb + ((loc // nW) * STRIDE).to(tl.int64) * sxh + ((loc % nW) * STRIDE).to(tl.int64) * sxw
             mi = s_ok[:, None] & i_ok[None, :]
             mj = s_ok[:, None] & j_ok[None, :]
             xi = tl.load(x_ptr + base[:, None] + off_i[None, :], mask=mi, other=0.0).to(tl.float64)
@@ -172,7 +172,7 @@ if HAS_TRITON:
                 wi = wi * tl.load(valid_ptr + base[:, None] + off_i[None, :], mask=mi, other=0).to(tl.float64)
                 wj = wj * tl.load(valid_ptr + base[:, None] + off_j[None, :], mask=mj, other=0).to(tl.float64)
             if COMPLETE:
-                whole = tl.load(whole_ptr + b * L + l, mask=s_ok, other=0).to(tl.float64)
+                whole = tl.load(whole_ptr + b * L + loc, mask=s_ok, other=0).to(tl.float64)
                 wi = mi.to(tl.float64) * whole[:, None]
                 wj = mj.to(tl.float64) * whole[:, None]
             yi = (xi - ci[None, :]) * wi
@@ -242,7 +242,10 @@ def _centres(x, valid, grid: PatchGrid, local: bool):
     with complete patches the exact means differ slightly and the kernel corrects for it."""
     p, s = grid.patch_size, grid.stride
     wx = x.double() if valid is None else torch.where(valid, x.double(), 0.0)
-    w = torch.ones_like(x[:1], dtype=torch.float64) * x.shape[0] if valid is None else valid.double().sum(0, keepdim=True)
+    if valid is None:
+        w = torch.ones_like(x[:1], dtype=torch.float64) * x.shape[0]
+    else:
+        w = valid.double().sum(0, keepdim=True)
     cols = F.unfold(wx.sum(0, keepdim=True), p, stride=s)[0]  # D, L
     counts = F.unfold(w, p, stride=s)[0]
     if not local:
@@ -366,7 +369,7 @@ class PatchStats:
         """Whether any masked pixel was seen (the pairwise ``[G, D, D]`` form)."""
         return self.count.shape[-1] != 1 or self.mean.shape[-1] != 1
 
-    def merge(self, other: "PatchStats") -> "PatchStats":
+    def merge(self, other: PatchStats) -> PatchStats:
         """The statistics of both sets of samples (exact; order changes only round-off)."""
         if not isinstance(other, PatchStats):
             raise TypeError(f"other must be PatchStats; got {type(other).__name__}")
@@ -394,7 +397,7 @@ class PatchStats:
         """Unbiased (pairwise-complete) covariance ``[G, D, D]``; zero where fewer than 2 samples."""
         return reference.covariance(self.count.expand_as(self.m2), self.m2)
 
-    def all_reduce(self, group=None) -> "PatchStats":
+    def all_reduce(self, group=None) -> PatchStats:
         """The statistics over every rank of ``group`` (``torch.distributed``; sums only).
 
         Two all-reduces: counts and weighted means give the global pair means; then each
@@ -418,7 +421,7 @@ class PatchStats:
         dist.all_reduce(m2, group=group)
         return PatchStats(n, global_mean, m2, *self.geometry)
 
-    def to(self, device) -> "PatchStats":
+    def to(self, device) -> PatchStats:
         return PatchStats(self.count.to(device), self.mean.to(device), self.m2.to(device), *self.geometry)
 
 

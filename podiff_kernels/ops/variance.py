@@ -14,8 +14,6 @@ The same pass can also produce the pixel mean (``decode_moments``).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +28,7 @@ from .._geometry import (
     location_row_chunks,
     resolve_stride,
 )
-from .._triton import HAS_TRITON, launch, acc_dtype, block, mean_strides, tl, triton
+from .._triton import HAS_TRITON, acc_dtype, block, launch, mean_strides, tl, triton
 from ..reference import patches as ref_patches
 from ..reference import variance as reference
 from .patch_decode import patch_decode_op
@@ -72,10 +70,10 @@ if HAS_TRITON:
                 ky = y - oy * S
                 kx = x - ox * S
                 ok = valid & (oy >= 0) & (oy < nH) & (ox >= 0) & (ox < nW) & (ky < P) & (kx < P)
-                l = (tl.minimum(tl.maximum(cy - iy, 0), nH - 1) * nW
+                loc = (tl.minimum(tl.maximum(cy - iy, 0), nH - 1) * nW
                      + tl.minimum(tl.maximum(cx - ix, 0), nW - 1)).to(tl.int64)
                 d = (ch * P + ky) * P + kx
-                phi_row = basis_ptr + l * sbl + d[:, None] * sbd
+                phi_row = basis_ptr + loc * sbl + d[:, None] * sbd
                 for k0 in range(0, R, BLOCK_R):
                     kk = k0 + tl.arange(0, BLOCK_R)
                     k_ok = kk < R
@@ -87,20 +85,20 @@ if HAS_TRITON:
                             jj = j0 + tl.arange(0, BLOCK_R)
                             j_ok = jj < R
                             phj = tl.load(phi_row + jj[None, :] * sbr, mask=ok[:, None] & j_ok[None, :], other=0.0)
-                            sig = tl.load(v_ptr + b * svb + l * svl + jj[:, None] * svk + kk[None, :] * svm,
+                            sig = tl.load(v_ptr + b * svb + loc * svl + jj[:, None] * svk + kk[None, :] * svm,
                                           mask=j_ok[:, None] & k_ok[None, :], other=0.0)
                             t += tl.dot(phj.to(ACC), sig.to(ACC), input_precision=PRECISION, out_dtype=ACC)
                     phi = tl.load(phi_row + kk[None, :] * sbr, mask=ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
                     if WITH_MEAN:
-                        a = tl.load(m_ptr + b * smb + l * sml + kk * smr, mask=k_ok, other=0.0).to(ACC)
+                        a = tl.load(m_ptr + b * smb + loc * sml + kk * smr, mask=k_ok, other=0.0).to(ACC)
                         acc_m += tl.sum(phi * a[None, :], axis=1)
                     if MODE == 1:
-                        var = tl.load(v_ptr + b * svb + l * svl + kk * svk, mask=k_ok, other=0.0).to(ACC)
+                        var = tl.load(v_ptr + b * svb + loc * svl + kk * svk, mask=k_ok, other=0.0).to(ACC)
                         acc_v += tl.sum(phi * phi * var[None, :], axis=1)
                     if MODE == 2:
                         acc_v += tl.sum(t * phi, axis=1)
                 if WITH_MEAN and HAS_MU:
-                    acc_m += tl.load(mu_ptr + l * sul + d * sud, mask=ok, other=0.0).to(ACC)
+                    acc_m += tl.load(mu_ptr + loc * sul + d * sud, mask=ok, other=0.0).to(ACC)
         ny = tl.minimum(y // S, nH - 1) - tl.maximum(y - P + S, 0) // S + 1
         nx = tl.minimum(x // S, nW - 1) - tl.maximum(x - P + S, 0) // S + 1
         n = tl.where(valid, ny * nx, 1).to(ACC)
@@ -197,7 +195,8 @@ def _variance_torch(var_or_cov, basis, grid: PatchGrid):
 
 def _moments_torch(mean_coeffs, var_or_cov, basis, mean, grid: PatchGrid):
     H, W, p, s = grid.height, grid.width, grid.patch_size, grid.stride
-    pixel_mean = None if mean_coeffs is None else patch_decode_op(mean_coeffs.contiguous(), basis, mean, H, W, p, s, True)
+    pixel_mean = (None if mean_coeffs is None
+                  else patch_decode_op(mean_coeffs.contiguous(), basis, mean, H, W, p, s, True))
     pixel_var = None if var_or_cov is None else _variance_torch(var_or_cov, basis, grid)
     return pixel_mean, pixel_var
 
@@ -252,7 +251,7 @@ def _check(mean_coeffs, var_or_cov, basis, mean, height, width, patch_size, stri
 
 @torch.library.custom_op("podiff::decode_moments", mutates_args=())
 def _decode_moments_op(mean_coeffs: torch.Tensor, var_or_cov: torch.Tensor, basis: torch.Tensor,
-                       mean: Optional[torch.Tensor], height: int, width: int, patch_size: int,
+                       mean: torch.Tensor | None, height: int, width: int, patch_size: int,
                        stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     grid, local = _check(mean_coeffs, var_or_cov, basis, mean, height, width, patch_size, stride)
     return dispatch.call("decode_moments", basis.device, basis.dtype, "local" if local else "shared",
