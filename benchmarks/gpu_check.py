@@ -18,7 +18,7 @@ Stages, each with its own time limit (30 + 90 + 200 + 90 + 100 s: at most 8 minu
 5. ``demo``: ``podiff demo --device cuda --quiet`` — the SST demo's metrics and times on the GPU.
 
 Exit status 0 when every stage passed. ``--dry-run`` runs stages 1, 3, 4 and a tiny demo on the
-CPU (the GPU tests then skip) so the script is tested where no GPU is (``tests/test_gpu_check.py``).
+CPU (the GPU tests then skip) so the script is tested where no GPU is (``tests/benchmarks/test_gpu_check.py``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ bandwidth as a fraction of the measured device copy bandwidth, and the eigensolv
 
 Bytes moved are counted as the op's compulsory traffic (every input read once, every output
 written once), so the fraction is a lower bound on how close a kernel is to the roofline.
-``tests/test_gpu_suite.py`` runs the dry mode so the script cannot rot.
+``tests/benchmarks/test_gpu_suite.py`` runs the dry mode so the script cannot rot.
 """
 
 from __future__ import annotations

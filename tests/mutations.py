@@ -14,20 +14,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTATIONS = [
     ("patch_stats Triton kernel: pairwise M2 uses sy_ij twice",
      "podiff_kernels/ops/patch_stats.py", "syy - tl.where(has, sy_ij * sy_ji / safe, 0.0)",
-     "syy - tl.where(has, sy_ij * sy_ij / safe, 0.0)", ["tests/test_patch_stats.py"]),
+     "syy - tl.where(has, sy_ij * sy_ij / safe, 0.0)", ["tests/kernels/test_patch_stats.py"]),
     ("patch_stats Triton kernel: complete-case drops the completeness weight",
      "podiff_kernels/ops/patch_stats.py", "wi = mi.to(tl.float64) * whole[:, None]",
-     "wi = mi.to(tl.float64)", ["tests/test_patch_stats.py"]),
+     "wi = mi.to(tl.float64)", ["tests/kernels/test_patch_stats.py"]),
     ("patch_decode torch path: local basis fold misses the last location row",
      "podiff_kernels/ops/patch_decode.py", "l0, l1 = r0 * grid.n_cols, r1 * grid.n_cols",
      "l0, l1 = r0 * grid.n_cols, max(r0 + 1, r1 - 1) * grid.n_cols if r1 - r0 > 1 else r1 * grid.n_cols",
-     ["tests/test_patch_decode.py"]),
+     ["tests/kernels/test_patch_decode.py"]),
     ("patch_decode Triton kernel: average divides by the row count only",
      "podiff_kernels/ops/patch_decode.py", "acc = acc / tl.where(pix_ok, ny * nx, 1).to(ACC)",
-     "acc = acc / tl.where(pix_ok, ny, 1).to(ACC)", ["tests/test_patch_decode.py"]),
+     "acc = acc / tl.where(pix_ok, ny, 1).to(ACC)", ["tests/kernels/test_patch_decode.py"]),
     ("ensemble_moments torch path: the scratch chunk is the whole input",
      "podiff_kernels/ops/ensemble_moments.py", "return max(1, min(tokens, budget // per_token))",
-     "return tokens", ["tests/test_ensemble_moments.py"]),
+     "return tokens", ["tests/kernels/test_ensemble_moments.py"]),
 ]
 missed = 0
 for name, rel, old, new, tests in MUTATIONS:

@@ -16,7 +16,7 @@ from podiff.cli import CONFIG_OPTIONS, TRAIN_OPTIONS, _config, _options, build_p
 from podiff.model.state import FITTED_KEYS, Calibration
 
 PACKAGE = Path(podiff.__file__).parent
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "fixtures"
 #: The layers, bottom to top: a module may import its own layer and the ones below it.
 LAYERS = ["core", "data", "evaluation", "latent", "diffusion", "mean", "config", "model", "baselines", "fitting",
           "workflows", "interop", "cli"]
@@ -109,7 +109,7 @@ def test_the_config_holds_no_fitted_state_and_is_copied():
 
 
 def test_a_version_1_model_folder_loads_and_samples_as_it_did(tmp_path):
-    """``tests/data/model_v1`` was saved by podiff before the restructuring (format version 1: the
+    """``tests/fixtures/model_v1`` was saved by podiff before the restructuring (format version 1: the
     calibration and the noise correlation in the config, ``prediction`` and ``lr`` by those
     names); ``model_v1_expected.pt`` holds what it sampled then."""
     old = json.loads((DATA / "model_v1" / "config.json").read_text())
@@ -135,3 +135,13 @@ def test_a_version_1_model_folder_loads_and_samples_as_it_did(tmp_path):
     (tmp_path / "v9" / "config.json").write_text(json.dumps({**old, "version": 9}))
     with pytest.raises(ValueError, match="version 9; this podiff reads podiff.PODiffPipeline versions 1 to 2"):
         PODiffPipeline.load(tmp_path / "v9")
+
+
+def test_the_tests_mirror_the_packages():
+    """Each folder of ``tests/`` is a package of ``podiff`` (or the kernels, the benchmark scripts,
+    the fixtures); the files at the top are about the whole repository."""
+    tests = Path(__file__).parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert folders - packages == {"kernels", "benchmarks", "fixtures"}
+    assert all(any((tests / name).glob("test_*.py")) for name in folders - {"fixtures"})

@@ -1,5 +1,5 @@
 """benchmarks/gpu_suite.py: its dry-mode report is checked inside gpu_check's dry run
-(tests/test_gpu_check.py); here, what it says where there is no GPU."""
+(tests/benchmarks/test_gpu_check.py); here, what it says where there is no GPU."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_suite.py"
 
 
 def test_without_cuda_the_full_run_says_to_use_dry_run():

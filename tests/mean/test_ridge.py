@@ -1,12 +1,11 @@
-"""Baselines: bicubic with masks, POD projection, ridge (beats bicubic; closed form checked),
-pixel-space and global-POD pipelines through the same interface."""
+"""The tuned ridge (``podiff.mean.ridge.RidgeBaseline``): scikit-learn's ridge at every placement,
+the choice on validation fields, save and load."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from podiff import PipelineConfig, PODiffPipeline, baselines
-from podiff.fitting import fit
+from podiff import baselines
 
 S = 4
 
@@ -15,21 +14,6 @@ def smooth(n, seed, size=32):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, size + 8, size + 8, generator=g)
     return F.avg_pool2d(F.avg_pool2d(x, 5, stride=1), 5, stride=1) * 5
-
-
-def tiny(**kw):
-    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=8, train_steps=20,
-                                    batch_size=16, sample_steps=3,
-                                    denoiser=dict(width=32, depth=1, heads=2)), **kw})
-
-
-def test_bicubic_keeps_masks_and_matches_interpolate():
-    lr = torch.randn(2, 1, 6, 5)
-    torch.testing.assert_close(baselines.bicubic(lr, 3),
-                               F.interpolate(lr, scale_factor=3, mode="bicubic", align_corners=False))
-    lr[0, 0, 1, 1] = float("nan")
-    up = baselines.bicubic(lr, 3)
-    assert torch.isnan(up[0, 0, 3:6, 3:6]).all() and int(torch.isnan(up).sum()) == 9
 
 
 def _design(lr, k):
@@ -153,82 +137,6 @@ def test_tuned_ridge_chooses_on_validation_and_reports_every_candidate(tmp_path)
         baselines.RidgeBaseline.tuned(S, lr[:40], hr[:40], lr[40:], hr[40:], placements=("pooled",))
     with pytest.raises(ValueError, match="placements must be some of"):
         baselines.RidgeBaseline.tuned(S, lr[:40], hr[:40], lr[40:], hr[40:], placements=("global",))
-
-
-def test_pod_projection_uses_the_pipeline_pod():
-    hr = smooth(64, 2)
-    lr = F.avg_pool2d(hr, S)
-    pipe = PODiffPipeline(tiny())
-    fit(pipe, lr, hr, progress=False)
-    proj = baselines.PODProjectionBaseline(pipe).fit().predict(lr)
-    assert proj.shape == hr.shape
-    # Projecting an image already in the POD span changes nothing.
-    again = pipe.pod.decode(pipe.pod.encode((proj - pipe.offset) / pipe.data_scale)) * pipe.data_scale + pipe.offset
-    torch.testing.assert_close(again, proj, rtol=1e-4, atol=1e-4)
-
-
-def test_pixel_space_and_global_pod_pipelines_run_through_the_same_interface():
-    hr = smooth(48, 3, size=16)
-    lr = F.avg_pool2d(hr, S)
-    pixel = baselines.pixel_space_pipeline(tiny(), (16, 16))
-    fit(pixel, lr, hr, progress=False)
-    assert pixel.pod.rank == 16 and pixel.pod.report.get("identity")
-    out = pixel.sample(lr[:2], num_samples=3)
-    assert out.mean.shape == (2, 1, 16, 16) and torch.isfinite(out.variance).all()
-    glob = baselines.global_pod_pipeline(tiny(rank=None, energy=0.99), (16, 16))
-    fit(glob, lr, hr, progress=False)
-    assert glob.pod.num_locations == 1 and type(glob.denoiser).__name__ == "MLPDenoiser"
-    out = glob.sample(lr[:2], num_samples=3)
-    assert out.mean.shape == (2, 1, 16, 16)
-    assert glob.num_parameters() > 0 and pixel.num_parameters() > 0
-    with pytest.raises(RuntimeError, match="not fitted"):
-        baselines.RidgeBaseline(S).predict(lr)
-
-
-def test_global_pod_by_snapshots_equals_the_covariance_pod():
-    """Snapshots (thin SVD of the N×D data) give the modes of the D×D covariance eigenproblem."""
-    from podiff.latent.pod import PatchPOD
-
-    x = smooth(30, 4, size=12).double()  # D = 144 > N = 30: at most 29 modes
-    snap = baselines.GlobalPOD(rank=10, energy=None).fit(x)
-    cov = PatchPOD(12, rank=10).fit(x, progress=False)
-    torch.testing.assert_close(snap.eigenvalues, cov.eigenvalues.double(), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(snap.encode(x)[:, 0], cov.encode(x)[:, 0], rtol=1e-7, atol=1e-8)  # same signs
-    torch.testing.assert_close(snap.decode(snap.encode(x)), cov.decode(cov.encode(x)), rtol=1e-9, atol=1e-9)
-    full = baselines.GlobalPOD(rank=None, energy=None).fit(x)
-    assert full.rank == 29  # N − 1: centring removes one dimension
-    torch.testing.assert_close(full.decode(full.encode(x)), x, rtol=1e-9, atol=1e-9)
-
-
-def test_global_pod_on_a_rectangular_masked_field(tmp_path):
-    x = smooth(20, 5, size=40)[..., :16, :40]  # 16 × 40, like an SST band
-    x[:, :, 3:6, 10:20] = float("nan")  # fixed land
-    pod = baselines.GlobalPOD(energy=0.99).fit(x)
-    assert pod.report["masked_pixels"] == 30 and pod.rank <= 19
-    tokens = pod.encode(x)
-    assert tokens.shape == (20, 1, pod.rank) and torch.isfinite(tokens).all()
-    back = pod.decode(tokens)
-    assert torch.isnan(back[:, :, 3:6, 10:20]).all() and torch.isfinite(back[:, :, 6:]).all()
-    # Linear decoder: the analytic block variance equals the decoded members' variance.
-    members = tokens[:6, None].double().transpose(0, 1) + 0.3 * torch.randn(8, 1, 1, pod.rank, dtype=torch.float64)
-    import podiff_kernels as pk
-
-    mean_tok, cov = pk.ensemble_moments(members)
-    mean, var = pod.decode_moments(mean_tok, cov)
-    decoded = torch.stack([pod.decode(m) for m in members])
-    torch.testing.assert_close(var, decoded.var(0), rtol=1e-9, atol=1e-12, equal_nan=True)
-    torch.testing.assert_close(mean, decoded.mean(0), rtol=1e-9, atol=1e-12, equal_nan=True)
-    with pytest.raises(ValueError, match=r"x must be \[B, 1, 16, 40\]; got \(2, 1, 16, 16\)"):
-        pod.encode(x[:2, :, :, :16])
-    # Through the pipeline, saved and loaded.
-    lr = F.avg_pool2d(x, S)
-    pipe = baselines.global_pod_pipeline(tiny(rank=None, energy=0.99))
-    fit(pipe, lr, x, progress=False)
-    out = pipe.sample(lr[:2], num_samples=3)
-    assert torch.isnan(out.variance[:, :, 3:6, 10:20]).all() and (out.variance[:, :, 8:] >= 0).all()
-    pipe.save(tmp_path / "global")
-    again = PODiffPipeline.load(tmp_path / "global").sample(lr[:2], num_samples=3)
-    assert torch.equal(again.mean.nan_to_num(), out.mean.nan_to_num())
 
 
 def test_tuned_ridge_goes_per_location_only_when_validation_shows_it():

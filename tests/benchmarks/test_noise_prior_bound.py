@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from podiff.fitting import fit
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "noise_prior_bound.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "noise_prior_bound.py"
 
 
 def _module():

@@ -10,7 +10,7 @@ import pytest
 
 from podiff_kernels import _extension
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_loads_and_reports_its_build():

@@ -167,7 +167,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.podiff.batched_eigh.default, (a,), test_utils=("test_schema", "test_faketensor"))
 
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")

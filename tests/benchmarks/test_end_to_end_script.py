@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "end_to_end.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "end_to_end.py"
 
 
 @pytest.mark.slow
