@@ -40,7 +40,7 @@ from podiff.core import distributed
 from podiff.core.devices import CHOICES as DEVICE_CHOICES
 from podiff.core.devices import resolve_device
 from podiff.data.fields import one_line
-from podiff.diffusion.sampling import SAMPLERS
+from podiff.diffusion.samplers import SAMPLERS
 from podiff.diffusion.schedules import SCHEDULES
 from podiff.evaluation.error_shape import ERROR_SHAPES
 from podiff.workflows import DataSource, WorkflowError
@@ -227,7 +227,7 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--learning-rate", type=_positive_float, default=c.learning_rate)
     p.add_argument("--sample-steps", type=_positive_int, default=c.sample_steps,
                    help=f"the model's sampler steps (default {c.sample_steps}; sample --sample-steps overrides)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=c.sampler,
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), default=c.sampler,
                    help=f"the model's sampler (default {c.sampler}; dpmsolver++ needs fewer steps; "
                         "sample --sampler overrides)")
     p.add_argument("--bounds", type=_bounds_option, default="auto",
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive_int, default=16)
     p.add_argument("--sample-steps", type=_positive_int, default=None,
                    help=f"sampler steps (default: the model's, set by train --sample-steps, {CONFIG.sample_steps})")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), default=None,
                    help="sampler (default: the model's, set by train --sampler): ddim, ancestral, dpmsolver++ "
                         "(DPM-Solver++ (2M): about 10 steps do what 50 DDIM steps do) or sde-dpmsolver++")
     p.add_argument("--split", choices=("train", "val", "test", "all"), default="test")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from podiff.data.bounds import check_bounds
-from podiff.diffusion.sampling import SAMPLERS
+from podiff.diffusion.samplers import SAMPLERS
 from podiff.diffusion.schedules import SCHEDULES
 from podiff.evaluation.error_shape import ERROR_BANDS, ERROR_SHAPES
 
@@ -40,7 +40,7 @@ class PipelineConfig:
     ``denoiser`` overrides (``width``, ``depth``, …); ``denoiser_kind`` ``"vit"`` or ``"mlp"``
     (one token only). Diffusion: ``schedule`` (a name in ``diffusion.schedules.SCHEDULES``),
     ``prediction_type`` (``v``/``epsilon``), ``sampler`` (a name in
-    ``diffusion.sampling.SAMPLERS``), ``eta``, ``sample_steps``. Training: ``train_steps``,
+    ``diffusion.samplers.SAMPLERS``), ``eta``, ``sample_steps``. Training: ``train_steps``,
     ``batch_size``, ``learning_rate``, ``warmup``, ``ema_decay``, ``grad_clip``, ``smoothness``
     (weight of the learned schedule's regulariser), ``seed``, ``amp`` (bfloat16 autocast on
     CUDA). ``residual``: ``"ridge"`` (diffuse what a tuned ridge regression misses,

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from podiff.diffusion.samplers import SAMPLERS, StepQuantities
 from podiff.diffusion.schedules import NoiseSchedule
 
 
@@ -83,8 +84,6 @@ class RowNoise:
 
 Noise = Callable[..., torch.Tensor]
 
-#: Every sampler ``DiffusionScheduler`` takes (module doc).
-SAMPLERS = ("ddim", "ancestral", "dpmsolver++", "sde-dpmsolver++")
 
 
 def _generator_noise(generator: torch.Generator | None, device) -> Noise:
@@ -104,25 +103,25 @@ class DiffusionScheduler:
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"eta must be in [0, 1]; got {eta}")
         self.schedule, self.prediction_type, self.sampler, self.eta = schedule, prediction_type, sampler, float(eta)
+        self.solver = SAMPLERS[sampler](self.eta)  # the update rule (podiff.diffusion.samplers)
         self.timesteps: torch.Tensor | None = None
-        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # multistep: (x̂_0, h) of the last step
 
     @property
     def stochastic(self) -> bool:
         """Whether a step adds noise: the ancestral and SDE samplers, or DDIM with η > 0."""
-        return self.sampler in ("ancestral", "sde-dpmsolver++") or (self.sampler == "ddim" and self.eta > 0)
+        return self.solver.stochastic
 
     @property
     def multistep(self) -> bool:
         """Whether a step uses the previous step's prediction (DPM-Solver++ (2M))."""
-        return self.sampler in ("dpmsolver++", "sde-dpmsolver++")
+        return self.solver.multistep
 
     def set_timesteps(self, steps: int) -> torch.Tensor:
         """``steps + 1`` times, uniform from ``t_max`` to 0."""
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1; got {steps}")
         self.timesteps = torch.linspace(self.schedule.t_max(self.prediction_type), 0.0, int(steps) + 1)
-        self._previous = None
+        self.solver.reset()
         return self.timesteps
 
     def predictions(self, model_output, x_t, lam_t):
@@ -151,42 +150,8 @@ class DiffusionScheduler:
         log_ab_t, log_ab_s = F.logsigmoid(lam_t), F.logsigmoid(lam_s)
         alpha_s, sigma2_s = log_ab_s.mul(0.5).exp(), torch.sigmoid(-lam_s)
         sigma2_t = torch.sigmoid(-lam_t)
-        if self.multistep:
-            return SchedulerOutput(self._dpm_solver_step(x0, sample, lam_t, lam_s, alpha_s, sigma2_s, noise, final),
-                                   x0)
-        one_minus_ratio = -torch.expm1(log_ab_t - log_ab_s)  # 1 − ᾱ_t/ᾱ_s = σ²_{t|s}/σ²_t·(...)
-        if self.sampler == "ddim":
-            var = (self.eta**2) * torch.where(sigma2_t > 0, sigma2_s / sigma2_t, torch.zeros_like(sigma2_t))
-            var = var * one_minus_ratio
-            direction = (sigma2_s - var).clamp_min(0).sqrt()
-            prev = alpha_s * x0 + direction * eps
-        else:
-            # q(x_s | x_t, x0): mean = (α_{t|s} σ_s²/σ_t²) x_t + (α_s σ²_{t|s}/σ_t²) x0,
-            # var = σ²_{t|s} σ_s²/σ_t², with σ²_{t|s}/σ_t² = 1 − (ᾱ_t/ᾱ_s)(1 − ᾱ_s)/(1 − ᾱ_t).
-            alpha_ts = (0.5 * (log_ab_t - log_ab_s)).exp()
-            frac = torch.where(sigma2_t > 0, sigma2_s / sigma2_t, torch.zeros_like(sigma2_t))
-            cond_frac = 1 - (alpha_ts**2) * frac  # σ²_{t|s}/σ_t²
-            prev = alpha_ts * frac * sample + alpha_s * cond_frac * x0
-            var = cond_frac * sigma2_s
-        if self.stochastic:  # decided by the sampler, not by reading var off the device
-            prev = prev + var.clamp_min(0).sqrt() * noise(sample.shape, sample.dtype)
-        return SchedulerOutput(prev, x0)
-
-    def _dpm_solver_step(self, x0, sample, lam_t, lam_s, alpha_s, sigma2_s, noise: Noise, final: bool) -> torch.Tensor:
-        """DPM-Solver++ (2M), midpoint form (module doc); first order without a previous step or when
-        ``final`` (landing on σ = 0, where the step ratio ``r`` vanishes)."""
-        h = 0.5 * (lam_s - lam_t)  # +inf on the step from zero SNR: e^{−h} = 0, and the next r = ∞ gives D = x̂_0
-        log_sigma_ratio = 0.5 * (F.logsigmoid(-lam_s) - F.logsigmoid(-lam_t))  # log σ_s/σ_t, −inf at σ_s = 0
-        D = x0
-        if self._previous is not None and not final:
-            x0_prev, h_prev = self._previous
-            D = x0 + 0.5 * (h / h_prev) * (x0 - x0_prev)  # D0 + D1/2, D1 = (x̂_0 − x̂_0')/r
-        self._previous = (x0, h)
-        if self.sampler == "dpmsolver++":
-            return log_sigma_ratio.exp() * sample + alpha_s * (-torch.expm1(-h)) * D
-        one_minus = -torch.expm1(-2 * h)  # 1 − e^{−2h}
-        prev = (log_sigma_ratio - h).exp() * sample + alpha_s * one_minus * D
-        return prev + sigma2_s.sqrt() * one_minus.clamp_min(0).sqrt() * noise(sample.shape, sample.dtype)
+        q = StepQuantities(sample, x0, eps, lam_t, lam_s, log_ab_t, log_ab_s, alpha_s, sigma2_t, sigma2_s, final)
+        return SchedulerOutput(self.solver.step(q, noise), x0)
 
     @torch.no_grad()
     def sample(self, denoiser, cond: torch.Tensor, steps: int, generator: torch.Generator | None = None,
@@ -206,5 +171,5 @@ class DiffusionScheduler:
             level = tb if noise_input == "time" else bound.log_snr(tb, cond).expand(-1, -1, r)
             out = denoiser(x, cond, level).to(x.dtype)  # the updates stay float32 under autocast
             x = self._step(bound, out, t, s, x, cond, noise, final=i == last).prev_sample
-        self._previous = None
+        self.solver.reset()
         return x

@@ -213,7 +213,7 @@ class PODiffPipeline:
                       sampler: str | None = None) -> torch.Tensor:
         """``M`` members for condition tokens ``[B, L, r]`` -> ``[M, B, L, r]``, in chunks of at most
         ``member_budget`` token values per call. ``sampler`` (None: ``config.sampler``) is one of
-        ``podiff.diffusion.sampling.SAMPLERS``, e.g. ``"dpmsolver++"`` for few steps.
+        ``podiff.diffusion.samplers.SAMPLERS``, e.g. ``"dpmsolver++"`` for few steps.
 
         Member ``m`` of image ``b`` draws its noise from its own CPU generator, seeded by
         ``(seed, image_ids[b], m)`` (``image_ids`` defaults to ``0..B-1``), moved to ``cond``'s

@@ -13,7 +13,7 @@ CUDA here). A planted CPU tensor inside a step makes both checks fail.
 import pytest
 import torch
 from fake_cuda import FakeTensorDeviceMismatchError, devices_of, fake_cuda
-from test_drop_in import CASES, IDS, _inputs
+from kernels.test_drop_in import CASES, IDS, _inputs
 
 import podiff.diffusion.schedules
 from podiff import PipelineConfig, PODiffPipeline
