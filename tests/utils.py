@@ -1,9 +1,11 @@
-"""Test helpers: dtype-dependent tolerances with the worst index in the failure message, and the
-``podiff`` command run in process."""
+"""Test helpers: dtype-dependent tolerances with the worst index in the failure message, smooth
+random fields and a tiny model config for the baseline tests, and the ``podiff`` command run in
+process."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # (atol, rtol) of an implementation in this dtype, against float64 truth, for O(1) data.
 TOLERANCES = {
@@ -43,3 +45,19 @@ def run_command(capsys, *argv):
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def smooth(n, seed, size=32):
+    """``n`` smooth random fields ``[n, 1, size, size]`` (white noise blurred twice)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, size + 8, size + 8, generator=g)
+    return F.avg_pool2d(F.avg_pool2d(x, 5, stride=1), 5, stride=1) * 5
+
+
+def tiny_baseline_config(**kw):
+    """A tiny diffusion model of the fields themselves, ×4, for the baseline tests."""
+    from podiff import PipelineConfig
+
+    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=4, patch_size=4, rank=8, train_steps=20,
+                                    batch_size=16, sample_steps=3, denoiser=dict(width=32, depth=1, heads=2)), **kw})
+

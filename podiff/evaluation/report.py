@@ -78,7 +78,8 @@ def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | Non
 
 
 def evaluate(mean, variance, target, lr_test, *, scale: int, bounds=None, period: int | None = None, members=None,
-             meta=None, predictions: dict | None = None, error_quantiles=None, band_edges=None) -> dict:
+             meta=None, predictions: dict | None = None, error_quantiles=None, band_edges=None,
+             spectra_of=()) -> dict:
     """Scores of the model and the baselines on the same pixels.
 
     ``predictions``: each baseline's prediction ``[N, C, H, W]`` by name (``podiff.baselines``;
@@ -86,7 +87,8 @@ def evaluate(mean, variance, target, lr_test, *, scale: int, bounds=None, period
     baseline's certain pixels (``podiff.data.bounds``) are set to their bound as the model's are
     (in ``predictions`` too), so the comparison is on equal knowledge. ``period``: the POD's
     stride, for the predicted std's patch grid (``std_seams``). ``error_quantiles``: the
-    predictive's shape (None: Gaussian), one per band of the mean with ``band_edges``."""
+    predictive's shape (None: Gaussian), one per band of the mean with ``band_edges``. ``spectra_of``:
+    the baselines whose power spectra go beside the truth's, the mean's and the members'."""
     result = {"model": score(mean, target, variance, members, error_quantiles, band_edges)}
     if variance is not None and period is not None and period >= 2 and min(target.shape[-2:]) > period:
         # the predicted spread's patch grid: how it varies with the position within a patch
@@ -99,7 +101,8 @@ def evaluate(mean, variance, target, lr_test, *, scale: int, bounds=None, period
             predictions[name] = bounds_.apply(predictions[name], lr_test.to(predictions[name]), bounds, scale)[0]
         result[name] = score(predictions[name], target)
     if min(target.shape[-2:]) >= SPECTRUM_MIN_SIZE:
-        result["spectra"] = _spectra(target, mean, members, predictions)
+        result["spectra"] = _spectra(target, mean, members, {name: predictions[name] for name in spectra_of
+                                                             if name in predictions})
     result["meta"] = dict(meta or {})
     if bounds is not None:
         certain = bounds_.certain_pixels(lr_test.cpu(), bounds, scale) & ~torch.isnan(target.cpu())
@@ -113,7 +116,7 @@ def _spectra(target, mean, members, predictions: dict) -> dict:
     fields = {"truth": target, "ensemble mean": mean}
     if members is not None:
         fields["members"] = members
-    fields.update({name: predictions[name] for name in ("ridge", "regression") if name in predictions})
+    fields.update(predictions)
     out = {}
     for name, field in fields.items():
         k, power = metrics.power_spectrum(field.double(), valid.expand_as(field))
@@ -246,10 +249,8 @@ def write_report(folder: str | Path, result: dict, lr, target, mean, variance, p
                        comparisons, result.get("spectra"))
     rows = ["| method | RMSE | MAE | SSIM | CRPS | MACE | spread/skill | high-k power |",
             "|---|---|---|---|---|---|---|---|"]
-    for name in ("model", "bicubic", "pod_projection", "ridge", "regression"):
-        if name not in result:
-            continue
-        m = result.get(name, {})
+    for name in [key for key in result if key not in ("spectra", "meta")]:  # the model, then each baseline
+        m = result[name]
         rows.append(f"| {name} | " + " | ".join(_fmt(m[k]) if k in m else "—" for k in
                                                   ("rmse", "mae", "ssim", "crps", "mace", "spread_skill",
                                                    "high_k_power")) + " |")

@@ -68,6 +68,7 @@ def baseline_predictions(pipe, model_dir: Path, ds, lr_test) -> tuple[dict, dict
 
 def evaluate(request: EvaluateRequest, ds=None, pipe=None) -> dict:
     """Runs the evaluation workflow; returns the ``metrics.json`` dict (empty on ranks other than 0)."""
+    from podiff.baselines import BASELINES
     from podiff.core.io import atomic_directory
     from podiff.data.prediction_file import read_prediction
     from podiff.evaluation.metric_maps import write_metric_maps
@@ -108,7 +109,8 @@ def evaluate(request: EvaluateRequest, ds=None, pipe=None) -> dict:
     band_edges = pred.attrs.get("error_band_edges") or None  # absent or empty: one shape
     result = score_all(mean, variance, hr_test, lr_test, scale=pipe.config.scale, bounds=pipe.config.bounds,
                        period=getattr(pipe.pod, "stride", None), members=members, meta=meta,
-                       predictions=predictions, error_quantiles=error_quantiles, band_edges=band_edges)
+                       predictions=predictions, error_quantiles=error_quantiles, band_edges=band_edges,
+                       spectra_of=[name for name, entry in BASELINES.items() if entry.fit is not None])
     comparisons = {"one member": members[0]} if members is not None else {}
     comparisons.update({name: predictions[name] for name in ("ridge",) if name in predictions})
     grid = ds.grid.take(idx) if ds.grid is not None else None

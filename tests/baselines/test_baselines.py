@@ -4,23 +4,13 @@ pixel-space and global-POD pipelines through the same interface."""
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import smooth
+from utils import tiny_baseline_config as tiny
 
-from podiff import PipelineConfig, PODiffPipeline, baselines
+from podiff import PODiffPipeline, baselines
 from podiff.fitting import fit
 
 S = 4
-
-
-def smooth(n, seed, size=32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, size + 8, size + 8, generator=g)
-    return F.avg_pool2d(F.avg_pool2d(x, 5, stride=1), 5, stride=1) * 5
-
-
-def tiny(**kw):
-    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=8, train_steps=20,
-                                    batch_size=16, sample_steps=3,
-                                    denoiser=dict(width=32, depth=1, heads=2)), **kw})
 
 
 def test_bicubic_keeps_masks_and_matches_interpolate():

@@ -4,16 +4,11 @@ the choice on validation fields, save and load."""
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import smooth
 
 from podiff import baselines
 
 S = 4
-
-
-def smooth(n, seed, size=32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, size + 8, size + 8, generator=g)
-    return F.avg_pool2d(F.avg_pool2d(x, 5, stride=1), 5, stride=1) * 5
 
 
 def _design(lr, k):
