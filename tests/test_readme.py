@@ -97,3 +97,38 @@ def test_links_stay_inside_the_repository_and_resolve(page):
         resolved = (page.parent / target).resolve()
         assert resolved.is_relative_to(ROOT), f"{page.name} links outside the repository: {target}"
         assert resolved.exists(), f"{page.name} links to a missing file: {target}"
+
+
+#: What the README's commands are run with here: fewer steps and members, no progress.
+COMMAND_SHRINK = {"train": ["--steps", "3", "--no-regression-baseline", "--quiet"], "sample": ["--quiet"],
+                  "evaluate": ["--quiet"]}
+
+
+def test_readme_commands_on_a_netcdf_file_run_as_written(tmp_path, monkeypatch):
+    """The README's ``podiff train / sample / evaluate`` lines, on netCDF files named as there."""
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("netCDF4")
+    import shlex
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from podiff.cli import main
+
+    g = torch.Generator().manual_seed(3)
+    field = F.avg_pool2d(torch.randn(30, 1, 24, 32, generator=g), 5, stride=1)[:, 0] * 5 + 290  # [30, 20, 28]
+    field = field[:, :16, :24].numpy().astype("f4")
+    time = np.arange("2000-01", "2002-07", dtype="datetime64[M]").astype("datetime64[ns]")
+    ds = xr.Dataset({"sst": (("time", "lat", "lon"), field, {"units": "K"})},
+                    coords={"time": time, "lat": np.linspace(-4, 4, 16), "lon": np.linspace(100, 112, 24)})
+    ds.isel(time=slice(0, 24)).to_netcdf(tmp_path / "sst_train.nc")
+    ds.isel(time=slice(24, None)).to_netcdf(tmp_path / "sst_test.nc")
+    block = re.search(r"## Your own netCDF or Zarr files\n\n```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    commands = [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.startswith("podiff ")]
+    assert [c[1] for c in commands] == ["train", "sample", "evaluate"]
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        argv = [("4" if arg == "32" and command[1] == "sample" else arg) for arg in command[1:]]
+        assert main(argv + COMMAND_SHRINK[command[1]]) == 0, command
+    assert (tmp_path / "report" / "metrics.json").is_file() and (tmp_path / "pred.nc").is_file()
