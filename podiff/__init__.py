@@ -14,14 +14,13 @@ The packages, bottom to top (imports go down only): ``core``, ``data``, ``evalua
 ``workflows``, ``cli``; ``interop`` adapts ``latent`` and ``diffusion`` to diffusers.
 """
 
-__version__ = "0.1.0"
-
-from podiff.config import PipelineConfig, TrainOptions  # noqa: E402
-from podiff.core.sample_output import SampleOutput  # noqa: E402
-from podiff.evaluation import metrics  # noqa: E402
-from podiff.fitting import calibrate_spread, fit, fit_streamed  # noqa: E402
-from podiff.latent.pod import PatchPOD  # noqa: E402
-from podiff.model.pipeline import PODiffPipeline  # noqa: E402
+from podiff.config import PipelineConfig, TrainOptions
+from podiff.core.sample_output import SampleOutput
+from podiff.core.version import __version__
+from podiff.evaluation import metrics
+from podiff.fitting import calibrate_spread, fit, fit_streamed
+from podiff.latent.pod import PatchPOD
+from podiff.model.pipeline import PODiffPipeline
 
 __all__ = ["PODiffPipeline", "PatchPOD", "PipelineConfig", "SampleOutput", "TrainOptions", "__version__",
            "calibrate_spread", "fit", "fit_streamed", "metrics"]

@@ -25,7 +25,6 @@ import sys
 
 import torch
 
-from podiff import __version__
 from podiff.config import (
     BASES,
     CONDITIONS,
@@ -39,6 +38,7 @@ from podiff.config import (
 from podiff.core import distributed
 from podiff.core.devices import CHOICES as DEVICE_CHOICES
 from podiff.core.devices import resolve_device
+from podiff.core.version import __version__
 from podiff.data.fields import one_line
 from podiff.diffusion.samplers import SAMPLERS
 from podiff.diffusion.schedules import SCHEDULES

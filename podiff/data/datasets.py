@@ -28,20 +28,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from podiff.core.dependencies import MissingDependency, require  # noqa: F401  (MissingDependency: re-exported)
+
 if TYPE_CHECKING:
     from podiff.data.fields import Grid
 
 SPLITS = ("train", "val", "test", "all", "train+val")
-
-
-class MissingDependency(ImportError):
-    """An optional package is missing; the message says which extra installs it."""
-
-
-def _require(module: str, purpose: str, extra: str = "data"):
-    if importlib.util.find_spec(module) is None:
-        raise MissingDependency(f"{purpose} needs the '{module}' package: pip install 'podiff[{extra}]'")
-    return importlib.import_module(module)
 
 
 def _package_file(package: str, relative: str, purpose: str) -> Path:
@@ -151,7 +143,7 @@ def load_sst(scale: int = 4) -> Dataset:
 def load_mri(scale: int = 4, size: int = 128, step: int = 2) -> Dataset:
     """Axial slices of the MNI152 T1 template, centre-cropped/padded to ``size``², in [0, 1]
     (``meta["bounds"]``: the space around the head is exactly 0, ``podiff.data.bounds``)."""
-    nib = _require("nibabel", "the MRI dataset")
+    nib = require("nibabel", "the MRI dataset")
     path = _package_file("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
                          "the MRI dataset")
     volume = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float64)  # x, y, z
@@ -188,8 +180,8 @@ def load_images(scale: int = 4, size: int = 64, names=IMAGES, rgb: bool = False,
     (photograph by photograph, the validation crops were the white paper of ``page`` and
     ``text`` and the test crops other scenes). ``False``: photograph by photograph, row by row.
     """
-    skdata = _require("skimage.data", "the natural-image dataset")
-    color = _require("skimage.color", "the natural-image dataset")
+    skdata = require("skimage.data", "the natural-image dataset")
+    color = require("skimage.color", "the natural-image dataset")
     crops, keys = [], []
     for image_index, name in enumerate(names):
         img = np.asarray(getattr(skdata, name)(), dtype=np.float64)

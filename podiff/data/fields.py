@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from podiff.core.dependencies import require
+
 Y_NAMES = ("lat", "latitude", "y", "rlat", "nav_lat", "south_north")
 X_NAMES = ("lon", "longitude", "x", "rlon", "nav_lon", "west_east")
 SAMPLE_NAMES = ("time", "t", "sample", "member_time")
@@ -124,9 +126,7 @@ def refine_axis(axis: Axis, scale: int, name: str | None = None) -> Axis:
 
 
 def _xarray():
-    from podiff.data.datasets import _require
-
-    return _require("xarray", "reading netCDF / Zarr")
+    return require("xarray", "reading netCDF / Zarr")
 
 
 def _open_dataset(source: str | Path):

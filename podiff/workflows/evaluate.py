@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from podiff import __version__
 from podiff.core import distributed
+from podiff.core.version import __version__
 from podiff.workflows.common import (
     DataSource,
     WorkflowError,

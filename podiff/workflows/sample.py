@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from podiff import __version__
 from podiff.core import distributed
 from podiff.core.devices import resolve_device
+from podiff.core.version import __version__
 from podiff.workflows.common import DataSource, WorkflowError, data_for_model, load_model
 
 
