@@ -24,7 +24,8 @@ def pipelines():
     lr = F.avg_pool2d(hr, 4)
     built = {}
     for name, (kind, p) in PROVIDERS.items():
-        cfg = PipelineConfig(scale=4, patch_size=p, basis="local", rank=13, preset="tiny", batch_size=8)
+        cfg = PipelineConfig(residual="none", antithetic=False, scale=4, patch_size=p, basis="local", rank=13,
+                             preset="tiny", batch_size=8)
         pipe = PODiffPipeline(cfg) if kind == "pod" else pixel_space_pipeline(cfg, SIZE)
         build(pipe, lr, hr)
         built[name] = pipe
