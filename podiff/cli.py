@@ -65,7 +65,7 @@ CONFIG_OPTIONS = {
 }
 #: The options that set a ``TrainOptions`` field.
 TRAIN_OPTIONS = ("val_fraction", "eval_every", "patience", "checkpoint_every", "calibrate", "spread_calibration",
-                 "error_shape", "error_bands", "regression_baseline", "memory_mb")
+                 "error_shape", "error_bands", "regression_baseline", "memory_mb", "refit")
 
 
 def _source(args) -> DataSource:
@@ -299,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"dark edge of a head; 1: one shape)")
     p.add_argument("--no-regression-baseline", dest="regression_baseline", action="store_false",
                    help="skip training the regression ViT baseline (the ridge baseline is always fitted)")
+    p.add_argument("--no-refit", dest="refit", action="store_false",
+                   help="keep the model and baselines fitted on the training fields only (by default, once the "
+                        "validation fields have chosen the settings and steps, they are refitted on every field; "
+                        "the spread stays calibrated on the held-out errors)")
     p.add_argument("--memory-mb", type=_positive_float, default=OPTIONS.memory_mb,
                    help="netCDF/Zarr training fields larger than this many MiB stream: scaling, ridge, POD and "
                         "baselines are fitted on an evenly spaced subsample of this size, and each step reads "

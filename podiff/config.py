@@ -108,8 +108,9 @@ class TrainOptions:
     ``eval_every`` steps with ``patience``; 0: none), the spread and error shape are calibrated on
     them (``calibrate``, ``spread_calibration``, ``error_shape``, ``error_bands``), the baselines
     are fitted beside the model (``regression_baseline``: also the regression ViT), netCDF/Zarr
-    fields larger than ``memory_mb`` stream, and a checkpoint is written every
-    ``checkpoint_every`` steps."""
+    fields larger than ``memory_mb`` stream, a checkpoint is written every ``checkpoint_every``
+    steps, and with ``refit`` the final model and baselines are refitted on every field, the
+    validation fields included, once the choices are made (``fitting.refit``)."""
 
     val_fraction: float = 0.15
     eval_every: int = 50
@@ -121,6 +122,7 @@ class TrainOptions:
     error_bands: int = ERROR_BANDS
     regression_baseline: bool = True
     memory_mb: float = 2048.0
+    refit: bool = True
 
     def __post_init__(self):
         if not 0.0 <= float(self.val_fraction) < 1.0:

@@ -13,6 +13,8 @@
 ``BASELINES``: every baseline the reports compare with, by name, in report order (a
 ``base.BaselineEntry`` each). ``podiff train`` fits and saves those with ``fit``;
 ``podiff evaluate`` loads them, makes those with ``make`` from the model, and scores them all.
+``ErrorSpread`` (``baselines.calibrated``): a baseline's per-pixel spread and error shape from its
+held-out errors, which makes it a calibrated probabilistic forecast in the reports.
 A new baseline is one file with an ``ENTRY`` and one line here.
 """
 
@@ -23,6 +25,7 @@ from podiff.baselines import ridge as _ridge
 from podiff.baselines.ablations import global_pod_pipeline, pixel_space_pipeline
 from podiff.baselines.base import BaselineEntry, Deterministic
 from podiff.baselines.bicubic import BicubicBaseline, bicubic
+from podiff.baselines.calibrated import ErrorSpread
 from podiff.baselines.pod_projection import PODProjectionBaseline, pod_projection
 from podiff.baselines.regression import RegressionBaseline
 from podiff.latent.global_pod import GlobalPOD
@@ -38,6 +41,6 @@ BASELINES: dict[str, BaselineEntry] = {
     )
 }
 
-__all__ = ["BASELINES", "BaselineEntry", "BicubicBaseline", "Deterministic", "GlobalPOD", "PODProjectionBaseline",
-           "RegressionBaseline", "RidgeBaseline", "bicubic", "global_pod_pipeline", "pixel_space_pipeline",
+__all__ = ["BASELINES", "BaselineEntry", "BicubicBaseline", "Deterministic", "ErrorSpread", "GlobalPOD",
+           "PODProjectionBaseline", "RegressionBaseline", "RidgeBaseline", "bicubic", "global_pod_pipeline", "pixel_space_pipeline",
            "pod_projection"]

@@ -36,7 +36,10 @@ class BaselineEntry:
     under these ``options``), saved as ``file`` in the model's ``baselines/`` folder and read back
     by ``load(pipe, path)`` (written by ``save(baseline, path, info)``, default
     ``baseline.save(path)``). ``refit(pipe, lr, hr)``: for a model saved without it, fitted at
-    evaluation on the data's train split (None: left out then).
+    evaluation on the data's train split (None: left out then). ``refit_on_all(baseline, pipe, lr,
+    hr, held_out, options, progress) -> (baseline, info)``: once its settings are chosen, the
+    baseline refitted on the training fields ``lr, hr`` and the ``held_out = (lr_val, hr_val)``
+    ones, as a practitioner would (None: kept as fitted).
     """
 
     name: str
@@ -45,6 +48,7 @@ class BaselineEntry:
     load: Callable | None = None
     file: str | None = None
     refit: Callable | None = None
+    refit_on_all: Callable | None = None
     save: Callable = lambda baseline, path, info: baseline.save(path)
 
 

@@ -28,6 +28,7 @@ from podiff.core.progress import progress_bar
 from podiff.core.sample_output import SampleOutput
 from podiff.data.standardise import unstandardise
 from podiff.diffusion.denoiser import DenoiserConfig, PODDenoiser
+from podiff.diffusion.training import continuation_steps
 
 FORMAT = "podiff.RegressionBaseline"
 
@@ -43,6 +44,7 @@ class RegressionBaseline:
         torch.manual_seed(pipeline.config.seed + 1)
         self.model = PODDenoiser(DenoiserConfig(**config)).to(pipeline.device)
         self.steps = 0
+        self.steps_refit = 0
         self.best_step: int | None = None
         self.val_history: list[tuple[int, float]] = []
 
@@ -64,16 +66,33 @@ class RegressionBaseline:
             learning_rate: float | None = None, eval_every: int = 50, patience: int | None = 8,
             progress: bool = False) -> RegressionBaseline:
         """Trains on the pipeline's training fields ``lr, hr`` (and validates on ``(lr_val, hr_val)``)."""
-        cfg = self.pipeline.config
         x0, cond = self._tokens(lr, hr, out_of_fold=True)
         val = self._tokens(*validation, out_of_fold=False) if validation is not None else None
+        return self._train(x0, cond, val, 1, steps, batch_size, learning_rate, eval_every, patience, progress)
+
+    def continue_on(self, lr, hr, steps: int, *, batch_size: int | None = None, learning_rate: float | None = None,
+                    progress: bool = False) -> RegressionBaseline:
+        """``steps`` more steps from the current weights on ``lr, hr`` (e.g. every field, once the
+        held-out ones have chosen the steps), without validation; ``steps_refit`` records them."""
+        x0, cond = self._tokens(lr, hr, out_of_fold=True)
+        start = self.steps + 1
+        self._train(x0, cond, None, start, start + int(steps) - 1, batch_size, learning_rate, 1, None, progress,
+                    warm=True)
+        self.steps_refit = int(steps)
+        return self
+
+    def _train(self, x0, cond, val, first: int, last: int, batch_size, learning_rate, eval_every, patience,
+               progress: bool, warm: bool = False) -> RegressionBaseline:
+        cfg = self.pipeline.config
         batch = min(batch_size or cfg.batch_size, x0.shape[0])
         optimiser = torch.optim.AdamW(self.model.parameters(), lr=learning_rate or cfg.learning_rate, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(cfg.seed + 2)
+        generator = torch.Generator().manual_seed(cfg.seed + 1 + first)  # seed + 2 for a first fit
         best = None
-        for step in progress_bar(range(1, steps + 1), enabled=progress, desc="regression", unit="step"):
+        self.model.train()
+        for step in progress_bar(range(first, last + 1), enabled=progress, desc="regression", unit="step"):
             for group in optimiser.param_groups:
-                group["lr"] = (learning_rate or cfg.learning_rate) * min(1.0, step / max(1, cfg.warmup))
+                ramp = 1.0 if warm else min(1.0, step / max(1, cfg.warmup))
+                group["lr"] = (learning_rate or cfg.learning_rate) * ramp
             idx = torch.randint(0, x0.shape[0], (batch,), generator=generator).to(x0.device)
             loss = F.mse_loss(self._forward(cond[idx]), x0[idx])
             optimiser.zero_grad(set_to_none=True)
@@ -81,7 +100,7 @@ class RegressionBaseline:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
             optimiser.step()
             self.steps = step
-            if val is not None and (step % eval_every == 0 or step == steps):
+            if val is not None and (step % eval_every == 0 or step == last):
                 with torch.no_grad():
                     self.model.eval()
                     mse = float(F.mse_loss(self._forward(val[1]), val[0]))
@@ -118,7 +137,8 @@ class RegressionBaseline:
     def save(self, path) -> None:
         """One safetensors file next to the pipeline it belongs to, written atomically."""
         save_tensors(path, self.model.state_dict(), FORMAT, denoiser=self.model.config.to_dict(), steps=self.steps,
-                     best_step=self.best_step, val_history=[list(v) for v in self.val_history])
+                     best_step=self.best_step, val_history=[list(v) for v in self.val_history],
+                     steps_refit=self.steps_refit)
 
     @classmethod
     def load(cls, path, pipeline) -> RegressionBaseline:
@@ -127,6 +147,7 @@ class RegressionBaseline:
         model.model.load_state_dict(tensors)
         model.model.to(pipeline.device).eval()
         model.steps, model.best_step = meta["steps"], meta["best_step"]
+        model.steps_refit = int(meta.get("steps_refit", 0))
         model.val_history = [(int(a), float(b)) for a, b in meta["val_history"]]
         return model
 
@@ -143,5 +164,17 @@ def _fit(pipe, lr, hr, validation, options, progress: bool):
     return reg, {"steps": reg.steps, "best_step": reg.best_step, "seconds": time.perf_counter() - t0}
 
 
+def _refit_on_all(reg, pipe, lr, hr, held_out, options, progress: bool):
+    """Continued on every field for the steps the held-out fields add at its chosen steps per field
+    (``diffusion.training.continuation_steps``), as the diffusion model is."""
+    t0 = time.perf_counter()
+    chosen = reg.best_step if reg.best_step is not None else reg.steps
+    steps = continuation_steps(chosen, lr.shape[0], held_out[0].shape[0])
+    lr_all, hr_all = (torch.cat([a.to(pipe.device), b.to(pipe.device)]) for a, b in zip((lr, hr), held_out,
+                                                                                          strict=True))
+    reg.continue_on(lr_all, hr_all, steps, progress=progress)
+    return reg, {"steps": steps, "fields": int(lr_all.shape[0]), "seconds": time.perf_counter() - t0}
+
+
 ENTRY = BaselineEntry("regression", fit=_fit, load=lambda pipe, path: RegressionBaseline.load(path, pipe),
-                      file="regression.safetensors")
+                      file="regression.safetensors", refit_on_all=_refit_on_all)

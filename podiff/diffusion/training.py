@@ -46,16 +46,26 @@ def draw_noise(shape, t_max: float, generator: torch.Generator | None, device, d
     return t, (eps if colour is None else colour(eps))
 
 
+def continuation_steps(best_step: int, n_train: int, n_held: int) -> int:
+    """The steps that give the ``n_held`` new fields the chosen model's steps per field
+    (``ceil(best_step · n_held / n_train)``)."""
+    if n_train < 1 or n_held < 0 or best_step < 0:
+        raise ValueError(f"need n_train >= 1, n_held >= 0 and best_step >= 0; got {n_train}, {n_held}, {best_step}")
+    return math.ceil(best_step * n_held / n_train)
+
+
 @dataclass
 class TrainingRecord:
     """What a ``Trainer`` has done: ``step`` (optimiser steps so far, across resumes), ``history``
     (the loss of each step), ``val_history`` (``(step, EMA validation loss)`` pairs) and
-    ``best_step`` (the step whose weights were kept; None without validation)."""
+    ``best_step`` (the step whose weights were kept; None without validation) and ``refit``
+    (after a refit on every field, ``fitting.refit``: ``{"from_step", "steps", "fields"}``)."""
 
     step: int = 0
     history: list = field(default_factory=list)
     val_history: list = field(default_factory=list)
     best_step: int | None = None
+    refit: dict | None = None
 
 
 def diffusion_loss(x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, *, denoiser,
@@ -138,10 +148,15 @@ class Trainer:
         amp: bfloat16 autocast; ``None`` means ``config.amp`` on CUDA and off elsewhere; ``True``
             forces it on any device (CPU autocast exercises the same code path).
         distributed: wrap the model in DistributedDataParallel over the default process group.
+        ema_from: the step from which the EMA's warm-up counts (``decay = min(ema_decay,
+            (1 + k) / (10 + k))``, ``k`` steps since): a continuation on new fields restarts it,
+            so that its weights follow the continued training.
     """
 
-    def __init__(self, pipe, *, device=None, amp: bool | None = None, distributed: bool = False):
+    def __init__(self, pipe, *, device=None, amp: bool | None = None, distributed: bool = False,
+                 ema_from: int = 0):
         cfg = pipe.config
+        self.ema_from = int(ema_from)  # the EMA warms up from this step (a continuation restarts it)
         self.pipe = pipe
         self.device = torch.device(device) if device is not None else pipe.device
         pipe.to(self.device)
@@ -202,7 +217,8 @@ class Trainer:
     @torch.no_grad()
     def update_ema(self) -> None:
         pipe = self.pipe
-        decay = min(pipe.config.ema_decay, (1 + self.record.step) / (10 + self.record.step))
+        k = self.record.step - self.ema_from
+        decay = min(pipe.config.ema_decay, (1 + k) / (10 + k))
         live = nn.ModuleList([pipe.denoiser, pipe.schedule])
         for e, p in zip(pipe.ema.parameters(), live.parameters(), strict=False):
             e.lerp_(p.detach(), 1 - decay)
@@ -328,7 +344,7 @@ class Trainer:
             "denoiser": pipe.denoiser.state_dict(), "schedule": pipe.schedule.state_dict(),
             "ema": pipe.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(), "generator": self.generator.get_state(),
-            "val_history": [list(v) for v in record.val_history], "best": self.best,
+            "val_history": [list(v) for v in record.val_history], "best": self.best, "ema_from": self.ema_from,
         }
 
     def restore(self, path: Path) -> None:
@@ -351,5 +367,6 @@ class Trainer:
         self.best = state.get("best")
 
 
-__all__ = ["TokenTensors", "Trainer", "TrainingRecord", "TrainingModule", "autocast", "diffusion_loss", "draw_noise",
+__all__ = ["TokenTensors", "Trainer", "TrainingRecord", "TrainingModule", "autocast", "continuation_steps",
+           "diffusion_loss", "draw_noise",
            "rank_rows"]

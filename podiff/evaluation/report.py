@@ -79,7 +79,7 @@ def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | Non
 
 def evaluate(mean, variance, target, lr_test, *, scale: int, bounds=None, period: int | None = None, members=None,
              meta=None, predictions: dict | None = None, error_quantiles=None, band_edges=None,
-             spectra_of=()) -> dict:
+             spectra_of=(), spreads: dict | None = None) -> dict:
     """Scores of the model and the baselines on the same pixels.
 
     ``predictions``: each baseline's prediction ``[N, C, H, W]`` by name (``podiff.baselines``;
@@ -88,7 +88,12 @@ def evaluate(mean, variance, target, lr_test, *, scale: int, bounds=None, period
     (in ``predictions`` too), so the comparison is on equal knowledge. ``period``: the POD's
     stride, for the predicted std's patch grid (``std_seams``). ``error_quantiles``: the
     predictive's shape (None: Gaussian), one per band of the mean with ``band_edges``. ``spectra_of``:
-    the baselines whose power spectra go beside the truth's, the mean's and the members'."""
+    the baselines whose power spectra go beside the truth's, the mean's and the members'.
+    ``spreads``: a calibrated predictive for some baselines by name (``baselines.calibrated.ErrorSpread``:
+    ``variance(prediction)``, ``error_quantiles``, ``band_edges``): those are scored as probabilistic
+    forecasts too (CRPS, coverage, MACE, with ``crps_gaussian``/``mace_gaussian``), and
+    ``result["comparison"]`` says how the model's CRPS stands against the best of them
+    (``compare_calibrated``)."""
     result = {"model": score(mean, target, variance, members, error_quantiles, band_edges)}
     if variance is not None and period is not None and period >= 2 and min(target.shape[-2:]) > period:
         # the predicted spread's patch grid: how it varies with the position within a patch
@@ -99,7 +104,19 @@ def evaluate(mean, variance, target, lr_test, *, scale: int, bounds=None, period
         predictions[name] = prediction.cpu().to(target.dtype)
         if bounds is not None:  # the model's knowledge of the bounds, given to every baseline
             predictions[name] = bounds_.apply(predictions[name], lr_test.to(predictions[name]), bounds, scale)[0]
-        result[name] = score(predictions[name], target)
+        spread = (spreads or {}).get(name)
+        if spread is None:
+            result[name] = score(predictions[name], target)
+            continue
+        var = spread.variance(predictions[name]).to(target.dtype)
+        if bounds is not None:  # certain pixels: no spread
+            var = bounds_.apply(predictions[name], lr_test.to(predictions[name]), bounds, scale, var)[1]
+        result[name] = score(predictions[name], target, var, error_quantiles=spread.error_quantiles,
+                             band_edges=spread.band_edges)
+        result[name]["calibrated_on_fields"] = spread.fields
+    comparison = compare_calibrated(result)
+    if comparison is not None:
+        result["comparison"] = comparison
     if min(target.shape[-2:]) >= SPECTRUM_MIN_SIZE:
         result["spectra"] = _spectra(target, mean, members, {name: predictions[name] for name in spectra_of
                                                              if name in predictions})
@@ -108,6 +125,33 @@ def evaluate(mean, variance, target, lr_test, *, scale: int, bounds=None, period
         certain = bounds_.certain_pixels(lr_test.cpu(), bounds, scale) & ~torch.isnan(target.cpu())
         result["meta"]["bounds"] = {"bounds": bounds, "certain_fraction": float(certain.float().mean())}
     return result
+
+
+def compare_calibrated(result: dict) -> dict | None:
+    """The model's CRPS (the members' fair CRPS where there are members, else its closed-form
+    predictive's) against the best calibrated baseline's (the lower of its shaped and Gaussian
+    CRPS), and the RMSE of its mean against the lowest baseline RMSE: ``{"crps", "best_calibrated",
+    "best_calibrated_crps", "crps_ratio", "rmse", "best_rmse_baseline", "best_rmse", "rmse_ratio",
+    "sentence"}``; None without a calibrated baseline or a model CRPS."""
+    model = result.get("model", {})
+    crps = model.get("crps_ensemble_fair", model.get("crps"))
+    peers = {name: min(entry["crps"], entry.get("crps_gaussian", entry["crps"])) for name, entry in result.items()
+             if isinstance(entry, dict) and name not in ("model", "meta", "spectra") and "crps" in entry}
+    if crps is None or not peers:
+        return None
+    best = min(peers, key=peers.get)
+    ratio = crps / peers[best]
+    rmses = {name: entry["rmse"] for name, entry in result.items()
+             if isinstance(entry, dict) and name not in ("model", "meta", "spectra") and "rmse" in entry}
+    best_rmse = min(rmses, key=rmses.get)
+    how = f"{(1 - ratio) * 100:.1f} % below" if ratio < 1 else f"{(ratio - 1) * 100:.1f} % above"
+    verdict = "beats" if ratio < 1 else "does not beat"
+    sentence = (f"The diffusion {verdict} the best calibrated regression ({best}, CRPS {peers[best]:.4g}): its "
+                f"CRPS {crps:.4g} is {how} it (ratio {ratio:.3f}); its mean's RMSE {model['rmse']:.4g} against the "
+                f"best baseline's ({best_rmse}) {rmses[best_rmse]:.4g} (ratio {model['rmse'] / rmses[best_rmse]:.3f}).")
+    return {"crps": crps, "best_calibrated": best, "best_calibrated_crps": peers[best], "crps_ratio": ratio,
+            "rmse": model["rmse"], "best_rmse_baseline": best_rmse, "best_rmse": rmses[best_rmse],
+            "rmse_ratio": model["rmse"] / rmses[best_rmse], "sentence": sentence}
 
 
 def _spectra(target, mean, members, predictions: dict) -> dict:
@@ -247,18 +291,24 @@ def write_report(folder: str | Path, result: dict, lr, target, mean, variance, p
     write_json(folder / "metrics.json", result)
     figures = _figures(folder, lr, target, mean, variance, result["model"].get("coverage"), pod, scale,
                        comparisons, result.get("spectra"))
-    rows = ["| method | RMSE | MAE | SSIM | CRPS | MACE | spread/skill | high-k power |",
-            "|---|---|---|---|---|---|---|---|"]
-    for name in [key for key in result if key not in ("spectra", "meta")]:  # the model, then each baseline
+    rows = ["| method | RMSE | MAE | SSIM | CRPS | CRPS (Gaussian) | members' fair CRPS | MACE | spread/skill | "
+            "high-k power |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in [key for key in result if key not in ("spectra", "meta", "comparison")]:  # the model, then baselines
         m = result[name]
         rows.append(f"| {name} | " + " | ".join(_fmt(m[k]) if k in m else "—" for k in
-                                                  ("rmse", "mae", "ssim", "crps", "mace", "spread_skill",
+                                                  ("rmse", "mae", "ssim", "crps", "crps_gaussian",
+                                                   "crps_ensemble_fair", "mace", "spread_skill",
                                                    "high_k_power")) + " |")
+    rows.append("")
+    rows.append("A baseline's CRPS and MACE are its prediction's with a per-pixel spread from its errors on the "
+                "validation fields (fitted on the training fields only), shaped as those errors are; "
+                "CRPS (Gaussian): with a Gaussian of that spread.")
     model = result["model"]
     cov = model.get("coverage", {})
     shaped = "mace_gaussian" in model
     lines = ["# podiff report", "", f"Data: {result['meta'].get('data', '?')}, split "
              f"{result['meta'].get('split', '?')}, {result['meta'].get('samples', '?')} samples.", "",
+             *([result["comparison"]["sentence"], ""] if "comparison" in result else []),
              *rows, "", "Coverage of the central intervals (" +
              ("closed-form mean and variance, the error shape of the validation fields" if shaped
               else "analytic Gaussian") + "): " + ", ".join(f"{float(k):.0%}: {v:.3f}" for k, v in cov.items()), ""]

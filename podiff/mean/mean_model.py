@@ -45,6 +45,15 @@ class MeanModel:
             return cls(ridge, {"tuned_on_validation": True, **best, "candidates": len(table)})
         return cls(RidgeBaseline(scale).fit(lr, hr), {"tuned_on_validation": False})
 
+    def refitted(self, lr: torch.Tensor, hr: torch.Tensor) -> MeanModel:
+        """A mean model with the same ridge settings fitted on ``lr, hr`` (every field, once the
+        settings were chosen on held-out ones), keeping the condition statistics the denoiser
+        was trained with; ``choice["refitted_fields"]`` says on how many fields."""
+        ridge = RidgeBaseline(**self.ridge.settings()).fit(lr.detach().cpu().double(), hr.detach().cpu().double())
+        model = MeanModel(ridge, {**self.choice, "refitted_fields": int(lr.shape[0])})
+        model.cond_mean, model.cond_scale = self.cond_mean, self.cond_scale
+        return model
+
     def out_of_fold(self, lr: torch.Tensor, hr: torch.Tensor, folds: int = 5) -> torch.Tensor:
         """``μ``'s predictions of its own training fields, each fold (contiguous, in order) by a
         ridge with the same settings fitted on the other folds: the residuals the diffusion learns

@@ -39,6 +39,7 @@ def save_pipeline(pipe, directory: str | Path) -> None:
         "calibration": asdict(pipe.calibration), "noise_correlation": pipe.noise_correlation,
         "step": pipe.training.step, "best_step": pipe.training.best_step, "pod_choice": pipe.pod_choice,
         "val_history": [list(v) for v in pipe.training.val_history], "pod": type(pipe.pod).__name__,
+        "refit": pipe.training.refit,
     }
     pipe.pod.save(directory / "pod.safetensors")
     if pipe.mean_model is not None:
@@ -91,6 +92,7 @@ def load_pipeline(cls, directory: str | Path, device=None):
     pipe.training.step = int(meta.get("step", 0))
     pipe.training.best_step = meta.get("best_step")
     pipe.training.val_history = [(int(a), float(b)) for a, b in meta.get("val_history", [])]
+    pipe.training.refit = meta.get("refit")
     pipe.pod_choice = meta.get("pod_choice")
     if pipe.config.residual != "none":
         from podiff.mean.mean_model import MeanModel

@@ -121,5 +121,15 @@ def load_baselines(pipe, model_dir: Path) -> dict:
             if entry.file is not None and (folder / entry.file).is_file()}
 
 
-__all__ = ["DataSource", "WorkflowError", "data_for_model", "load_baselines", "load_model", "naming",
+def load_spreads(model_dir: Path) -> dict:
+    """The baselines' error spreads ``train`` saved in ``model_dir/baselines`` (``<name>.spread.safetensors``:
+    ``baselines.calibrated.ErrorSpread``), by name."""
+    from podiff.baselines import ErrorSpread
+
+    folder = model_dir / "baselines"
+    suffix = ".spread.safetensors"
+    return {path.name[: -len(suffix)]: ErrorSpread.load(path) for path in sorted(folder.glob(f"*{suffix}"))}
+
+
+__all__ = ["DataSource", "WorkflowError", "data_for_model", "load_baselines", "load_model", "load_spreads", "naming",
            "prepare_out", "refuse_existing"]

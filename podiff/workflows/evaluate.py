@@ -25,6 +25,7 @@ from podiff.workflows.common import (
     data_for_model,
     load_baselines,
     load_model,
+    load_spreads,
     refuse_existing,
 )
 
@@ -53,8 +54,8 @@ def baseline_predictions(pipe, model_dir: Path, ds, lr_test) -> tuple[dict, dict
     for name, entry in BASELINES.items():
         if name in saved:
             baseline = saved[name]
-            about[name] = "saved with the model: fitted on its training fields" + (
-                ", tuned on its validation fields" if name == "ridge" else "")
+            about[name] = "saved with the model" + (", tuned on its validation fields" if name == "ridge" else "") + (
+                "; fitted on the fields train.json's fitted_on names")
         elif entry.make is not None:
             baseline = entry.make(pipe)
         elif entry.refit is not None:  # a run from before the saved baselines
@@ -105,12 +106,15 @@ def evaluate(request: EvaluateRequest, ds=None, pipe=None) -> dict:
                                                      "python": platform.python_version()}}
     meta.update(request.extra_meta or {})
     predictions, meta["baselines"] = baseline_predictions(pipe, model_dir, ds, lr_test)
+    spreads = {name: s for name, s in load_spreads(model_dir).items() if name in predictions
+               and tuple(s.std.shape) == tuple(hr_test.shape[-3:])}  # a spread holds for its own grid only
     error_quantiles = pred.attrs.get("error_quantiles") or None  # absent in older files: Gaussian
     band_edges = pred.attrs.get("error_band_edges") or None  # absent or empty: one shape
     result = score_all(mean, variance, hr_test, lr_test, scale=pipe.config.scale, bounds=pipe.config.bounds,
                        period=getattr(pipe.pod, "stride", None), members=members, meta=meta,
                        predictions=predictions, error_quantiles=error_quantiles, band_edges=band_edges,
-                       spectra_of=[name for name, entry in BASELINES.items() if entry.fit is not None])
+                       spectra_of=[name for name, entry in BASELINES.items() if entry.fit is not None],
+                       spreads=spreads)
     comparisons = {"one member": members[0]} if members is not None else {}
     comparisons.update({name: predictions[name] for name in ("ridge",) if name in predictions})
     grid = ds.grid.take(idx) if ds.grid is not None else None
@@ -124,6 +128,8 @@ def evaluate(request: EvaluateRequest, ds=None, pipe=None) -> dict:
         others = ", ".join(f"{name} {result[name]['rmse']:.4g}" for name in predictions)
         print(f"model RMSE {m['rmse']:.4g} ({others}); "
               f"CRPS {m.get('crps', float('nan')):.4g}, MACE {m.get('mace', float('nan')):.3f} -> {report}")
+        if "comparison" in result:
+            print(result["comparison"]["sentence"])
     return result
 
 

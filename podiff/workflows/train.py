@@ -198,33 +198,44 @@ def _train(request: TrainRequest, ds=None):
         fit_streamed(pipe, stream, memory_bytes=budget_bytes, **fit_options)
         lr, hr = stream.read(fitted)  # the baselines are fitted on the same fields as the ridge and POD
     seconds = time.perf_counter() - t0
+    spread = scores = None
+    fitted: dict = {}
+    spreads: dict = {}
+    if rank == 0:
+        if pipe.pod_choice is not None and not quiet:
+            from podiff.latent.pod_selection import describe
+
+            print(describe(pipe.pod_choice))
+        if n_val and options.calibrate:
+            spread = calibrate_spread(pipe, lr_val, hr_val, seed=config.seed, method=options.spread_calibration,
+                                      shape=options.error_shape, bands=options.error_bands)
+            if not quiet:
+                print(f"spread calibrated on the validation fields ({options.spread_calibration}): ×{spread:.3f} "
+                      f"(--no-calibrate to keep ×1)")
+                if pipe.calibration.error_quantiles is not None:
+                    _print_error_shape(pipe.calibration)
+        if world == 1:  # under torchrun rank 0 holds only its shard of the training fields: no baselines
+            fitted = fit_baselines(pipe, options, lr, hr, (lr_val, hr_val) if n_val else None, progress=not quiet)
+        if n_val:  # the held-out model and baselines: out-of-sample scores and spreads, before any refit
+            scores, spreads = held_out_scores(pipe, fitted, lr_val, hr_val, scale, config.seed, options.error_bands)
+            for name, about in fitted.items():
+                about[1]["spread"] = spreads.get(name)
+    refit_info = _refit(pipe, request, lr, hr, lr_val, hr_val, n_val, streamed is not None, out)
     if rank != 0:
         return pipe
-    if pipe.pod_choice is not None and not quiet:
-        from podiff.latent.pod_selection import describe
-
-        print(describe(pipe.pod_choice))
-    spread = None
-    if n_val and options.calibrate:
-        spread = calibrate_spread(pipe, lr_val, hr_val, seed=config.seed, method=options.spread_calibration,
-                                  shape=options.error_shape, bands=options.error_bands)
-        if not quiet:
-            print(f"spread calibrated on the validation fields ({options.spread_calibration}): ×{spread:.3f} "
-                  f"(--no-calibrate to keep ×1)")
-            if pipe.calibration.error_quantiles is not None:
-                _print_error_shape(pipe.calibration)
+    if refit_info.get("steps") is not None and fitted:
+        refit_baselines(pipe, fitted, lr, hr, (lr_val, hr_val), options, progress=not quiet)
     pipe.save(out / "model")
-    if world > 1:  # rank 0 holds only its shard of the training fields: no baselines from it
-        baseline_info = {"skipped": "under torchrun; evaluate fits a ridge on the data's train split"}
-    else:
-        baseline_info = train_baselines(pipe, options, lr, hr, (lr_val, hr_val) if n_val else None, out / "model",
-                                        progress=not quiet)
-    scores = validation_scores(pipe, lr_val, hr_val, scale, config.seed, out / "model") if n_val else None
+    baseline_info = (save_baselines(fitted, out / "model") if world == 1 else
+                     {"skipped": "under torchrun; evaluate fits a ridge on the data's train split"})
+    save_spreads({name: s for name, s in spreads.items() if name not in fitted}, out / "model")
     calibration, record = pipe.calibration, pipe.training
     info = {"data": source.data, "scale": scale, "split": request.split, "streamed": stream_info,
             "train_indices": [int(train_idx[0]), int(train_idx[-1])],
             "val_indices": [int(val_idx[0]), int(val_idx[-1])] if n_val else None,
-            "train_seconds": seconds, "steps": record.step, "best_step": record.best_step,
+            "train_seconds": seconds,
+            "steps": record.refit["from_step"] if record.refit else record.step,  # before the refit's continuation
+            "best_step": record.best_step,
             "parameters": pipe.num_parameters(), "world_size": world,
             "final_loss": float(np.mean(record.history[-50:])) if record.history else None,
             "val_loss": [list(v) for v in record.val_history], "pod": pipe.pod_choice, "validation": scores,
@@ -234,6 +245,7 @@ def _train(request: TrainRequest, ds=None):
             "error_bands": len(calibration.error_band_edges[0]) + 1 if calibration.error_band_edges else (
                 1 if calibration.error_quantiles is not None else None),
             "residual": config.residual, "mean_model": pipe.mean_model.choice if pipe.mean_model else None,
+            "fitted_on": _fitted_on(train_idx, val_idx, refit_info, config.residual),
             "bounds": config.bounds,
             "baselines": baseline_info}
     write_json(out / "train.json", info)
@@ -252,6 +264,42 @@ def _train(request: TrainRequest, ds=None):
     return pipe
 
 
+def _refit(pipe, request: TrainRequest, lr, hr, lr_val, hr_val, n_val: int, streamed: bool, out: Path) -> dict:
+    """Refits the model on every field (``fitting.refit``) after the held-out choices; what was done."""
+    from podiff.fitting import refit
+
+    if not request.options.refit:
+        return {"skipped": "--no-refit"}
+    if not n_val:
+        return {"skipped": "no validation fields"}
+    if streamed:
+        return {"skipped": "streamed training: the held-out model is kept"}
+    if not request.quiet and distributed.rank_world()[0] == 0:
+        print("refitting on every field: the mean model on all of them, the denoiser continued on all of them")
+    return refit(pipe, lr, hr, (lr_val, hr_val), progress=not request.quiet, checkpoint=out / "refit_checkpoint.pt",
+                 resume=request.resume)
+
+
+def _fitted_on(train_idx, val_idx, refit_info: dict, residual: str) -> dict:
+    """``train.json``'s account of what was fitted on which fields (indices into the data)."""
+    train = [int(train_idx[0]), int(train_idx[-1])]
+    every = [int(train_idx[0]), int(val_idx[-1])] if len(val_idx) else train
+    refitted = refit_info.get("steps") is not None
+    out = {"choices": {"fields": train, "chosen_on": [int(val_idx[0]), int(val_idx[-1])] if len(val_idx) else None,
+                       "what": "data scaling, POD basis and rank, ridge settings, training steps (early stopping)"},
+           "spread_and_error_shape": {"from_errors_on": [int(val_idx[0]), int(val_idx[-1])] if len(val_idx) else None,
+                                      "of_model_fitted_on": train},
+           "denoiser": {"fields": every if refitted else train, **({"continued_steps": refit_info["steps"],
+                                                                    "from_step": refit_info["from_step"]}
+                                                                   if refitted else {})},
+           "baselines": {"fields": every if refitted else train}}
+    if residual != "none":
+        out["mean_model"] = {"fields": every if refitted else train}
+    if not refitted:
+        out["refit"] = refit_info.get("skipped")
+    return out
+
+
 def _print_error_shape(calibration) -> None:
     from podiff.evaluation.error_shape import quantile
 
@@ -263,29 +311,86 @@ def _print_error_shape(calibration) -> None:
           f"interval spans {spans} std each side on average (Gaussian 1.96; --error-shape gaussian to keep it)")
 
 
-def train_baselines(pipe, options: TrainOptions, lr, hr, validation, model_dir: Path, progress: bool = True) -> dict:
+def fit_baselines(pipe, options: TrainOptions, lr, hr, validation, progress: bool = True) -> dict:
     """The baselines every report compares with (``podiff.baselines.BASELINES`` with a ``fit``),
-    fitted on the model's training fields and tuned on its validation fields, saved in
-    ``model_dir/baselines``; returns what each took."""
+    fitted on the model's training fields and tuned on its validation fields: ``{name: (baseline,
+    info)}`` in ``BASELINES`` order."""
     from podiff.baselines import BASELINES
 
-    folder = model_dir / "baselines"
-    info: dict = {}
+    fitted: dict = {}
     for name, entry in BASELINES.items():
         if entry.fit is None:
             continue
         baseline, about = entry.fit(pipe, lr, hr, validation, options, progress)
-        if baseline is None:
+        if baseline is not None:
+            fitted[name] = (baseline, about)
+    return fitted
+
+
+def held_out_scores(pipe, fitted: dict, lr_val, hr_val, scale: int, seed: int, bands: int,
+                    members: int = 8) -> tuple[dict, dict]:
+    """The held-out model's check on the validation fields (``validation_scores``) and each
+    baseline's error spread there (``baselines.calibrated.ErrorSpread``; those made from the model,
+    such as bicubic, too), before anything is refitted on those fields."""
+    from podiff.baselines import BASELINES, ErrorSpread
+
+    predictions = {}
+    for name, entry in BASELINES.items():
+        if name in fitted:
+            predictions[name] = fitted[name][0].predict(lr_val).cpu()
+        elif entry.make is not None:
+            predictions[name] = entry.make(pipe).predict(lr_val).cpu()
+    scores = validation_scores(pipe, lr_val, hr_val, scale, seed, members=members,
+                               predictions={n: p for n, p in predictions.items() if n in fitted})
+    spreads = {}
+    if hr_val.shape[0] >= 2:
+        for name, prediction in predictions.items():
+            spreads[name] = ErrorSpread.fit(prediction, hr_val.cpu(), bands)
+    return scores, spreads
+
+
+def refit_baselines(pipe, fitted: dict, lr, hr, held_out, options: TrainOptions, progress: bool = True) -> None:
+    """Each fitted baseline with a ``refit_on_all`` refitted on the training and held-out fields
+    (after the model's own refit: a residual model's refitted mean model is theirs)."""
+    from podiff.baselines import BASELINES
+
+    for name, (baseline, about) in list(fitted.items()):
+        entry = BASELINES[name]
+        if entry.refit_on_all is None:
             continue
+        refitted, more = entry.refit_on_all(baseline, pipe, lr, hr, held_out, options, progress)
+        fitted[name] = (refitted, {**about, "refit": more})
+
+
+def save_baselines(fitted: dict, model_dir: Path) -> dict:
+    """Saves the fitted baselines (and their error spreads) in ``model_dir/baselines``; returns
+    what each took, for ``train.json``."""
+    from podiff.baselines import BASELINES
+
+    folder = model_dir / "baselines"
+    info: dict = {}
+    for name, (baseline, about) in fitted.items():
+        entry = BASELINES[name]
+        spread = about.pop("spread", None)
         entry.save(baseline, folder / entry.file, about)
+        if spread is not None:
+            spread.save(folder / f"{name}.spread.safetensors")
+            about["spread_fields"] = spread.fields
         info[name] = about
     return info
 
 
+def save_spreads(spreads: dict, model_dir: Path) -> None:
+    """The error spreads of the baselines made from the model (nothing else of theirs is saved)."""
+    for name, spread in spreads.items():
+        spread.save(model_dir / "baselines" / f"{name}.spread.safetensors")
+
+
 def validation_scores(pipe, lr_val, hr_val, scale: int, seed: int, model_dir: Path | None = None,
-                      members: int = 8) -> dict:
+                      members: int = 8, predictions: dict | None = None) -> dict:
     """A cheap check of the trained model on the validation fields: ensemble-mean RMSE and CRPS of
-    ``members`` members beside the RMSE of bicubic and of the saved baselines."""
+    ``members`` members beside the RMSE of bicubic and of the baselines (``predictions`` of
+    ``lr_val`` by name, or those saved in ``model_dir``)."""
     from podiff.baselines import bicubic
     from podiff.evaluation import metrics
 
@@ -293,10 +398,13 @@ def validation_scores(pipe, lr_val, hr_val, scale: int, seed: int, model_dir: Pa
     samples, mean = out.samples.cpu(), out.mean.cpu()
     scores = {"rmse": metrics.rmse(mean, hr_val), "crps": metrics.crps_ensemble(samples, hr_val, fair=True),
               "bicubic_rmse": metrics.rmse(bicubic(lr_val, scale), hr_val), "members": members}
-    for name, baseline in (load_baselines(pipe, model_dir) if model_dir else {}).items():
-        scores[f"{name}_rmse"] = metrics.rmse(baseline.predict(lr_val).cpu(), hr_val)
+    if predictions is None:
+        predictions = {name: baseline.predict(lr_val).cpu()
+                       for name, baseline in (load_baselines(pipe, model_dir) if model_dir else {}).items()}
+    for name, prediction in predictions.items():
+        scores[f"{name}_rmse"] = metrics.rmse(prediction, hr_val)
     return scores
 
 
-__all__ = ["TrainRequest", "resolve_bounds", "train", "train_baselines", "training_stream", "validation_count",
-           "validation_scores"]
+__all__ = ["TrainRequest", "fit_baselines", "held_out_scores", "refit_baselines", "resolve_bounds", "save_baselines",
+           "train", "training_stream", "validation_count", "validation_scores"]

@@ -44,6 +44,15 @@ def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):
     assert code == 0, err
     info = json.loads((run_dir / "train.json").read_text())
     assert info["steps"] == 6 and info["spread_calibration"] == "moments"
+    # chosen on the held-out fields, then refitted on every field; the spreads from the held-out errors
+    fitted_on = info["fitted_on"]
+    every = [info["train_indices"][0], info["val_indices"][1]]
+    assert fitted_on["mean_model"]["fields"] == fitted_on["denoiser"]["fields"] == every
+    assert fitted_on["spread_and_error_shape"] == {"from_errors_on": info["val_indices"],
+                                                   "of_model_fitted_on": info["train_indices"]}
+    assert fitted_on["denoiser"]["from_step"] == 6 and fitted_on["denoiser"]["continued_steps"] >= 1
+    for name in ("bicubic", "pod_projection", "ridge", "regression"):
+        assert (run_dir / "model" / "baselines" / f"{name}.spread.safetensors").is_file(), name
     from podiff.model.pipeline import PODiffPipeline
 
     assert PODiffPipeline.load(run_dir / "model").calibration.spread == info["spread"]
@@ -66,8 +75,10 @@ def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):
     assert {"model", "bicubic", "pod_projection", "ridge", "meta"} <= set(result)
     assert {"rmse", "mae", "crps", "coverage", "mace", "spread_skill", "ssim"} <= set(result["model"])
     assert set(result["model"]["coverage"]) == {"0.5", "0.7", "0.9", "0.95"}
-    for name in ("bicubic", "pod_projection", "ridge"):
-        assert {"rmse", "mae"} <= set(result[name])
+    for name in ("bicubic", "pod_projection", "ridge", "regression"):  # each also as a calibrated forecast
+        assert {"rmse", "mae", "crps", "crps_gaussian", "mace"} <= set(result[name])
+    assert result["comparison"]["best_calibrated"] in ("bicubic", "pod_projection", "ridge", "regression")
+    assert result["comparison"]["sentence"] in (report / "report.md").read_text()
     assert result["meta"]["split"] == "test" and result["meta"]["seed"] == 0 and "versions" in result["meta"]
     for f in ("report.md", "fields.png", "reliability.png", "spread_skill.png", "pod_spectrum.png"):
         assert (report / f).stat().st_size > 0, f
