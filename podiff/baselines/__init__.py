@@ -42,5 +42,5 @@ BASELINES: dict[str, BaselineEntry] = {
 }
 
 __all__ = ["BASELINES", "BaselineEntry", "BicubicBaseline", "Deterministic", "ErrorSpread", "GlobalPOD",
-           "PODProjectionBaseline", "RegressionBaseline", "RidgeBaseline", "bicubic", "global_pod_pipeline", "pixel_space_pipeline",
-           "pod_projection"]
+           "PODProjectionBaseline", "RegressionBaseline", "RidgeBaseline", "bicubic", "global_pod_pipeline",
+           "pixel_space_pipeline", "pod_projection"]
