@@ -73,7 +73,22 @@ def _source(args) -> DataSource:
     def split(text):
         return text.split(",") if text else None
 
-    return DataSource(args.data, args.scale, args.var, split(args.channels), split(args.dims), args.time)
+    covariates = None
+    if getattr(args, "predictors", None) or getattr(args, "static", None) or getattr(args, "position", False) or \
+            getattr(args, "season", False):
+        from podiff.data.covariates import CovariateSpec
+
+        def file_and_vars(values, option):
+            if not values:
+                return None
+            if len(values) < 2:
+                raise WorkflowError(f"{option} takes a file and at least one variable name; got {' '.join(values)}")
+            return values[0], values[1:]
+
+        covariates = CovariateSpec(file_and_vars(args.predictors, "--predictors"),
+                                   file_and_vars(args.static, "--static"), args.position, args.season)
+    return DataSource(args.data, args.scale, args.var, split(args.channels), split(args.dims), args.time,
+                      covariates)
 
 
 def _config(args, base: PipelineConfig | None = None) -> PipelineConfig:
@@ -260,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dims", default=None, help="Y,X: the grid's dimension names (default: lat/lon, "
                                                         "y/x or the last two)")
             p.add_argument("--time", default=None, help="START:STOP (labels, e.g. 2006-04:2009-12) of the sample axis")
+            p.add_argument("--predictors", nargs="+", metavar=("FILE", "VAR"), default=None,
+                           help="coarse predictors: a netCDF/Zarr file and its variables (on their own grid, at the "
+                                "data's times; interpolated to the input grid)")
+            p.add_argument("--static", nargs="+", metavar=("FILE", "VAR"), default=None,
+                           help="high-resolution static fields on the data's grid: a netCDF/Zarr file and its "
+                                "variables (elevation, land-sea mask)")
+            p.add_argument("--position", action="store_true",
+                           help="latitude and longitude (from the coordinates) as inputs")
+            p.add_argument("--season", action="store_true", help="the time of year (from the time coordinate) as input")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 

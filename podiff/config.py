@@ -51,6 +51,9 @@ class PipelineConfig:
     training tokens are (``diffusion.token_noise``; fitting measures it). ``bounds``: ``[lo,
     hi]`` (either None), the field's physical bounds: where the low-resolution block mean sits
     at a bound, the block's pixels are certain (``data.bounds``). None: no bounds.
+    ``covariates``: the names of the input's extra channels after the target's own coarse ones
+    (predictors, static fields, position, season: ``data.covariates``); the mean model uses them
+    as regressors and the denoiser as conditioning. Empty: the input is the target's coarse field.
 
     The device is not part of the config: it is a runtime choice, so a saved model loads on any
     device.
@@ -84,6 +87,7 @@ class PipelineConfig:
     correlated_noise: bool = True
     condition: str = "anomaly"
     bounds: list | None = None
+    covariates: list = field(default_factory=list)
 
     def __post_init__(self):
         if int(self.scale) < 1:
@@ -97,6 +101,7 @@ class PipelineConfig:
         _choice("basis", self.basis, BASES)
         if self.rank is not None:
             self.energy = None
+        self.covariates = [str(name) for name in self.covariates]
         bounds = check_bounds(self.bounds)
         self.bounds = None if bounds is None else list(bounds)
 

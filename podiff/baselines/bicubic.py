@@ -23,18 +23,20 @@ def bicubic(lr: torch.Tensor, scale: int) -> torch.Tensor:
 
 
 class BicubicBaseline(Deterministic):
-    """Bicubic upsampling as a model (``fit`` does nothing)."""
+    """Bicubic upsampling as a model (``fit`` does nothing); of the input's first ``channels``
+    channels (None: all; the rest are covariates it cannot use)."""
 
-    def __init__(self, scale: int):
+    def __init__(self, scale: int, channels: int | None = None):
         self.scale = int(scale)
+        self.channels = channels
 
     def fit(self, lr=None, hr=None, **_) -> BicubicBaseline:
         return self
 
     def predict(self, lr: torch.Tensor) -> torch.Tensor:
-        return bicubic(lr, self.scale)
+        return bicubic(lr if self.channels is None else lr[:, : self.channels], self.scale)
 
 
-ENTRY = BaselineEntry("bicubic", make=lambda pipe: BicubicBaseline(pipe.config.scale))
+ENTRY = BaselineEntry("bicubic", make=lambda pipe: BicubicBaseline(pipe.config.scale, pipe.offset.numel()))
 
 __all__ = ["BicubicBaseline", "ENTRY", "bicubic"]

@@ -29,10 +29,10 @@ def pod_projection(pipeline, lr: torch.Tensor) -> torch.Tensor:
     residual pipeline: ``μ(lr)`` plus the POD projection of the upsampled input's departure from it)."""
     lr = lr.to(pipeline.device)
     if pipeline.mean_model is None:
-        tokens = pipeline.condition_tokens(lr)
+        tokens = pipeline.condition_tokens(lr)[..., : pipeline.pod.rank]  # without the covariate features
         return unstandardise(pipeline.pod.decode(tokens), pipeline.offset, pipeline.data_scale).to(lr.device)
     mu = pipeline.mean_model.predict(lr)
-    departure = upsample(lr, mu.shape[-2:]) - mu
+    departure = upsample(pipeline.target_input(lr), mu.shape[-2:]) - mu
     tokens = pipeline.pod.encode(pipeline.standardise(departure))
     return unstandardise(pipeline.pod.decode(tokens), pipeline.offset, pipeline.data_scale) + mu
 

@@ -49,7 +49,7 @@ class RegressionBaseline:
         self.val_history: list[tuple[int, float]] = []
 
     def _forward(self, cond: torch.Tensor) -> torch.Tensor:
-        zeros = torch.zeros_like(cond)
+        zeros = cond.new_zeros(*cond.shape[:2], self.model.config.rank)  # the condition may carry covariates too
         level = torch.zeros(cond.shape[0], device=cond.device) if self.model.config.noise_input == "time" else zeros
         return self.model(zeros, cond, level)
 

@@ -16,9 +16,10 @@ def fit(pipe, lr, hr, validation, options, progress: bool):
     if pipe.mean_model is not None:
         ridge = pipe.mean_model.ridge
     elif validation is not None:
-        ridge, _ = RidgeBaseline.tuned(pipe.config.scale, lr.cpu(), hr.cpu(), *(t.cpu() for t in validation))
+        ridge, _ = RidgeBaseline.tuned(pipe.config.scale, lr.cpu(), hr.cpu(), *(t.cpu() for t in validation),
+                                       covariates=len(pipe.config.covariates))
     else:
-        ridge = RidgeBaseline(pipe.config.scale).fit(lr.cpu(), hr.cpu())
+        ridge = RidgeBaseline(pipe.config.scale, covariates=len(pipe.config.covariates)).fit(lr.cpu(), hr.cpu())
     return ridge, {"describe": ridge.describe(), "seconds": time.perf_counter() - t0,
                    "tuned_on_validation": validation is not None}
 
@@ -40,7 +41,8 @@ def _save(ridge, path, info: dict) -> None:
 
 
 ENTRY = BaselineEntry("ridge", fit=fit, load=lambda pipe, path: RidgeBaseline.load(path)[0], file="ridge.safetensors",
-                      refit=lambda pipe, lr, hr: RidgeBaseline(pipe.config.scale).fit(lr, hr), save=_save,
+                      refit=lambda pipe, lr, hr: RidgeBaseline(pipe.config.scale, covariates=len(pipe.config.covariates)).fit(lr, hr),
+                      save=_save,
                       refit_on_all=refit_on_all)
 
 __all__ = ["ENTRY", "RidgeBaseline"]

@@ -119,14 +119,15 @@ def rank_rows(batch: int, rank: int, world: int) -> slice:
 
 
 class TokenTensors:
-    """All training tokens in memory, ``x0, cond [N, L, r]``: the ``Trainer``'s usual token source.
-    A source is anything with ``len()`` and ``rows(idx) -> (x0 [B, L, r], cond [B, L, r])`` on
-    the trainer's device (``fitting.StreamedTokens`` reads and encodes each batch instead)."""
+    """All training tokens in memory, ``x0 [N, L, r]`` and ``cond [N, L, r_c]`` (``r_c = r`` or more, with
+    covariate features): the ``Trainer``'s usual token source. A source is anything with ``len()``
+    and ``rows(idx) -> (x0 [B, L, r], cond [B, L, r_c])`` on the trainer's device
+    (``fitting.StreamedTokens`` reads and encodes each batch instead)."""
 
     def __init__(self, x0: torch.Tensor, cond: torch.Tensor):
-        if x0.shape != cond.shape:
-            raise ValueError(f"x0 and cond must have one shape [N, L, r]; got {tuple(x0.shape)} and "
-                             f"{tuple(cond.shape)}")
+        if x0.dim() != 3 or cond.dim() != 3 or x0.shape[:2] != cond.shape[:2]:
+            raise ValueError(f"x0 and cond must be [N, L, r] and [N, L, r_c] with the same N and L; got "
+                             f"{tuple(x0.shape)} and {tuple(cond.shape)}")
         self.x0, self.cond = x0, cond
 
     def __len__(self) -> int:

@@ -62,6 +62,7 @@ def build(pipe, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = 
     ``token_noise``); no training (``lr`` is only checked against ``hr``).
     The data are moved to ``pipe.device`` first: the fits and the model all run there."""
     lr, hr, mask = _checked_on_device(pipe, lr, hr, mask)
+    _fit_covariate_scaling(pipe, lr, distributed)
     hr_fit, _, mu = _fit_mean_model(pipe, lr, hr, None)
     _build(pipe, hr_fit, mask, progress, distributed)
     _fit_condition(pipe, mu)
@@ -79,11 +80,21 @@ def _fit_mean_model(pipe, lr, hr, validation):
     if pipe.config.residual == "none":
         return hr, hr_val, None
     cpu = None if validation is None else tuple(t.cpu() for t in validation)
-    pipe.mean_model = MeanModel.fit(pipe.config.scale, lr.cpu(), hr.cpu(), cpu)
+    pipe.mean_model = MeanModel.fit(pipe.config.scale, lr.cpu(), hr.cpu(), cpu, len(pipe.config.covariates))
     mu = pipe.mean_model.out_of_fold(lr, hr)
     if validation is not None:
         hr_val = validation[1].to(hr.device) - pipe.mean_model.predict(validation[0].to(hr.device))
     return hr - mu, hr_val, mu
+
+
+def _fit_covariate_scaling(pipe, lr, distributed: bool) -> None:
+    """The covariate channels' mean and std over the training inputs (``config.covariates``)."""
+    K = pipe.num_covariates
+    if not K:
+        pipe.covariate_offset = pipe.covariate_scale = None
+        return
+    cov = lr[:, lr.shape[1] - K :]
+    pipe.covariate_offset, pipe.covariate_scale = fit_scaling(cov, ~torch.isnan(cov), distributed)
 
 
 def _fit_condition(pipe, mu) -> PODiffPipeline:
@@ -97,7 +108,7 @@ def _checked_on_device(pipe, lr, hr, mask):
     """``lr, hr, mask`` on ``pipe.device``, checked once for ``build`` and ``fit``."""
     lr, hr = lr.to(pipe.device), hr.to(pipe.device)
     mask = mask.to(pipe.device) if mask is not None else None
-    check_pair(lr, hr, pipe.config.scale)
+    check_pair(lr, hr, pipe.config.scale, pipe.num_covariates)
     return lr, hr, mask
 
 
@@ -197,7 +208,7 @@ def fit(pipe, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = No
         pipe.to(device)
     lr, hr, mask = _checked_on_device(pipe, lr, hr, mask)
     if cfg.bounds is not None:
-        bounds_.check_pairs(lr, hr, cfg.bounds, cfg.scale)
+        bounds_.check_pairs(pipe.target_input(lr), hr, cfg.bounds, cfg.scale)
     lr, hr, mask, validation = hold_out(lr, hr, mask, validation)
     distributed = distributed_.is_active() if distributed is None else bool(distributed)
     # On the data's device: nccl reduces CUDA tensors only.
@@ -225,6 +236,7 @@ def _prepare(pipe, lr, hr, mask, validation, progress: bool, distributed: bool):
     """Builds the pipeline on ``lr, hr`` unless built (mean model, scaling, POD, model) and
     returns the mean model's out-of-fold predictions of these fields (None without one)."""
     if pipe.denoiser is None:
+        _fit_covariate_scaling(pipe, lr, distributed)
         hr_fit, hr_val_fit, mu = _fit_mean_model(pipe, lr, hr, validation)
         _build(pipe, hr_fit, mask, progress, distributed, hr_val=hr_val_fit)
         _fit_condition(pipe, mu)
@@ -246,7 +258,7 @@ def _validation_tokens(pipe, validation):
     if validation is None:
         return None
     lr_val, hr_val = (t.to(pipe.device) for t in validation)
-    check_pair(lr_val, hr_val, pipe.config.scale)
+    check_pair(lr_val, hr_val, pipe.config.scale, pipe.num_covariates)
     return pipe.target_tokens(hr_val, lr_val).float(), pipe.condition_tokens(lr_val).float()
 
 
@@ -272,7 +284,7 @@ def fit_streamed(pipe, stream, validation: tuple[torch.Tensor, torch.Tensor] | N
     lr, hr = stream.read(positions)
     lr, hr, _ = _checked_on_device(pipe, lr, hr, None)
     if pipe.config.bounds is not None:  # the subsample read stands for the stream
-        bounds_.check_pairs(lr, hr, pipe.config.bounds, pipe.config.scale)
+        bounds_.check_pairs(pipe.target_input(lr), hr, pipe.config.bounds, pipe.config.scale)
     mu = _prepare(pipe, lr, hr, None, validation, progress, False)
     with torch.no_grad():  # the subsample's tokens stand for all: one budget in memory
         _fit_noise_correlation(pipe, pipe.target_tokens(hr, lr, mu).float())

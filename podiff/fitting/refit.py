@@ -47,8 +47,8 @@ def refit(pipe, lr: torch.Tensor, hr: torch.Tensor, held_out: tuple[torch.Tensor
         raise ValueError("held_out must be the (lr_val, hr_val) fields the model was validated on; got none")
     device = pipe.device
     lr, hr, lr_val, hr_val = (t.to(device) for t in (lr, hr, lr_val, hr_val))
-    check_pair(lr, hr, pipe.config.scale)
-    check_pair(lr_val, hr_val, pipe.config.scale)
+    check_pair(lr, hr, pipe.config.scale, pipe.num_covariates)
+    check_pair(lr_val, hr_val, pipe.config.scale, pipe.num_covariates)
     distributed = distributed_.is_active() if distributed is None else bool(distributed)
     if distributed and pipe.mean_model is not None:
         raise ValueError("residual training is not distributed yet; refit it in one process")

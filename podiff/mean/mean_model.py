@@ -37,13 +37,14 @@ class MeanModel:
         self.cond_scale: torch.Tensor | None = None  # [r] or [L, r]
 
     @classmethod
-    def fit(cls, scale: int, lr, hr, validation=None) -> MeanModel:
-        """Tuned on ``validation = (lr_val, hr_val)`` when given (fitted on ``lr, hr`` only)."""
+    def fit(cls, scale: int, lr, hr, validation=None, covariates: int = 0) -> MeanModel:
+        """Tuned on ``validation = (lr_val, hr_val)`` when given (fitted on ``lr, hr`` only);
+        ``covariates``: the input's last channels that are covariates (``RidgeBaseline``)."""
         if validation is not None:
-            ridge, table = RidgeBaseline.tuned(scale, lr, hr, *validation)
+            ridge, table = RidgeBaseline.tuned(scale, lr, hr, *validation, covariates=covariates)
             best = next(row for row in table if row["chosen"])
             return cls(ridge, {"tuned_on_validation": True, **best, "candidates": len(table)})
-        return cls(RidgeBaseline(scale).fit(lr, hr), {"tuned_on_validation": False})
+        return cls(RidgeBaseline(scale, covariates=covariates).fit(lr, hr), {"tuned_on_validation": False})
 
     def refitted(self, lr: torch.Tensor, hr: torch.Tensor) -> MeanModel:
         """A mean model with the same ridge settings fitted on ``lr, hr`` (every field, once the

@@ -68,10 +68,14 @@ class RidgeBaseline:
         per_location: one set of weights per LR pixel instead of one for the field.
         pooling: with ``per_location``, the relative penalty on each location's weights' distance
             from the shared fit (made with ``alpha``); 0 penalises the weights themselves.
+        covariates: the input's last ``covariates`` channels are covariates (``data.covariates``):
+            each enters with its value at the block's own input cell (not a neighbourhood),
+            scaled so that its variance is the target columns' mean variance (the penalty then
+            treats every column alike); the output has the other channels.
     """
 
     def __init__(self, scale: int, neighbourhood: int = 5, alpha: float = 1e-3, per_location: bool = False,
-                 pooling: float = 0.0):
+                 pooling: float = 0.0, covariates: int = 0):
         if int(scale) < 1:
             raise ValueError(f"scale must be >= 1; got {scale}")
         if int(neighbourhood) < 1 or int(neighbourhood) % 2 == 0:
@@ -84,24 +88,56 @@ class RidgeBaseline:
             raise ValueError(f"pooling={pooling} pools per-location weights: it needs per_location=True")
         self.scale, self.k, self.alpha, self.per_location = int(scale), int(neighbourhood), float(alpha), per_location
         self.pooling = float(pooling)
+        if int(covariates) < 0:
+            raise ValueError(f"covariates must be >= 0; got {covariates}")
+        self.covariates = int(covariates)
         self.weights = None  # [G, D, F + 1] with G = 1 or h·w
         self.feature_mean = None
+        self.feature_scale = None  # covariate columns scaled to the target columns' mean variance
 
     # -------------------------------------------------------------- data -> matrices
 
     def _features(self, lr: torch.Tensor) -> torch.Tensor:
-        """``[N, P = h·w, F = C·k²]`` float64."""
+        """``[N, P = h·w, F = C·k² + covariates]`` float64."""
         filled = fill_nearest(lr)
+        C = self._target_channels(lr)
         r = self.k // 2
-        padded = F.pad(filled, (r, r, r, r), mode="replicate")
-        return F.unfold(padded, self.k).transpose(1, 2)
+        padded = F.pad(filled[:, :C], (r, r, r, r), mode="replicate")
+        feats = F.unfold(padded, self.k).transpose(1, 2)
+        if self.covariates:
+            feats = torch.cat([feats, filled[:, C:].flatten(2).transpose(1, 2)], -1)
+        return feats
+
+    def _target_channels(self, lr: torch.Tensor) -> int:
+        C = lr.shape[1] - self.covariates
+        if C < 1:
+            raise ValueError(f"lr has {lr.shape[1]} channels; with {self.covariates} covariates it needs at least "
+                             f"{self.covariates + 1}")
+        return C
+
+    def _fit_feature_stats(self, feats: torch.Tensor) -> None:
+        self.feature_mean = feats.mean((0, 1))
+        if not self.covariates:
+            self.feature_scale = None
+            return
+        variance = (feats - self.feature_mean).square().mean((0, 1))
+        n_target = feats.shape[-1] - self.covariates
+        unit = variance[:n_target].mean().sqrt()
+        scale = torch.ones_like(variance)
+        scale[n_target:] = torch.where(variance[n_target:] > 0, unit / variance[n_target:].clamp_min(1e-300).sqrt(),
+                                       0.0)
+        self.feature_scale = scale
+
+    def _centred(self, feats: torch.Tensor) -> torch.Tensor:
+        x = feats - self.feature_mean
+        return x * self.feature_scale if self.feature_scale is not None else x
 
     def _blocks(self, hr: torch.Tensor) -> torch.Tensor:
         """``[N, P, D = C·s²]`` float64 (NaN where masked)."""
         return F.unfold(hr.detach().cpu().double(), self.scale, stride=self.scale).transpose(1, 2)
 
     def _design(self, lr: torch.Tensor) -> torch.Tensor:
-        x = self._features(lr) - self.feature_mean
+        x = self._centred(self._features(lr))
         return torch.cat([x, torch.ones_like(x[..., :1])], -1)  # intercept last
 
     def _normal_equations(self, lr: torch.Tensor, hr: torch.Tensor):
@@ -110,8 +146,9 @@ class RidgeBaseline:
             raise ValueError(f"hr must be scale={self.scale} times lr's size {tuple(lr.shape[-2:])}; "
                              f"got {tuple(hr.shape[-2:])}")
         feats = self._features(lr)
-        self.feature_mean = feats.mean((0, 1))
-        X = torch.cat([feats - self.feature_mean, torch.ones_like(feats[..., :1])], -1)  # N, P, F+1
+        self._fit_feature_stats(feats)
+        centred = self._centred(feats)
+        X = torch.cat([centred, torch.ones_like(feats[..., :1])], -1)  # N, P, F+1
         Y = self._blocks(hr)
         V = ~torch.isnan(Y)
         Y = torch.where(V, Y, 0.0)
@@ -125,7 +162,7 @@ class RidgeBaseline:
             gram, rhs = gram[None], rhs[None]
         # λ = α · (mean variance of a centred feature) · (rows in each Gram: N·P shared, N per location)
         rows = feats.shape[0] * (1 if self.per_location else feats.shape[1])
-        return gram, rhs, float((feats - self.feature_mean).square().mean()) * rows
+        return gram, rhs, float(centred.square().mean()) * rows
 
     def _solve(self, gram, rhs, lam_per_row: float, prior: torch.Tensor | None = None) -> torch.Tensor:
         """``(G + λP) W = rhs + λP·prior``: with no prior, ``P`` spares the intercept; pooled toward
@@ -145,7 +182,7 @@ class RidgeBaseline:
     def fit(self, lr: torch.Tensor, hr: torch.Tensor) -> RidgeBaseline:
         prior = None
         if self.pooling > 0:
-            shared = RidgeBaseline(self.scale, self.k, self.alpha).fit(lr, hr)
+            shared = RidgeBaseline(self.scale, self.k, self.alpha, covariates=self.covariates).fit(lr, hr)
             prior = shared.weights[0]
         gram, rhs, unit = self._normal_equations(lr, hr)
         self.penalty = (self.pooling if prior is not None else self.alpha) * unit
@@ -156,7 +193,7 @@ class RidgeBaseline:
     def settings(self) -> dict:
         """The constructor's arguments: ``RidgeBaseline(**r.settings())`` is an unfitted copy."""
         return {"scale": self.scale, "neighbourhood": self.k, "alpha": self.alpha,
-                "per_location": self.per_location, "pooling": self.pooling}
+                "per_location": self.per_location, "pooling": self.pooling, "covariates": self.covariates}
 
     def predict(self, lr: torch.Tensor) -> torch.Tensor:
         if self.weights is None:
@@ -169,7 +206,8 @@ class RidgeBaseline:
                             self.weights if self.per_location else self.weights[0])
         H, W = lr.shape[-2] * self.scale, lr.shape[-1] * self.scale
         out = F.fold(pred.transpose(1, 2), (H, W), self.scale, stride=self.scale).to(lr.dtype)
-        masked = F.interpolate(torch.isnan(lr).float(), size=(H, W), mode="nearest") > 0
+        C = self._target_channels(lr)
+        masked = F.interpolate(torch.isnan(lr[:, :C]).float(), size=(H, W), mode="nearest") > 0
         return out.masked_fill(masked, float("nan")).to(lr.device)
 
     def sample(self, lr: torch.Tensor, num_samples: int = 1, return_samples: bool = False, **_) -> SampleOutput:
@@ -182,19 +220,24 @@ class RidgeBaseline:
         where = "per location" if self.per_location else "shared"
         if self.pooling > 0:
             where = f"per location pooled toward shared (pooling {self.pooling:g})"
-        return f"ridge {self.k}×{self.k} → {self.scale}×{self.scale}, {where}, α = {self.alpha:g}"
+        extra = f", {self.covariates} covariates" if self.covariates else ""
+        return f"ridge {self.k}×{self.k} → {self.scale}×{self.scale}, {where}, α = {self.alpha:g}{extra}"
 
     def state(self) -> dict:
         return {**self.settings(), "lr_size": list(self.lr_size), "penalty": self.penalty}
 
     def tensors(self) -> dict:
-        return {"weights": self.weights.contiguous(), "feature_mean": self.feature_mean.contiguous()}
+        out = {"weights": self.weights.contiguous(), "feature_mean": self.feature_mean.contiguous()}
+        if self.feature_scale is not None:
+            out["feature_scale"] = self.feature_scale.contiguous()
+        return out
 
     @classmethod
     def from_state(cls, state: dict, tensors: dict) -> RidgeBaseline:
         ridge = cls(state["scale"], state["neighbourhood"], state["alpha"], state["per_location"],
-                    state.get("pooling", 0.0))  # files from before pooling have none
+                    state.get("pooling", 0.0), state.get("covariates", 0))  # older files have neither
         ridge.weights, ridge.feature_mean = tensors["weights"], tensors["feature_mean"]
+        ridge.feature_scale = tensors.get("feature_scale")
         ridge.lr_size, ridge.penalty = tuple(state["lr_size"]), state["penalty"]
         return ridge
 
@@ -213,7 +256,7 @@ class RidgeBaseline:
     @classmethod
     def tuned(cls, scale: int, lr_train, hr_train, lr_val, hr_val, neighbourhoods=NEIGHBOURHOODS,
               penalties=PENALTIES, placements=("shared", "per-location", "pooled"),
-              poolings=POOLINGS) -> tuple[RidgeBaseline, list[dict]]:
+              poolings=POOLINGS, covariates: int = 0) -> tuple[RidgeBaseline, list[dict]]:
         """The chosen ``(k, placement, α, pooling)``, fitted on the training fields; and every
         candidate's validation RMSE (``[{"neighbourhood", "per_location", "pooling", "alpha",
         "val_rmse", "chosen"}]``). ``placements``: any of ``"shared"``, ``"per-location"`` and
@@ -252,11 +295,11 @@ class RidgeBaseline:
             k_shared = None  # this k's best shared fit: (rmse, alpha, weights)
             local = None  # this k's per-location normal equations, made once for both placements
             for placement in [p for p in ("shared", "per-location") if p in placements]:
-                model = cls(scale, k, penalties[0], placement == "per-location")
+                model = cls(scale, k, penalties[0], placement == "per-location", covariates=covariates)
                 gram, rhs, unit = model._normal_equations(lr_train, hr_train)
                 model.lr_size = tuple(lr_train.shape[-2:])
                 if model.per_location:
-                    local = (gram, rhs, unit, model.feature_mean)
+                    local = (gram, rhs, unit, model.feature_mean, model.feature_scale)
                 for alpha in penalties:
                     model.alpha, model.penalty = alpha, alpha * unit
                     model.weights = model._solve(gram, rhs, model.penalty)
@@ -264,11 +307,11 @@ class RidgeBaseline:
                     if placement == "shared" and (k_shared is None or rmse < k_shared[0]):
                         k_shared = (rmse, alpha, model.weights[0])
             if "pooled" in placements:
-                model = cls(scale, k, k_shared[1], True, poolings[0])
+                model = cls(scale, k, k_shared[1], True, poolings[0], covariates=covariates)
                 if local is None:
                     gram, rhs, unit = model._normal_equations(lr_train, hr_train)
                 else:  # the same k and fields: the per-location candidates' equations and feature centre
-                    gram, rhs, unit, model.feature_mean = local
+                    gram, rhs, unit, model.feature_mean, model.feature_scale = local
                 model.lr_size = tuple(lr_train.shape[-2:])
                 for pooling in poolings:
                     model.pooling, model.penalty = pooling, pooling * unit

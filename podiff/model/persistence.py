@@ -40,6 +40,8 @@ def save_pipeline(pipe, directory: str | Path) -> None:
         "step": pipe.training.step, "best_step": pipe.training.best_step, "pod_choice": pipe.pod_choice,
         "val_history": [list(v) for v in pipe.training.val_history], "pod": type(pipe.pod).__name__,
         "refit": pipe.training.refit,
+        "covariate_scaling": None if pipe.covariate_offset is None else
+        [pipe.covariate_offset.tolist(), pipe.covariate_scale.tolist()],
     }
     pipe.pod.save(directory / "pod.safetensors")
     if pipe.mean_model is not None:
@@ -93,6 +95,9 @@ def load_pipeline(cls, directory: str | Path, device=None):
     pipe.training.best_step = meta.get("best_step")
     pipe.training.val_history = [(int(a), float(b)) for a, b in meta.get("val_history", [])]
     pipe.training.refit = meta.get("refit")
+    if meta.get("covariate_scaling"):
+        pipe.covariate_offset, pipe.covariate_scale = (torch.tensor(v, dtype=torch.float32)
+                                                       for v in meta["covariate_scaling"])
     pipe.pod_choice = meta.get("pod_choice")
     if pipe.config.residual != "none":
         from podiff.mean.mean_model import MeanModel

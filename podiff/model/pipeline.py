@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import podiff_kernels as pk
 from podiff.config import PipelineConfig
@@ -61,7 +62,8 @@ from podiff.model.persistence import load_pipeline, save_pipeline
 from podiff.model.state import Calibration
 
 
-def check_pair(lr: torch.Tensor, hr: torch.Tensor | None, scale: int) -> None:
+def check_pair(lr: torch.Tensor, hr: torch.Tensor | None, scale: int, covariates: int = 0) -> None:
+    """``lr [N, C + covariates, h, w]`` and ``hr [N, C, h·scale, w·scale]`` (None: ``lr`` alone), finite or NaN."""
     for name, x in (("lr", lr), ("hr", hr)):
         if x is None:
             continue
@@ -75,7 +77,10 @@ def check_pair(lr: torch.Tensor, hr: torch.Tensor | None, scale: int) -> None:
         return
     if lr.shape[0] != hr.shape[0]:
         raise ValueError(f"lr and hr must hold the same number of samples; got {lr.shape[0]} and {hr.shape[0]}")
-    if lr.shape[1] != hr.shape[1]:
+    if lr.shape[1] != hr.shape[1] + covariates:
+        if covariates:
+            raise ValueError(f"lr must have hr's {hr.shape[1]} channel(s) and the {covariates} covariate channels; "
+                             f"got {lr.shape[1]}")
         raise ValueError(f"lr and hr must have the same channels; got {lr.shape[1]} and {hr.shape[1]}")
     expected = (lr.shape[2] * scale, lr.shape[3] * scale)
     if tuple(hr.shape[-2:]) != expected:
@@ -112,6 +117,7 @@ class PODiffPipeline:
         self.pod_choice: dict | None = None  # how the POD was chosen (pod_selection), when it was
         self.mean_model: MeanModel | None = None  # residual="ridge": μ(lr), the diffusion models x − μ
         self.noise_correlation: dict | None = None  # the grid-correlated noise's state (token_noise)
+        self.covariate_offset = self.covariate_scale = None  # per covariate channel, [K]
         self.calibration = Calibration()
         self.training = TrainingRecord()
         self._device = torch.device(device if device is not None else "cpu")
@@ -134,6 +140,8 @@ class PODiffPipeline:
             self.offset, self.data_scale = self.offset.to(device), self.data_scale.to(device)
         if self.mean_model is not None and self.mean_model.cond_mean is not None:
             self.mean_model.to(device)
+        if self.covariate_offset is not None:
+            self.covariate_offset, self.covariate_scale = self.covariate_offset.to(device), self.covariate_scale.to(device)
         self._device = device
         return self
 
@@ -142,15 +150,51 @@ class PODiffPipeline:
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         return standardise(x, self.offset, self.data_scale)
 
+    @property
+    def num_covariates(self) -> int:
+        return len(self.config.covariates)
+
+    def target_input(self, lr: torch.Tensor) -> torch.Tensor:
+        """The target's own coarse channels of an input ``lr [B, C + K, h, w]``: ``[B, C, h, w]``."""
+        return lr[:, : lr.shape[1] - self.num_covariates]
+
     def condition_tokens(self, lr: torch.Tensor, mu: torch.Tensor | None = None) -> torch.Tensor:
-        """``lr [B, C, h, w]`` -> standardised condition tokens ``[B, L, r]``: the bicubic-upsampled
+        """``lr [B, C + K, h, w]`` -> standardised condition tokens ``[B, L, r (+ F)]``: the bicubic-upsampled
         field, masked where the high-resolution fields are (so a coastal patch is encoded from its
-        ocean pixels only, as its target is)."""
+        ocean pixels only, as its target is); with covariates, each token's covariate features
+        (``covariate_tokens``, ``F`` of them) after its ``r`` coefficients."""
         if self.mean_model is not None:  # residual: μ(lr)'s anomaly, unit RMS per mode
             mu = self.mean_model.predict(lr) if mu is None else mu
-            return self.condition_coefficients(mu) / self.mean_model.cond_scale.to(lr)
-        up = upsample(self.standardise(lr), self.image_size)
-        return self.pod.encode(up.masked_fill(~self.pod.valid_pixels.to(up.device), float("nan")))
+            cond = self.condition_coefficients(mu) / self.mean_model.cond_scale.to(lr)
+        else:
+            up = upsample(self.standardise(self.target_input(lr)), self.image_size)
+            cond = self.pod.encode(up.masked_fill(~self.pod.valid_pixels.to(up.device), float("nan")))
+        if self.num_covariates:
+            cond = torch.cat([cond, self.covariate_tokens(lr).to(cond)], -1)
+        return cond
+
+    def covariate_cells(self) -> int:
+        """Input cells per token side whose covariates a token sees: ``patch_size / scale`` when the
+        patch covers whole input cells, else 1 (the covariates averaged or repeated onto the token grid)."""
+        p, s = self.config.patch_size, self.config.scale
+        return p // s if p >= s and p % s == 0 else 1
+
+    def covariate_tokens(self, lr: torch.Tensor) -> torch.Tensor:
+        """The covariate channels of ``lr [B, C + K, h, w]``, standardised (NaN: 0, the mean), on the
+        token grid: ``[B, L, K·q²]`` with ``q = covariate_cells()`` input cells per token side."""
+        K = self.num_covariates
+        cov = lr[:, lr.shape[1] - K :].float()
+        cov = (cov - self.covariate_offset.view(1, -1, 1, 1).to(cov)) / self.covariate_scale.view(1, -1, 1, 1).to(cov)
+        cov = torch.nan_to_num(cov, nan=0.0)
+        q = self.covariate_cells()
+        nH, nW = self.pod.grid
+        size = (nH * q, nW * q)
+        if tuple(cov.shape[-2:]) != size:
+            if size[0] <= cov.shape[-2] and size[1] <= cov.shape[-1]:
+                cov = F.adaptive_avg_pool2d(cov, size)
+            else:
+                cov = F.interpolate(cov, size=size, mode="nearest")
+        return F.unfold(cov, q, stride=q).transpose(1, 2)
 
     def condition_coefficients(self, mu: torch.Tensor) -> torch.Tensor:
         if self.config.condition == "detail":  # what μ adds below the input grid: blind to level and trend
@@ -179,8 +223,9 @@ class PODiffPipeline:
         cfg = self.config
         if denoiser_config is None:
             noise_input = "per_token" if cfg.schedule == "learned" else "time"
+            extra = self.num_covariates * self.covariate_cells() ** 2
             dcfg = DenoiserConfig.preset(cfg.preset, rank=self.pod.rank, grid=self.pod.grid, noise_input=noise_input,
-                                         **cfg.denoiser)
+                                         **({"cond_rank": self.pod.rank + extra} if extra else {}), **cfg.denoiser)
         else:
             dcfg = DenoiserConfig(**denoiser_config)
         torch.manual_seed(cfg.seed)
@@ -211,7 +256,7 @@ class PODiffPipeline:
                       seed: int | None = None, member_budget: int = 1 << 20, use_ema: bool = True,
                       progress: bool = False, image_ids=None, amp: bool | None = None,
                       sampler: str | None = None) -> torch.Tensor:
-        """``M`` members for condition tokens ``[B, L, r]`` -> ``[M, B, L, r]``, in chunks of at most
+        """``M`` members for condition tokens ``[B, L, r_c]`` -> ``[M, B, L, r]``, in chunks of at most
         ``member_budget`` token values per call. ``sampler`` (None: ``config.sampler``) is one of
         ``podiff.diffusion.samplers.SAMPLERS``, e.g. ``"dpmsolver++"`` for few steps.
 
@@ -226,7 +271,8 @@ class PODiffPipeline:
         scheduler = DiffusionScheduler(schedule, cfg.prediction_type, sampler or cfg.sampler, cfg.eta)
         steps = cfg.sample_steps if steps is None else int(steps)
         amp = (cfg.amp and cond.device.type == "cuda") if amp is None else bool(amp)
-        B, L, r = cond.shape
+        B, L, rc = cond.shape
+        r = denoiser.config.rank  # the tokens' modes; the condition may carry covariate features beyond them
         seed = cfg.seed if seed is None else int(seed)
         ids = list(range(B)) if image_ids is None else [int(i) for i in image_ids]
         if len(ids) != B:
@@ -237,8 +283,8 @@ class PODiffPipeline:
         pair = 2 if cfg.antithetic else 1
         seeds = [member_seed(seed, i, m // pair) for m in range(num_samples) for i in ids]  # member-major, like flat
         signs = [(-1.0 if cfg.antithetic and m % 2 else 1.0) for m in range(num_samples) for _ in ids]
-        flat = cond[None].expand(num_samples, B, L, r).reshape(num_samples * B, L, r)
-        chunk = max(1, member_budget // max(1, L * r))
+        flat = cond[None].expand(num_samples, B, L, rc).reshape(num_samples * B, L, rc)
+        chunk = max(1, member_budget // max(1, L * rc))
         colour = self.token_noise
 
         def noise_for(rows: slice):
@@ -310,8 +356,11 @@ class PODiffPipeline:
             raise ValueError(f"num_samples must be >= 2 for a variance; got {num_samples}")
         check_pair(lr, None, self.config.scale)
         expected = (self.image_size[0] // self.config.scale, self.image_size[1] // self.config.scale)
-        if tuple(lr.shape[-2:]) != expected or lr.shape[1] != self.offset.numel():
-            raise ValueError(f"lr must be [B, {self.offset.numel()}, {expected[0]}, {expected[1]}] (the trained size); "
+        channels = self.offset.numel() + self.num_covariates
+        if tuple(lr.shape[-2:]) != expected or lr.shape[1] != channels:
+            also = f" ({self.offset.numel()} of the target and the covariates {self.config.covariates})" \
+                if self.num_covariates else ""
+            raise ValueError(f"lr must be [B, {channels}, {expected[0]}, {expected[1]}] (the trained size{also}); "
                              f"got {tuple(lr.shape)}")
         ids = torch.arange(lr.shape[0]) if image_ids is None else torch.as_tensor(image_ids).cpu()
         if ids.shape != (lr.shape[0],):
@@ -335,8 +384,8 @@ class PODiffPipeline:
             if out.samples is not None:
                 out.samples = out.samples + mu
         if self.config.bounds is not None:  # blocks whose mean sits at a bound are certain
-            out.mean, out.variance, out.samples = bounds_.apply(out.mean, lr, self.config.bounds, self.config.scale,
-                                                                out.variance, out.samples)
+            out.mean, out.variance, out.samples = bounds_.apply(out.mean, self.target_input(lr), self.config.bounds,
+                                                                self.config.scale, out.variance, out.samples)
         if distributed:
             gather = distributed_.all_gather_rows
             out.mean, out.variance = gather(out.mean), gather(out.variance)

@@ -30,8 +30,9 @@ def naming(source):
 class DataSource:
     """Fields a request names: ``data`` (a packaged dataset ``sst``/``mri``/``images``, a netCDF
     file, a Zarr store, a glob of netCDF files or an ``.npz``), the ``scale`` (None: from the
-    model or the file) and what of a netCDF/Zarr dataset is read (``var``, ``channels``,
-    ``dims``, ``time``: see ``data.datasets.load``)."""
+    model or the file), what of a netCDF/Zarr dataset is read (``var``, ``channels``,
+    ``dims``, ``time``: see ``data.datasets.load``) and the ``covariates`` that go with it
+    (``data.covariates.CovariateSpec``: predictors, static fields, position, season)."""
 
     data: str
     scale: int | None = None
@@ -39,14 +40,28 @@ class DataSource:
     channels: list | None = None
     dims: list | None = None
     time: str | None = None
+    covariates: object = None
 
     def selection(self) -> dict:
         return {"dims": self.dims, "channels": self.channels, "time": self.time}
 
-    def load(self, scale=None):
+    def load(self, scale=None, with_covariates: bool = True):
+        """The dataset; its input ``lr`` holds the covariate channels after the target's."""
         from podiff.data import datasets
 
-        return datasets.load(self.data, scale if scale is not None else self.scale, self.var, **self.selection())
+        ds = datasets.load(self.data, scale if scale is not None else self.scale, self.var, **self.selection())
+        return self.attach_covariates(ds) if with_covariates else ds
+
+    def attach_covariates(self, ds):
+        """``ds`` with the covariates' channels appended to its input (unchanged without covariates)."""
+        from podiff.data.covariates import attach, load_covariates
+
+        if self.covariates is None or self.covariates.empty:
+            return ds
+        try:
+            return attach(ds, load_covariates(self.covariates, ds.grid, ds.scale))
+        except (ValueError, FileNotFoundError) as exc:
+            raise WorkflowError(str(exc)) from None
 
 
 def _npz_has(path, key: str) -> bool:
@@ -72,9 +87,9 @@ def data_for_model(source: DataSource, pipe):
     H, W = pipe.image_size
     h, w = H // scale, W // scale
     if source.data in datasets.DATASETS or (sniff(source.data) == "npz" and _npz_has(source.data, "lr")):
-        ds = source.load(scale)
+        ds = source.load(scale, with_covariates=False)
     else:
-        raw = source.load(1)
+        raw = source.load(1, with_covariates=False)
         size = tuple(raw.hr.shape[-2:])
         if raw.hr.shape[1] == C and size == (H, W):
             ds = datasets.Dataset(raw.hr, datasets.block_average(raw.hr, scale), scale, raw.name, raw.meta, raw.grid)
@@ -86,6 +101,14 @@ def data_for_model(source: DataSource, pipe):
     if tuple(ds.lr.shape[1:]) != (C, h, w):
         raise WorkflowError(f"{source.data}: input [{', '.join(map(str, ds.lr.shape[1:]))}] does not fit the model's "
                             f"input grid [{C}, {h}, {w}]")
+    ds = source.attach_covariates(ds)
+    given, trained = ds.meta.get("covariates", []), list(pipe.config.covariates)
+    if given != trained:
+        def shown(names):
+            return f"{len(names)} ({', '.join(names[:4])}{', …' if len(names) > 4 else ''})" if names else "none"
+
+        raise WorkflowError(f"the model was trained with covariates {shown(trained)}; --predictors/--static/"
+                            f"--position/--season here give {shown(given)}: pass the same as to train")
     return ds
 
 

@@ -110,6 +110,7 @@ def evaluate(request: EvaluateRequest, ds=None, pipe=None) -> dict:
                and tuple(s.std.shape) == tuple(hr_test.shape[-3:])}  # a spread holds for its own grid only
     error_quantiles = pred.attrs.get("error_quantiles") or None  # absent in older files: Gaussian
     band_edges = pred.attrs.get("error_band_edges") or None  # absent or empty: one shape
+    lr_test = pipe.target_input(lr_test)  # the report needs the target's coarse field only, not the covariates
     result = score_all(mean, variance, hr_test, lr_test, scale=pipe.config.scale, bounds=pipe.config.bounds,
                        period=getattr(pipe.pod, "stride", None), members=members, meta=meta,
                        predictions=predictions, error_quantiles=error_quantiles, band_edges=band_edges,

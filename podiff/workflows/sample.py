@@ -81,7 +81,8 @@ def sample(request: SampleRequest, ds=None, pipe=None):
                         f"--data {request.source.data} --split {request.split} --num-samples {request.num_samples}"}
     truth = hr.cpu().numpy()
     pred = Prediction(result.mean.cpu().numpy(), result.variance.cpu().numpy(), np.asarray(idx), attrs,
-                      members=result.samples.cpu().numpy() if request.members else None, lr=lr.cpu().numpy(),
+                      members=result.samples.cpu().numpy() if request.members else None,
+                      lr=pipe.target_input(lr).cpu().numpy(),
                       truth=truth if np.isfinite(truth).any() else None,
                       grid=ds.grid.take(idx) if ds.grid is not None else None,
                       extra={"write_variance": request.variance})

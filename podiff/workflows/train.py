@@ -80,6 +80,10 @@ def training_stream(request: TrainRequest):
     budget_bytes = int(budget * 2**20)
     if stream.nbytes <= budget_bytes:
         return None
+    if source.covariates is not None and not source.covariates.empty:
+        raise WorkflowError(f"{source.data}: the training fields ({stream.nbytes / 2**20:.0f} MiB) exceed --memory-mb "
+                            f"{budget:g} and stream, which covariates (--predictors/--static/--position/--season) do "
+                            f"not yet; raise --memory-mb above {stream.nbytes / 2**20:.0f} or drop the covariates")
     lr_val = hr_val = None
     if n_val:
         held = FieldStream(field_, idx[len(idx) - n_val :], source.scale, label)
@@ -182,11 +186,14 @@ def _train(request: TrainRequest, ds=None):
     pod = PatchPOD.load(request.pod) if request.pod else None
     declared = ds.meta.get("bounds") if streamed is None else streamed_bounds
     # every field of the data (the same decision on every rank), or the validation fields when streamed
-    bounds = resolve_bounds(request, declared, lr_val if streamed is not None else ds.lr,
+    covariates = [] if streamed is not None else list(ds.meta.get("covariates", []))
+    bounds = resolve_bounds(request, declared, lr_val if streamed is not None else ds.lr[:, : ds.hr.shape[1]],
                             hr_val if streamed is not None else ds.hr, scale)
     if bounds is not None and rank == 0 and not quiet:
         print(f"bounds {bounds}: blocks whose input sits at a bound are certain (--bounds none to drop)")
-    config = replace(request.config, scale=scale, bounds=bounds)
+    config = replace(request.config, scale=scale, bounds=bounds, covariates=covariates)
+    if covariates and rank == 0 and not quiet:
+        print(f"covariates: {len(covariates)} input channels beside the target's ({_names(covariates)})")
     pipe = PODiffPipeline(config, pod=pod, device=device)  # fit moves the data there
     t0 = time.perf_counter()
     fit_options = dict(progress=not quiet, checkpoint=out / "checkpoint.pt", resume=request.resume,
@@ -246,7 +253,7 @@ def _train(request: TrainRequest, ds=None):
                 1 if calibration.error_quantiles is not None else None),
             "residual": config.residual, "mean_model": pipe.mean_model.choice if pipe.mean_model else None,
             "fitted_on": _fitted_on(train_idx, val_idx, refit_info, config.residual),
-            "bounds": config.bounds,
+            "bounds": config.bounds, "covariates": config.covariates,
             "baselines": baseline_info}
     write_json(out / "train.json", info)
     if not quiet:
@@ -262,6 +269,14 @@ def _train(request: TrainRequest, ds=None):
         print(f"warning: validation RMSE {scores['rmse']:.4g} is worse than bicubic {scores['bicubic_rmse']:.4g}",
               file=sys.stderr)
     return pipe
+
+
+def _names(names: list[str]) -> str:
+    """``elevation[0,0]``… ``elevation[3,3]`` shown once as ``elevation (16 block channels)``."""
+    groups: dict[str, int] = {}
+    for name in names:
+        groups[name.split("[")[0]] = groups.get(name.split("[")[0], 0) + 1
+    return ", ".join(f"{g} ({n} block channels)" if n > 1 else g for g, n in groups.items())
 
 
 def _refit(pipe, request: TrainRequest, lr, hr, lr_val, hr_val, n_val: int, streamed: bool, out: Path) -> dict:
@@ -397,7 +412,7 @@ def validation_scores(pipe, lr_val, hr_val, scale: int, seed: int, model_dir: Pa
     out = pipe.sample(lr_val, num_samples=members, seed=seed, return_samples=True)
     samples, mean = out.samples.cpu(), out.mean.cpu()
     scores = {"rmse": metrics.rmse(mean, hr_val), "crps": metrics.crps_ensemble(samples, hr_val, fair=True),
-              "bicubic_rmse": metrics.rmse(bicubic(lr_val, scale), hr_val), "members": members}
+              "bicubic_rmse": metrics.rmse(bicubic(pipe.target_input(lr_val), scale), hr_val), "members": members}
     if predictions is None:
         predictions = {name: baseline.predict(lr_val).cpu()
                        for name, baseline in (load_baselines(pipe, model_dir) if model_dir else {}).items()}
