@@ -132,3 +132,34 @@ def test_readme_commands_on_a_netcdf_file_run_as_written(tmp_path, monkeypatch):
         argv = [("4" if arg == "32" and command[1] == "sample" else arg) for arg in command[1:]]
         assert main(argv + COMMAND_SHRINK[command[1]]) == 0, command
     assert (tmp_path / "report" / "metrics.json").is_file() and (tmp_path / "pred.nc").is_file()
+
+
+def test_readme_covariates_command_runs_as_written(tmp_path, monkeypatch):
+    """The README's ``podiff train`` line with predictors, static fields, position and season."""
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("netCDF4")
+    import shlex
+
+    import numpy as np
+
+    from podiff.cli import main
+
+    rng = np.random.default_rng(0)
+    time = np.arange("2000-01", "2002-01", dtype="datetime64[M]").astype("datetime64[ns]")
+    lat, lon = np.linspace(-20, 20, 16), np.linspace(0, 45, 16)
+    xr.Dataset({"uwnd": (("time", "lat", "lon"), rng.standard_normal((24, 16, 16)).astype("f4"))},
+               coords={"time": time, "lat": lat, "lon": lon}).to_netcdf(tmp_path / "winds_train.nc")
+    coarse = {name: (("time", "lat", "lon"), rng.standard_normal((24, 6, 6)).astype("f4")) for name in ("vwnd", "slp")}
+    xr.Dataset(coarse, coords={"time": time, "lat": np.linspace(-25, 25, 6), "lon": np.linspace(-5, 50, 6)}
+               ).to_netcdf(tmp_path / "coarse.nc")
+    static = {name: (("lat", "lon"), rng.random((16, 16)).astype("f4")) for name in ("elevation", "land")}
+    xr.Dataset(static, coords={"lat": lat, "lon": lon}).to_netcdf(tmp_path / "static.nc")
+    block = re.search(r"Predictors, static fields.*?```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    command = shlex.split(block.replace("\\\n", " ").split("#")[0])
+    assert command[:2] == ["podiff", "train"] and "--predictors" in command and "--static" in command
+    monkeypatch.chdir(tmp_path)
+    assert main(command[1:] + COMMAND_SHRINK["train"]) == 0
+    import json
+
+    info = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert len(info["covariates"]) == 2 + 2 * 16 + 3 + 2  # vwnd, slp; two static fields in 4×4 blocks; position; season

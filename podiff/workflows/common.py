@@ -90,6 +90,10 @@ def data_for_model(source: DataSource, pipe):
         ds = source.load(scale, with_covariates=False)
     else:
         raw = source.load(1, with_covariates=False)
+        H0, W0 = raw.hr.shape[-2:]
+        if (H0 - H0 % scale, W0 - W0 % scale) == (H, W) and (H0, W0) != (H, W):  # cropped as training cropped
+            raw = datasets.Dataset(raw.hr[..., :H, :W].contiguous(), raw.hr[..., :H, :W].contiguous(), 1, raw.name,
+                                   raw.meta, _cropped_grid(raw.grid, H, W))
         size = tuple(raw.hr.shape[-2:])
         if raw.hr.shape[1] == C and size == (H, W):
             ds = datasets.Dataset(raw.hr, datasets.block_average(raw.hr, scale), scale, raw.name, raw.meta, raw.grid)
@@ -110,6 +114,14 @@ def data_for_model(source: DataSource, pipe):
         raise WorkflowError(f"the model was trained with covariates {shown(trained)}; --predictors/--static/"
                             f"--position/--season here give {shown(given)}: pass the same as to train")
     return ds
+
+
+def _cropped_grid(grid, H: int, W: int):
+    from dataclasses import replace
+
+    if grid is None:
+        return None
+    return replace(grid, y=grid.y.take(slice(0, H)), x=grid.x.take(slice(0, W)))
 
 
 def refuse_existing(path: Path, overwrite: bool, resume_hint: bool = False) -> None:
