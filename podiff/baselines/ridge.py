@@ -41,7 +41,8 @@ def _save(ridge, path, info: dict) -> None:
 
 
 ENTRY = BaselineEntry("ridge", fit=fit, load=lambda pipe, path: RidgeBaseline.load(path)[0], file="ridge.safetensors",
-                      refit=lambda pipe, lr, hr: RidgeBaseline(pipe.config.scale, covariates=len(pipe.config.covariates)).fit(lr, hr),
+                      refit=lambda pipe, lr, hr: RidgeBaseline(pipe.config.scale,
+                                                                covariates=len(pipe.config.covariates)).fit(lr, hr),
                       save=_save,
                       refit_on_all=refit_on_all)
 

@@ -93,7 +93,8 @@ def _dims(da, label: str) -> tuple[str | None, str, str]:
 
 def _same_axis(values, expected: np.ndarray) -> bool:
     values = np.asarray(values, dtype=np.float64)
-    return values.shape == expected.shape and np.allclose(values, expected, rtol=0, atol=1e-6 * (1 + np.abs(expected).max()))
+    tolerance = 1e-6 * (1 + np.abs(expected).max())
+    return values.shape == expected.shape and np.allclose(values, expected, rtol=0, atol=tolerance)
 
 
 def _span(values) -> str:

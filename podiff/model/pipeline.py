@@ -141,7 +141,8 @@ class PODiffPipeline:
         if self.mean_model is not None and self.mean_model.cond_mean is not None:
             self.mean_model.to(device)
         if self.covariate_offset is not None:
-            self.covariate_offset, self.covariate_scale = self.covariate_offset.to(device), self.covariate_scale.to(device)
+            self.covariate_offset = self.covariate_offset.to(device)
+            self.covariate_scale = self.covariate_scale.to(device)
         self._device = device
         return self
 
