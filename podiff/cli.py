@@ -65,7 +65,7 @@ CONFIG_OPTIONS = {
 }
 #: The options that set a ``TrainOptions`` field.
 TRAIN_OPTIONS = ("val_fraction", "eval_every", "patience", "checkpoint_every", "calibrate", "spread_calibration",
-                 "error_shape", "error_bands", "regression_baseline", "memory_mb", "refit")
+                 "error_shape", "error_bands", "regression_baseline", "unet_baseline", "memory_mb", "refit")
 
 
 def _source(args) -> DataSource:
@@ -323,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"dark edge of a head; 1: one shape)")
     p.add_argument("--no-regression-baseline", dest="regression_baseline", action="store_false",
                    help="skip training the regression ViT baseline (the ridge baseline is always fitted)")
+    p.add_argument("--no-unet-baseline", dest="unet_baseline", action="store_false",
+                   help="skip training the U-Net regression baseline")
     p.add_argument("--no-refit", dest="refit", action="store_false",
                    help="keep the model and baselines fitted on the training fields only (by default, once the "
                         "validation fields have chosen the settings and steps, they are refitted on every field; "

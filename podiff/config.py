@@ -112,7 +112,8 @@ class TrainOptions:
     the model's config: the last ``val_fraction`` of them validate (early stopping every
     ``eval_every`` steps with ``patience``; 0: none), the spread and error shape are calibrated on
     them (``calibrate``, ``spread_calibration``, ``error_shape``, ``error_bands``), the baselines
-    are fitted beside the model (``regression_baseline``: also the regression ViT), netCDF/Zarr
+    are fitted beside the model (``regression_baseline``: also the regression ViT; ``unet_baseline``:
+    also the U-Net regression), netCDF/Zarr
     fields larger than ``memory_mb`` stream, a checkpoint is written every ``checkpoint_every``
     steps, and with ``refit`` the final model and baselines are refitted on every field, the
     validation fields included, once the choices are made (``fitting.refit``)."""
@@ -126,6 +127,7 @@ class TrainOptions:
     error_shape: str = "validation"
     error_bands: int = ERROR_BANDS
     regression_baseline: bool = True
+    unet_baseline: bool = True
     memory_mb: float = 2048.0
     refit: bool = True
 

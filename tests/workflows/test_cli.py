@@ -51,7 +51,7 @@ def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):
     assert fitted_on["spread_and_error_shape"] == {"from_errors_on": info["val_indices"],
                                                    "of_model_fitted_on": info["train_indices"]}
     assert fitted_on["denoiser"]["from_step"] == 6 and fitted_on["denoiser"]["continued_steps"] >= 1
-    for name in ("bicubic", "pod_projection", "ridge", "regression"):
+    for name in ("bicubic", "pod_projection", "ridge", "regression", "unet"):
         assert (run_dir / "model" / "baselines" / f"{name}.spread.safetensors").is_file(), name
     from podiff.model.pipeline import PODiffPipeline
 
@@ -75,9 +75,9 @@ def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):
     assert {"model", "bicubic", "pod_projection", "ridge", "meta"} <= set(result)
     assert {"rmse", "mae", "crps", "coverage", "mace", "spread_skill", "ssim"} <= set(result["model"])
     assert set(result["model"]["coverage"]) == {"0.5", "0.7", "0.9", "0.95"}
-    for name in ("bicubic", "pod_projection", "ridge", "regression"):  # each also as a calibrated forecast
+    for name in ("bicubic", "pod_projection", "ridge", "regression", "unet"):  # each also as a calibrated forecast
         assert {"rmse", "mae", "crps", "crps_gaussian", "mace"} <= set(result[name])
-    assert result["comparison"]["best_calibrated"] in ("bicubic", "pod_projection", "ridge", "regression")
+    assert result["comparison"]["best_calibrated"] in ("bicubic", "pod_projection", "ridge", "regression", "unet")
     assert result["comparison"]["sentence"] in (report / "report.md").read_text()
     assert result["meta"]["split"] == "test" and result["meta"]["seed"] == 0 and "versions" in result["meta"]
     for f in ("report.md", "fields.png", "reliability.png", "spread_skill.png", "pod_spectrum.png"):
@@ -244,7 +244,8 @@ def test_entry_point_runs_as_a_module():
 
 def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held_out_fields(tmp_path, capsys):
     """A user's few dozen fields (with land) and the documented commands, with only an upper bound on
-    the steps: the saved model is the best validation step's, and it beats bicubic on new fields."""
+    the steps: without the refit on every field (``--no-refit``) the saved model is the best
+    validation step's, and it beats bicubic on new fields."""
     from podiff.diffusion.training import Trainer
     from podiff.model.pipeline import PODiffPipeline
 
@@ -256,7 +257,7 @@ def test_default_train_keeps_its_best_validation_model_and_beats_bicubic_on_held
     np.savez(tmp_path / "test.npz", hr=hr[32:].numpy())
     run_dir = tmp_path / "run"
     code, out, err = run(capsys, "train", "--data", tmp_path / "train.npz", "--scale", 4, "--out", run_dir,
-                         "--steps", 300, "--eval-every", 25)
+                         "--steps", 300, "--eval-every", 25, "--no-refit")
     assert code == 0, err
     assert "training on 27 of the 32 fields" in out and "validating on the last 5" in out and "POD:" in out
     info = json.loads((run_dir / "train.json").read_text())
