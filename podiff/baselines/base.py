@@ -7,6 +7,7 @@ returning a ``SampleOutput`` like the pipeline's (zero variance, identical membe
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,65 @@ class Deterministic:
         var = torch.where(torch.isnan(mean), mean, torch.zeros_like(mean))
         samples = mean[None].expand(num_samples, *mean.shape) if return_samples else None
         return SampleOutput(mean, var, samples)
+
+
+class BestWeights:
+    """Early stopping for a trained baseline: ``update(step, loss, model)`` appends to ``history``
+    (the baseline's ``val_history``), keeps the weights of the lowest loss and says whether
+    ``patience`` evaluations (None or 0: never) have passed without improvement; ``restore(model)``
+    puts the best weights back and returns their step (None without an evaluation)."""
+
+    def __init__(self, patience: int | None, history: list):
+        self.patience, self.history, self.best = patience, history, None
+
+    def update(self, step: int, loss: float, model) -> bool:
+        self.history.append((step, loss))
+        if self.best is None or loss < self.best[1]:
+            self.best = (step, loss, copy.deepcopy(model.state_dict()))
+            return False
+        return bool(self.patience) and sum(1 for s, _ in self.history if s > self.best[0]) >= self.patience
+
+    def restore(self, model) -> int | None:
+        if self.best is None:
+            return None
+        model.load_state_dict(self.best[2])
+        return self.best[0]
+
+
+def train_regressor(model, batch_loss: Callable, first: int, last: int, *, learning_rate: Callable,
+                    generator: torch.Generator, rows: int, batch: int, clip: float, validate: Callable | None = None,
+                    eval_every: int = 50, patience: int | None = 8, history: list | None = None,
+                    progress: bool = False, desc: str = "regression") -> tuple[int, int | None]:
+    """The loop a trained baseline shares: steps ``first..last`` of AdamW on ``batch_loss(idx)`` (a
+    batch of ``batch`` of the ``rows`` training rows drawn from ``generator``), the rate
+    ``learning_rate(step)``, gradients clipped to ``clip``; with ``validate()`` (a validation loss)
+    every ``eval_every`` steps, the best weights kept and early stopping (``BestWeights`` over
+    ``history``). Returns ``(last step run, best step or None)``; the model is left in eval mode."""
+    from podiff.core.progress import progress_bar
+
+    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate(first), weight_decay=0.0)
+    best = BestWeights(patience, history if history is not None else [])
+    model.train()
+    step = first - 1
+    for step in progress_bar(range(first, last + 1), enabled=progress, desc=desc, unit="step"):
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(step)
+        idx = torch.randint(0, rows, (min(batch, rows),), generator=generator)
+        loss = batch_loss(idx)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimiser.step()
+        if validate is not None and (step % eval_every == 0 or step == last):
+            model.eval()
+            with torch.no_grad():
+                stop = best.update(step, validate(), model)
+            model.train()
+            if stop:
+                break
+    best_step = best.restore(model) if validate is not None else None
+    model.eval()
+    return step, best_step
 
 
 @dataclass(frozen=True)
@@ -52,4 +112,4 @@ class BaselineEntry:
     save: Callable = lambda baseline, path, info: baseline.save(path)
 
 
-__all__ = ["BaselineEntry", "Deterministic"]
+__all__ = ["BaselineEntry", "BestWeights", "Deterministic", "train_regressor"]

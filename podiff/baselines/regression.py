@@ -15,16 +15,14 @@ Example (``pipe`` trained)::
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
 import torch
 import torch.nn.functional as F
 
-from podiff.baselines.base import BaselineEntry
+from podiff.baselines.base import BaselineEntry, train_regressor
 from podiff.core.io import load_tensors, save_tensors
-from podiff.core.progress import progress_bar
 from podiff.core.sample_output import SampleOutput
 from podiff.data.standardise import unstandardise
 from podiff.diffusion.denoiser import DenoiserConfig, PODDenoiser
@@ -84,36 +82,23 @@ class RegressionBaseline:
     def _train(self, x0, cond, val, first: int, last: int, batch_size, learning_rate, eval_every, patience,
                progress: bool, warm: bool = False) -> RegressionBaseline:
         cfg = self.pipeline.config
-        batch = min(batch_size or cfg.batch_size, x0.shape[0])
-        optimiser = torch.optim.AdamW(self.model.parameters(), lr=learning_rate or cfg.learning_rate, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(cfg.seed + 1 + first)  # seed + 2 for a first fit
-        best = None
-        self.model.train()
-        for step in progress_bar(range(first, last + 1), enabled=progress, desc="regression", unit="step"):
-            for group in optimiser.param_groups:
-                ramp = 1.0 if warm else min(1.0, step / max(1, cfg.warmup))
-                group["lr"] = (learning_rate or cfg.learning_rate) * ramp
-            idx = torch.randint(0, x0.shape[0], (batch,), generator=generator).to(x0.device)
-            loss = F.mse_loss(self._forward(cond[idx]), x0[idx])
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
-            optimiser.step()
-            self.steps = step
-            if val is not None and (step % eval_every == 0 or step == last):
-                with torch.no_grad():
-                    self.model.eval()
-                    mse = float(F.mse_loss(self._forward(val[1]), val[0]))
-                    self.model.train()
-                self.val_history.append((step, mse))
-                if best is None or mse < best[1]:
-                    best = (step, mse, copy.deepcopy(self.model.state_dict()))
-                elif patience and sum(1 for s, _ in self.val_history if s > best[0]) >= patience:
-                    break
-        if best is not None:
-            self.model.load_state_dict(best[2])
-            self.best_step = best[0]
-        self.model.eval()
+        rate = learning_rate or cfg.learning_rate
+
+        def rate_at(step: int) -> float:
+            return rate * (1.0 if warm else min(1.0, step / max(1, cfg.warmup)))
+
+        def batch_loss(idx):
+            idx = idx.to(x0.device)
+            return F.mse_loss(self._forward(cond[idx]), x0[idx])
+
+        self.steps, best_step = train_regressor(
+            self.model, batch_loss, first, last, learning_rate=rate_at,
+            generator=torch.Generator().manual_seed(cfg.seed + 1 + first),  # seed + 2 for a first fit
+            rows=x0.shape[0], batch=batch_size or cfg.batch_size, clip=cfg.grad_clip or math.inf,
+            validate=(lambda: float(F.mse_loss(self._forward(val[1]), val[0]))) if val is not None else None,
+            eval_every=eval_every, patience=patience, history=self.val_history, progress=progress)
+        if val is not None:
+            self.best_step = best_step
         return self
 
     @torch.no_grad()

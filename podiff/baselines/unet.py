@@ -20,7 +20,6 @@ Shapes: ``lr [N, C + K, h, w]`` (``K`` covariate channels after the ``C`` target
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -28,9 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from podiff.baselines.base import BaselineEntry, Deterministic
+from podiff.baselines.base import BaselineEntry, Deterministic, train_regressor
 from podiff.core.io import load_tensors, save_tensors
-from podiff.core.progress import progress_bar
 from podiff.data.resample import upsample
 from podiff.diffusion.training import continuation_steps
 
@@ -142,38 +140,19 @@ class UNetBaseline(Deterministic):
 
     def _train(self, x, y, val, first: int, last: int, batch_size: int, learning_rate: float, eval_every: int,
                patience, progress: bool) -> UNetBaseline:
-        optimiser = torch.optim.AdamW(self.model.parameters(), lr=learning_rate, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(self.seed + first)
-        batch = min(batch_size, x.shape[0])
-        best = None
-        self.model.train()
-        for step in progress_bar(range(first, last + 1), enabled=progress, desc="u-net", unit="step"):
-            idx = torch.randint(0, x.shape[0], (batch,), generator=generator)
-            loss = self._mse(self.model(x[idx]), y[idx])
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            optimiser.step()
-            self.steps = step
-            if val is not None and (step % eval_every == 0 or step == last):
-                mse = self._evaluate(*val)
-                self.val_history.append((step, mse))
-                if best is None or mse < best[1]:
-                    best = (step, mse, copy.deepcopy(self.model.state_dict()))
-                elif patience and sum(1 for s, _ in self.val_history if s > best[0]) >= patience:
-                    break
-        if best is not None:
-            self.model.load_state_dict(best[2])
-            self.best_step = best[0]
-        self.model.eval()
+        self.steps, best_step = train_regressor(
+            self.model, lambda idx: self._mse(self.model(x[idx]), y[idx]), first, last,
+            learning_rate=lambda step: learning_rate, generator=torch.Generator().manual_seed(self.seed + first),
+            rows=x.shape[0], batch=batch_size, clip=1.0, validate=(lambda: self._evaluate(*val)) if val else None,
+            eval_every=eval_every, patience=patience, history=self.val_history, progress=progress, desc="u-net")
+        if val is not None:
+            self.best_step = best_step
         return self
 
     @torch.no_grad()
     def _evaluate(self, x, y, chunk: int = 16) -> float:
-        self.model.eval()
         total = sum(float(self._mse(self.model(x[i : i + chunk]), y[i : i + chunk])) *
                     int((~torch.isnan(y[i : i + chunk])).sum()) for i in range(0, x.shape[0], chunk))
-        self.model.train()
         return total / max(1, int((~torch.isnan(y)).sum()))
 
     @torch.no_grad()
