@@ -163,3 +163,19 @@ def test_fields_the_model_cannot_take_are_one_line_errors(files, model, tmp_path
         code, _, err = run(capsys, *argv)
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "p.nc").exists()
+
+
+def test_sample_crops_a_grid_as_train_did(files, model, tmp_path):
+    """A test file on the training file's grid before its crop to a multiple of the scale (two more
+    latitudes here) is cropped as training cropped it: the same prediction as on the cropped file."""
+    root, field = files
+    test = field.isel(time=slice(32, None))
+    extra = test.isel(lat=slice(-2, None)).assign_coords(lat=test["lat"].values[-2:] + 1.0)
+    xr.concat([test, extra], "lat").to_netcdf(tmp_path / "tall.nc")
+    test.to_netcdf(tmp_path / "cropped.nc")
+    for name in ("tall", "cropped"):
+        assert main(["sample", "--model", str(model), "--data", str(tmp_path / f"{name}.nc"), "--split", "all",
+                     "--num-samples", "2", "--sample-steps", "2", "--out", str(tmp_path / f"{name}_pred.nc"),
+                     "--quiet"]) == 0
+    tall, cropped = (xr.open_dataset(tmp_path / f"{name}_pred.nc") for name in ("tall", "cropped"))
+    np.testing.assert_array_equal(tall["mean"].values, cropped["mean"].values)
