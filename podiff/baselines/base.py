@@ -58,8 +58,9 @@ def train_regressor(model, batch_loss: Callable, first: int, last: int, *, learn
     batch of ``batch`` of the ``rows`` training rows drawn from ``generator``), the rate
     ``learning_rate(step)``, gradients clipped to ``clip``; with ``validate()`` (a validation loss)
     every ``eval_every`` steps, the best weights kept and early stopping (``BestWeights`` over
-    ``history``). Returns ``(last step run, best step or None)``; the model is left in eval mode."""
-    from podiff.core.progress import progress_bar
+    ``history``; with ``progress``, a bar, or in a log one line per validation). Returns ``(last step
+    run, best step or None)``; the model is left in eval mode."""
+    from podiff.core.progress import log_line, progress_bar
 
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate(first), weight_decay=0.0)
     best = BestWeights(patience, history if history is not None else [])
@@ -79,6 +80,9 @@ def train_regressor(model, batch_loss: Callable, first: int, last: int, *, learn
             with torch.no_grad():
                 stop = best.update(step, validate(), model)
             model.train()
+            # in a log, no bar: one line per validation
+            log_line(f"{desc} step {step}/{last}: val {best.history[-1][1]:.4f}, best {best.best[1]:.4f}@"
+                     f"{best.best[0]}", enabled=progress)
             if stop:
                 break
     best_step = best.restore(model) if validate is not None else None
