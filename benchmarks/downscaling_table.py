@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from podiff.evaluation.report import methods
+
 
 def _f(value, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
@@ -25,8 +27,8 @@ def rows(report: Path) -> list[str]:
     m = result["model"]
     out = [f"| {name} | podiff | {_f(m['rmse'])} | {_f(m.get('crps_ensemble_fair'))} | {_f(m.get('crps'))} | "
            f"{_f(m.get('crps_gaussian'))} | {_f(m.get('mace'), 2)} |"]
-    for key, entry in result.items():
-        if key in ("model", "meta", "spectra", "comparison") or not isinstance(entry, dict):
+    for key, entry in methods(result).items():
+        if key == "model":
             continue
         out.append(f"| {name} | {key} | {_f(entry['rmse'])} | — | {_f(entry.get('crps'))} | "
                    f"{_f(entry.get('crps_gaussian'))} | {_f(entry.get('mace'), 2)} |")

@@ -73,20 +73,17 @@ def _source(args) -> DataSource:
     def split(text):
         return text.split(",") if text else None
 
-    covariates = None
-    if getattr(args, "predictors", None) or getattr(args, "static", None) or getattr(args, "position", False) or \
-            getattr(args, "season", False):
-        from podiff.data.covariates import CovariateSpec
+    from podiff.data.covariates import CovariateSpec
 
-        def file_and_vars(values, option):
-            if not values:
-                return None
-            if len(values) < 2:
-                raise WorkflowError(f"{option} takes a file and at least one variable name; got {' '.join(values)}")
-            return values[0], values[1:]
+    def file_and_vars(values, option):
+        if not values:
+            return None
+        if len(values) < 2:
+            raise WorkflowError(f"{option} takes a file and at least one variable name; got {' '.join(values)}")
+        return values[0], values[1:]
 
-        covariates = CovariateSpec(file_and_vars(args.predictors, "--predictors"),
-                                   file_and_vars(args.static, "--static"), args.position, args.season)
+    covariates = CovariateSpec(file_and_vars(args.predictors, "--predictors"), file_and_vars(args.static, "--static"),
+                               args.position, args.season)
     return DataSource(args.data, args.scale, args.var, split(args.channels), split(args.dims), args.time,
                       covariates)
 

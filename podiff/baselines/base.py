@@ -8,12 +8,14 @@ returning a ``SampleOutput`` like the pipeline's (zero variance, identical membe
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from podiff.core.sample_output import SampleOutput
+from podiff.diffusion.training import continuation_steps
 
 
 class Deterministic:
@@ -90,6 +92,18 @@ def train_regressor(model, batch_loss: Callable, first: int, last: int, *, learn
     return step, best_step
 
 
+def continue_on_all(baseline, lr, hr, held_out, progress: bool = False) -> tuple:
+    """``refit_on_all`` for a trained baseline (``steps``, ``best_step``, ``continue_on``): continued on
+    the training and held-out fields for the steps the held-out ones add at its chosen steps per field
+    (``diffusion.training.continuation_steps``), as the diffusion model is. ``(baseline, info)``."""
+    t0 = time.perf_counter()
+    chosen = baseline.best_step if baseline.best_step is not None else baseline.steps
+    steps = continuation_steps(chosen, lr.shape[0], held_out[0].shape[0])
+    lr_all, hr_all = (torch.cat([a.cpu(), b.cpu()]) for a, b in zip((lr, hr), held_out, strict=True))
+    baseline.continue_on(lr_all, hr_all, steps, progress=progress)
+    return baseline, {"steps": steps, "fields": int(lr_all.shape[0]), "seconds": time.perf_counter() - t0}
+
+
 @dataclass(frozen=True)
 class BaselineEntry:
     """A baseline as the workflows see it (``BASELINES`` in ``podiff.baselines``).
@@ -116,4 +130,4 @@ class BaselineEntry:
     save: Callable = lambda baseline, path, info: baseline.save(path)
 
 
-__all__ = ["BaselineEntry", "BestWeights", "Deterministic", "train_regressor"]
+__all__ = ["BaselineEntry", "BestWeights", "Deterministic", "continue_on_all", "train_regressor"]

@@ -30,6 +30,12 @@ from podiff.core.io import load_tensors, save_tensors
 from podiff.evaluation import error_shape
 
 FORMAT = "podiff.ErrorSpread"
+SUFFIX = ".spread.safetensors"
+
+
+def spread_file(name: str) -> str:
+    """The file of baseline ``name``'s spread beside the baselines (``<name>.spread.safetensors``)."""
+    return f"{name}{SUFFIX}"
 
 
 class ErrorSpread:
@@ -79,4 +85,4 @@ class ErrorSpread:
         return cls(tensors["std"], meta.get("error_quantiles"), meta.get("band_edges"), meta.get("fields", 0))
 
 
-__all__ = ["ErrorSpread"]
+__all__ = ["ErrorSpread", "SUFFIX", "spread_file"]

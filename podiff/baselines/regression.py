@@ -21,12 +21,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from podiff.baselines.base import BaselineEntry, train_regressor
+from podiff.baselines.base import BaselineEntry, continue_on_all, train_regressor
 from podiff.core.io import load_tensors, save_tensors
 from podiff.core.sample_output import SampleOutput
 from podiff.data.standardise import unstandardise
 from podiff.diffusion.denoiser import DenoiserConfig, PODDenoiser
-from podiff.diffusion.training import continuation_steps
 
 FORMAT = "podiff.RegressionBaseline"
 
@@ -149,17 +148,7 @@ def _fit(pipe, lr, hr, validation, options, progress: bool):
     return reg, {"steps": reg.steps, "best_step": reg.best_step, "seconds": time.perf_counter() - t0}
 
 
-def _refit_on_all(reg, pipe, lr, hr, held_out, options, progress: bool):
-    """Continued on every field for the steps the held-out fields add at its chosen steps per field
-    (``diffusion.training.continuation_steps``), as the diffusion model is."""
-    t0 = time.perf_counter()
-    chosen = reg.best_step if reg.best_step is not None else reg.steps
-    steps = continuation_steps(chosen, lr.shape[0], held_out[0].shape[0])
-    lr_all, hr_all = (torch.cat([a.to(pipe.device), b.to(pipe.device)]) for a, b in zip((lr, hr), held_out,
-                                                                                          strict=True))
-    reg.continue_on(lr_all, hr_all, steps, progress=progress)
-    return reg, {"steps": steps, "fields": int(lr_all.shape[0]), "seconds": time.perf_counter() - t0}
-
-
 ENTRY = BaselineEntry("regression", fit=_fit, load=lambda pipe, path: RegressionBaseline.load(path, pipe),
-                      file="regression.safetensors", refit_on_all=_refit_on_all)
+                      file="regression.safetensors",
+                      refit_on_all=lambda reg, pipe, lr, hr, held_out, options, progress:
+                      continue_on_all(reg, lr, hr, held_out, progress))

@@ -27,10 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from podiff.baselines.base import BaselineEntry, Deterministic, train_regressor
+from podiff.baselines.base import BaselineEntry, Deterministic, continue_on_all, train_regressor
 from podiff.core.io import load_tensors, save_tensors
 from podiff.data.resample import upsample
-from podiff.diffusion.training import continuation_steps
 
 FORMAT = "podiff.UNetBaseline"
 
@@ -201,16 +200,8 @@ def _fit(pipe, lr, hr, validation, options, progress: bool):
     return unet, {"steps": unet.steps, "best_step": unet.best_step, "seconds": time.perf_counter() - t0}
 
 
-def _refit_on_all(unet, pipe, lr, hr, held_out, options, progress: bool):
-    t0 = time.perf_counter()
-    chosen = unet.best_step if unet.best_step is not None else unet.steps
-    steps = continuation_steps(chosen, lr.shape[0], held_out[0].shape[0])
-    lr_all, hr_all = (torch.cat([a.cpu(), b.cpu()]) for a, b in zip((lr, hr), held_out, strict=True))
-    unet.continue_on(lr_all, hr_all, steps, progress=progress)
-    return unet, {"steps": steps, "fields": int(lr_all.shape[0]), "seconds": time.perf_counter() - t0}
-
-
 ENTRY = BaselineEntry("unet", fit=_fit, load=lambda pipe, path: UNetBaseline.load(path), file="unet.safetensors",
-                      refit_on_all=_refit_on_all)
+                      refit_on_all=lambda unet, pipe, lr, hr, held_out, options, progress:
+                      continue_on_all(unet, lr, hr, held_out, progress))
 
 __all__ = ["ENTRY", "UNet", "UNetBaseline"]

@@ -276,7 +276,7 @@ def load_gridded(source: str | Path, var: str | None, scale: int, *, dims=None, 
     _check_finite(hr, label)
     hr = _crop_to_scale(hr, scale, label)
     H, W = hr.shape[-2:]
-    grid = replace(grid, y=grid.y.take(slice(0, H)), x=grid.x.take(slice(0, W)))
+    grid = grid.crop(H, W)
     name = f"{Path(str(source)).stem}:{grid.var}"
     meta = {"source": str(source), "var": grid.var}
     if grid.bounds is not None:  # the variable's CF valid range

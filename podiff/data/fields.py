@@ -96,6 +96,10 @@ class Grid:
         """The grid of the samples ``index`` (an index array, in order)."""
         return replace(self, sample=self.sample.take(index))
 
+    def crop(self, H: int, W: int) -> Grid:
+        """The grid of the first ``H × W`` points (a field cropped to a multiple of the scale)."""
+        return replace(self, y=self.y.take(slice(0, H)), x=self.x.take(slice(0, W)))
+
 
 def coarsen_axis(axis: Axis, scale: int) -> Axis:
     """Block means of ``scale`` consecutive coordinate values (numeric coordinates; an index

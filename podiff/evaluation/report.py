@@ -32,6 +32,15 @@ from podiff.core.io import atomic_write, write_json
 from podiff.data import bounds as bounds_
 from podiff.evaluation import error_shape, metrics
 
+#: The entries of a result that are not a method's scores.
+NOT_METHODS = ("meta", "spectra", "comparison")
+
+
+def methods(result: dict) -> dict:
+    """The scores of each method in a result, in order: the model, then each baseline."""
+    return {name: entry for name, entry in result.items() if name not in NOT_METHODS}
+
+
 #: Fields with a shorter side below this get no spectrum (too few wavenumbers to split in halves).
 SPECTRUM_MIN_SIZE = 8
 
@@ -135,14 +144,14 @@ def compare_calibrated(result: dict) -> dict | None:
     "sentence"}``; None without a calibrated baseline or a model CRPS."""
     model = result.get("model", {})
     crps = model.get("crps_ensemble_fair", model.get("crps"))
-    peers = {name: min(entry["crps"], entry.get("crps_gaussian", entry["crps"])) for name, entry in result.items()
-             if isinstance(entry, dict) and name not in ("model", "meta", "spectra") and "crps" in entry}
+    baselines = {name: entry for name, entry in methods(result).items() if name != "model"}
+    peers = {name: min(entry["crps"], entry.get("crps_gaussian", entry["crps"])) for name, entry in baselines.items()
+             if "crps" in entry}
     if crps is None or not peers:
         return None
     best = min(peers, key=peers.get)
     ratio = crps / peers[best]
-    rmses = {name: entry["rmse"] for name, entry in result.items()
-             if isinstance(entry, dict) and name not in ("model", "meta", "spectra") and "rmse" in entry}
+    rmses = {name: entry["rmse"] for name, entry in baselines.items() if "rmse" in entry}
     best_rmse = min(rmses, key=rmses.get)
     how = f"{(1 - ratio) * 100:.1f} % below" if ratio < 1 else f"{(ratio - 1) * 100:.1f} % above"
     verdict = "beats" if ratio < 1 else "does not beat"
@@ -293,8 +302,7 @@ def write_report(folder: str | Path, result: dict, lr, target, mean, variance, p
                        comparisons, result.get("spectra"))
     rows = ["| method | RMSE | MAE | SSIM | CRPS | CRPS (Gaussian) | members' fair CRPS | MACE | spread/skill | "
             "high-k power |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in [key for key in result if key not in ("spectra", "meta", "comparison")]:  # the model, then baselines
-        m = result[name]
+    for name, m in methods(result).items():  # the model, then each baseline
         rows.append(f"| {name} | " + " | ".join(_fmt(m[k]) if k in m else "—" for k in
                                                   ("rmse", "mae", "ssim", "crps", "crps_gaussian",
                                                    "crps_ensemble_fair", "mace", "spread_skill",

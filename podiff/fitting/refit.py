@@ -61,20 +61,16 @@ def refit(pipe, lr: torch.Tensor, hr: torch.Tensor, held_out: tuple[torch.Tensor
     if steps < 0:
         raise ValueError(f"steps must be >= 0; got {steps}")
     from_step = record.refit["from_step"] if record.refit else record.step  # a resumed refit keeps its start
-    mu = None
-    if pipe.mean_model is not None:
-        lr_all, hr_all = torch.cat([lr, lr_val]), torch.cat([hr, hr_val])
-        pipe.mean_model = pipe.mean_model.refitted(lr_all, hr_all).to(device)
-        mu = pipe.mean_model.out_of_fold(lr_all, hr_all)
-        lr, hr, lr_val, hr_val = lr_all, hr_all, lr_all[:0], hr_all[:0]
     with torch.no_grad():
-        x0 = distributed_.all_gather_rows(pipe.target_tokens(hr, lr, mu).float()) if distributed else \
-            pipe.target_tokens(hr, lr, mu).float()
-        cond = distributed_.all_gather_rows(pipe.condition_tokens(lr, mu).float()) if distributed else \
-            pipe.condition_tokens(lr, mu).float()
-        if hr_val.shape[0]:
-            x0 = torch.cat([x0, pipe.target_tokens(hr_val, lr_val).float()])
-            cond = torch.cat([cond, pipe.condition_tokens(lr_val).float()])
+        if pipe.mean_model is not None:  # one process: every field through the refitted mean model's out-of-fold μ
+            lr, hr = torch.cat([lr, lr_val]), torch.cat([hr, hr_val])
+            pipe.mean_model = pipe.mean_model.refitted(lr, hr).to(device)
+            mu = pipe.mean_model.out_of_fold(lr, hr)
+            x0, cond = pipe.target_tokens(hr, lr, mu).float(), pipe.condition_tokens(lr, mu).float()
+        else:  # this rank's training fields gathered across ranks, then the held-out ones (on every rank)
+            gather = distributed_.all_gather_rows if distributed else (lambda t: t)
+            x0 = torch.cat([gather(pipe.target_tokens(hr).float()), pipe.target_tokens(hr_val).float()])
+            cond = torch.cat([gather(pipe.condition_tokens(lr).float()), pipe.condition_tokens(lr_val).float()])
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if not resume or state.get("ema_from") != from_step:  # a continuation of another held-out training

@@ -93,7 +93,7 @@ def data_for_model(source: DataSource, pipe):
         H0, W0 = raw.hr.shape[-2:]
         if (H0 - H0 % scale, W0 - W0 % scale) == (H, W) and (H0, W0) != (H, W):  # cropped as training cropped
             raw = datasets.Dataset(raw.hr[..., :H, :W].contiguous(), raw.hr[..., :H, :W].contiguous(), 1, raw.name,
-                                   raw.meta, _cropped_grid(raw.grid, H, W))
+                                   raw.meta, raw.grid.crop(H, W) if raw.grid is not None else None)
         size = tuple(raw.hr.shape[-2:])
         if raw.hr.shape[1] == C and size == (H, W):
             ds = datasets.Dataset(raw.hr, datasets.block_average(raw.hr, scale), scale, raw.name, raw.meta, raw.grid)
@@ -114,14 +114,6 @@ def data_for_model(source: DataSource, pipe):
         raise WorkflowError(f"the model was trained with covariates {shown(trained)}; --predictors/--static/"
                             f"--position/--season here give {shown(given)}: pass the same as to train")
     return ds
-
-
-def _cropped_grid(grid, H: int, W: int):
-    from dataclasses import replace
-
-    if grid is None:
-        return None
-    return replace(grid, y=grid.y.take(slice(0, H)), x=grid.x.take(slice(0, W)))
 
 
 def refuse_existing(path: Path, overwrite: bool, resume_hint: bool = False) -> None:
@@ -159,11 +151,10 @@ def load_baselines(pipe, model_dir: Path) -> dict:
 def load_spreads(model_dir: Path) -> dict:
     """The baselines' error spreads ``train`` saved in ``model_dir/baselines`` (``<name>.spread.safetensors``:
     ``baselines.calibrated.ErrorSpread``), by name."""
-    from podiff.baselines import ErrorSpread
+    from podiff.baselines.calibrated import SUFFIX, ErrorSpread
 
     folder = model_dir / "baselines"
-    suffix = ".spread.safetensors"
-    return {path.name[: -len(suffix)]: ErrorSpread.load(path) for path in sorted(folder.glob(f"*{suffix}"))}
+    return {path.name[: -len(SUFFIX)]: ErrorSpread.load(path) for path in sorted(folder.glob(f"*{SUFFIX}"))}
 
 
 __all__ = ["DataSource", "WorkflowError", "data_for_model", "load_baselines", "load_model", "load_spreads", "naming",

@@ -23,7 +23,7 @@ import numpy as np
 from podiff.config import PipelineConfig, TrainOptions
 from podiff.core import distributed
 from podiff.core.devices import resolve_device
-from podiff.workflows.common import DataSource, WorkflowError, load_baselines, naming, prepare_out
+from podiff.workflows.common import DataSource, WorkflowError, naming, prepare_out
 
 
 @dataclass
@@ -224,9 +224,10 @@ def _train(request: TrainRequest, ds=None):
         if world == 1:  # under torchrun rank 0 holds only its shard of the training fields: no baselines
             fitted = fit_baselines(pipe, options, lr, hr, (lr_val, hr_val) if n_val else None, progress=not quiet)
         if n_val:  # the held-out model and baselines: out-of-sample scores and spreads, before any refit
-            scores, spreads = held_out_scores(pipe, fitted, lr_val, hr_val, scale, config.seed, options.error_bands)
-            for name, about in fitted.items():
-                about[1]["spread"] = spreads.get(name)
+            scores, spreads = held_out_scores(pipe, fitted, lr_val, hr_val, config.seed, options.error_bands)
+            for name, (_, about) in fitted.items():
+                if name in spreads:
+                    about["spread_fields"] = spreads[name].fields
     refit_info = _refit(pipe, request, lr, hr, lr_val, hr_val, n_val, streamed is not None, out)
     if rank != 0:
         return pipe
@@ -235,7 +236,7 @@ def _train(request: TrainRequest, ds=None):
     pipe.save(out / "model")
     baseline_info = (save_baselines(fitted, out / "model") if world == 1 else
                      {"skipped": "under torchrun; evaluate fits a ridge on the data's train split"})
-    save_spreads({name: s for name, s in spreads.items() if name not in fitted}, out / "model")
+    save_spreads(spreads, out / "model")
     calibration, record = pipe.calibration, pipe.training
     info = {"data": source.data, "scale": scale, "split": request.split, "streamed": stream_info,
             "train_indices": [int(train_idx[0]), int(train_idx[-1])],
@@ -273,9 +274,9 @@ def _train(request: TrainRequest, ds=None):
 
 def _names(names: list[str]) -> str:
     """``elevation[0,0]``… ``elevation[3,3]`` shown once as ``elevation (16 block channels)``."""
-    groups: dict[str, int] = {}
-    for name in names:
-        groups[name.split("[")[0]] = groups.get(name.split("[")[0], 0) + 1
+    from collections import Counter
+
+    groups = Counter(name.split("[")[0] for name in names)
     return ", ".join(f"{g} ({n} block channels)" if n > 1 else g for g, n in groups.items())
 
 
@@ -298,18 +299,16 @@ def _refit(pipe, request: TrainRequest, lr, hr, lr_val, hr_val, n_val: int, stre
 def _fitted_on(train_idx, val_idx, refit_info: dict, residual: str) -> dict:
     """``train.json``'s account of what was fitted on which fields (indices into the data)."""
     train = [int(train_idx[0]), int(train_idx[-1])]
-    every = [int(train_idx[0]), int(val_idx[-1])] if len(val_idx) else train
+    held = [int(val_idx[0]), int(val_idx[-1])] if len(val_idx) else None
     refitted = refit_info.get("steps") is not None
-    out = {"choices": {"fields": train, "chosen_on": [int(val_idx[0]), int(val_idx[-1])] if len(val_idx) else None,
+    final = [train[0], held[1]] if refitted else train  # what the saved model and baselines learnt from
+    continued = {"continued_steps": refit_info["steps"], "from_step": refit_info["from_step"]} if refitted else {}
+    out = {"choices": {"fields": train, "chosen_on": held,
                        "what": "data scaling, POD basis and rank, ridge settings, training steps (early stopping)"},
-           "spread_and_error_shape": {"from_errors_on": [int(val_idx[0]), int(val_idx[-1])] if len(val_idx) else None,
-                                      "of_model_fitted_on": train},
-           "denoiser": {"fields": every if refitted else train, **({"continued_steps": refit_info["steps"],
-                                                                    "from_step": refit_info["from_step"]}
-                                                                   if refitted else {})},
-           "baselines": {"fields": every if refitted else train}}
+           "spread_and_error_shape": {"from_errors_on": held, "of_model_fitted_on": train},
+           "denoiser": {"fields": final, **continued}, "baselines": {"fields": final}}
     if residual != "none":
-        out["mean_model"] = {"fields": every if refitted else train}
+        out["mean_model"] = {"fields": final}
     if not refitted:
         out["refit"] = refit_info.get("skipped")
     return out
@@ -342,7 +341,7 @@ def fit_baselines(pipe, options: TrainOptions, lr, hr, validation, progress: boo
     return fitted
 
 
-def held_out_scores(pipe, fitted: dict, lr_val, hr_val, scale: int, seed: int, bands: int,
+def held_out_scores(pipe, fitted: dict, lr_val, hr_val, seed: int, bands: int,
                     members: int = 8) -> tuple[dict, dict]:
     """The held-out model's check on the validation fields (``validation_scores``) and each
     baseline's error spread there (``baselines.calibrated.ErrorSpread``; those made from the model,
@@ -355,8 +354,8 @@ def held_out_scores(pipe, fitted: dict, lr_val, hr_val, scale: int, seed: int, b
             predictions[name] = fitted[name][0].predict(lr_val).cpu()
         elif entry.make is not None:
             predictions[name] = entry.make(pipe).predict(lr_val).cpu()
-    scores = validation_scores(pipe, lr_val, hr_val, scale, seed, members=members,
-                               predictions={n: p for n, p in predictions.items() if n in fitted})
+    scores = validation_scores(pipe, lr_val, hr_val, seed, {n: p for n, p in predictions.items()
+                                                            if n in fitted or n == "bicubic"}, members)
     spreads = {}
     if hr_val.shape[0] >= 2:
         for name, prediction in predictions.items():
@@ -378,44 +377,33 @@ def refit_baselines(pipe, fitted: dict, lr, hr, held_out, options: TrainOptions,
 
 
 def save_baselines(fitted: dict, model_dir: Path) -> dict:
-    """Saves the fitted baselines (and their error spreads) in ``model_dir/baselines``; returns
-    what each took, for ``train.json``."""
+    """Saves the fitted baselines in ``model_dir/baselines``; returns what each took, for ``train.json``."""
     from podiff.baselines import BASELINES
 
     folder = model_dir / "baselines"
-    info: dict = {}
     for name, (baseline, about) in fitted.items():
-        entry = BASELINES[name]
-        spread = about.pop("spread", None)
-        entry.save(baseline, folder / entry.file, about)
-        if spread is not None:
-            spread.save(folder / f"{name}.spread.safetensors")
-            about["spread_fields"] = spread.fields
-        info[name] = about
-    return info
+        BASELINES[name].save(baseline, folder / BASELINES[name].file, about)
+    return {name: about for name, (_, about) in fitted.items()}
 
 
 def save_spreads(spreads: dict, model_dir: Path) -> None:
-    """The error spreads of the baselines made from the model (nothing else of theirs is saved)."""
+    """Every baseline's error spread, beside the baselines (``baselines.calibrated.spread_file``)."""
+    from podiff.baselines.calibrated import spread_file
+
     for name, spread in spreads.items():
-        spread.save(model_dir / "baselines" / f"{name}.spread.safetensors")
+        spread.save(model_dir / "baselines" / spread_file(name))
 
 
-def validation_scores(pipe, lr_val, hr_val, scale: int, seed: int, model_dir: Path | None = None,
-                      members: int = 8, predictions: dict | None = None) -> dict:
+def validation_scores(pipe, lr_val, hr_val, seed: int, predictions: dict, members: int = 8) -> dict:
     """A cheap check of the trained model on the validation fields: ensemble-mean RMSE and CRPS of
-    ``members`` members beside the RMSE of bicubic and of the baselines (``predictions`` of
-    ``lr_val`` by name, or those saved in ``model_dir``)."""
-    from podiff.baselines import bicubic
+    ``members`` members beside the RMSE of each baseline's prediction of ``lr_val`` (``predictions``
+    by name: ``<name>_rmse``)."""
     from podiff.evaluation import metrics
 
     out = pipe.sample(lr_val, num_samples=members, seed=seed, return_samples=True)
     samples, mean = out.samples.cpu(), out.mean.cpu()
     scores = {"rmse": metrics.rmse(mean, hr_val), "crps": metrics.crps_ensemble(samples, hr_val, fair=True),
-              "bicubic_rmse": metrics.rmse(bicubic(pipe.target_input(lr_val), scale), hr_val), "members": members}
-    if predictions is None:
-        predictions = {name: baseline.predict(lr_val).cpu()
-                       for name, baseline in (load_baselines(pipe, model_dir) if model_dir else {}).items()}
+              "members": members}
     for name, prediction in predictions.items():
         scores[f"{name}_rmse"] = metrics.rmse(prediction, hr_val)
     return scores
