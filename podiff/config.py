@@ -120,7 +120,7 @@ class TrainOptions:
 
     val_fraction: float = 0.15
     eval_every: int = 50
-    patience: int = 8
+    patience: int = 5
     checkpoint_every: int = 200
     calibrate: bool = True
     spread_calibration: str = "members"

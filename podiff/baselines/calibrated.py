@@ -9,7 +9,8 @@ validation fields while it was fitted on the training fields only,
 and, as podiff's own predictive has, the shape of the standardised errors ``(y − ŷ)/σ``
 (``evaluation.error_shape``: quantiles, one set per band of the prediction) for heavier tails than
 the Gaussian's. ``podiff train`` fits one per baseline before the baselines are refitted on every
-field, saves it beside the baseline, and ``podiff evaluate`` scores each baseline's CRPS, coverage
+field (a refitted baseline's std then times the refit's error ratio, as the model's spread,
+``fitting.refit.refit_error_ratio``), saves it beside the baseline, and ``podiff evaluate`` scores each baseline's CRPS, coverage
 and MACE with it (Gaussian and shaped) beside the model's.
 
 Shapes: ``prediction, truth [N, C, H, W]``; ``std [C, H, W]`` (NaN where no valid error).
@@ -42,12 +43,22 @@ class ErrorSpread:
     """A per-pixel std ``[C, H, W]`` and the standardised errors' shape (``error_quantiles`` and
     ``band_edges`` as in ``evaluation.error_shape``; None: Gaussian), from ``fields`` held-out fields."""
 
-    def __init__(self, std: torch.Tensor, error_quantiles=None, band_edges=None, fields: int = 0):
+    def __init__(self, std: torch.Tensor, error_quantiles=None, band_edges=None, fields: int = 0,
+                 factor: float = 1.0):
         if std.dim() != 3:
             raise ValueError(f"std must be [C, H, W]; got shape {tuple(std.shape)}")
         self.std = std.detach().cpu().double()
         self.error_quantiles, self.band_edges = error_quantiles, band_edges
         self.fields = int(fields)
+        self.factor = float(factor)  # by which the held-out errors' RMS was scaled (``scaled``)
+
+    def scaled(self, factor: float) -> ErrorSpread:
+        """This spread with its std times ``factor`` (> 0): for a baseline refitted on more recent
+        fields, whose errors are smaller than the held-out fit's (``fitting.refit.refit_error_ratio``)."""
+        if not (float(factor) > 0 and float(factor) < float("inf")):
+            raise ValueError(f"factor must be a finite number > 0; got {factor}")
+        return ErrorSpread(self.std * float(factor), self.error_quantiles, self.band_edges, self.fields,
+                           self.factor * float(factor))
 
     @classmethod
     def fit(cls, prediction: torch.Tensor, truth: torch.Tensor, bands: int = error_shape.ERROR_BANDS) -> ErrorSpread:
@@ -77,12 +88,13 @@ class ErrorSpread:
 
     def save(self, path: str | os.PathLike) -> None:
         save_tensors(path, {"std": self.std}, FORMAT, error_quantiles=self.error_quantiles,
-                     band_edges=self.band_edges, fields=self.fields)
+                     band_edges=self.band_edges, fields=self.fields, factor=self.factor)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ErrorSpread:
         tensors, meta = load_tensors(path, FORMAT, "error spread")
-        return cls(tensors["std"], meta.get("error_quantiles"), meta.get("band_edges"), meta.get("fields", 0))
+        return cls(tensors["std"], meta.get("error_quantiles"), meta.get("band_edges"), meta.get("fields", 0),
+                   meta.get("factor", 1.0))
 
 
 __all__ = ["ErrorSpread", "SUFFIX", "spread_file"]

@@ -4,7 +4,10 @@ The input is the bicubic upsampling of every input channel (the target's coarse 
 covariates: predictors, static fields in blocks, position, season; ``data.covariates``), each
 standardised over the training fields, with masked pixels at 0 and a validity channel. The U-Net
 (``depth`` levels of two 3×3 convolutions with GroupNorm and SiLU, average pooling down,
-nearest upsampling and skip connections up) predicts the departure of the high-resolution field
+nearest upsampling and skip connections up), given also a learned position embedding
+(``position_channels`` maps over the training grid, as CorrDiff's regression U-Net has: what is
+fixed in place, a front, a coast, a warming pattern, no convolution can know otherwise) predicts
+the departure of the high-resolution field
 from the bicubic upsampling of its own coarse field, in units of the training fields' std. It is
 trained with MSE on the valid pixels by AdamW, keeping the weights of the best validation MSE
 and stopping after ``patience`` evaluations without improvement, like the regression ViT.
@@ -41,12 +44,19 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    """``[B, c_in, H, W] -> [B, c_out, H, W]`` (``H``, ``W`` padded to a multiple of ``2**depth`` inside)."""
+    """``[B, c_in, H, W] -> [B, c_out, H, W]`` (``H``, ``W`` padded to a multiple of ``2**depth`` inside).
+    With ``grid = (H, W)``, ``position_channels`` learned maps of that grid join the input (the
+    model then takes fields of that grid only)."""
 
-    def __init__(self, c_in: int, c_out: int, width: int = 32, depth: int = 2):
+    def __init__(self, c_in: int, c_out: int, width: int = 32, depth: int = 2, grid: tuple | None = None,
+                 position_channels: int = 0):
         super().__init__()
         self.depth = int(depth)
+        self.grid = tuple(int(n) for n in grid) if grid is not None and position_channels else None
+        self.position = (nn.Parameter(torch.randn(int(position_channels), *self.grid)) if self.grid is not None
+                         else None)
         widths = [width * 2**i for i in range(self.depth + 1)]
+        c_in = c_in + (int(position_channels) if self.position is not None else 0)
         self.down = nn.ModuleList([_block(c_in, widths[0])] + [_block(widths[i], widths[i + 1])
                                                                for i in range(self.depth)])
         self.up = nn.ModuleList([_block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(self.depth))])
@@ -56,6 +66,11 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
+        if self.position is not None:
+            if (H, W) != self.grid:
+                raise ValueError(f"this U-Net's position embedding covers the {self.grid[0]}×{self.grid[1]} grid it "
+                                 f"was trained on; got fields of {H}×{W}")
+            x = torch.cat([x, self.position.expand(x.shape[0], -1, -1, -1)], 1)
         m = 2**self.depth
         x = F.pad(x, (0, -W % m, 0, -H % m), mode="replicate")
         skips = []
@@ -72,11 +87,15 @@ class UNet(nn.Module):
 class UNetBaseline(Deterministic):
     """A U-Net regression from the upsampled input (and covariates) to the high-resolution field."""
 
-    def __init__(self, scale: int, channels: int, width: int = 32, depth: int = 2, seed: int = 0):
+    def __init__(self, scale: int, channels: int, width: int = 16, depth: int = 2, seed: int = 0,
+                 position_channels: int = 8):
         if int(scale) < 1 or int(channels) < 1:
             raise ValueError(f"scale and channels must be >= 1; got {scale} and {channels}")
+        if int(position_channels) < 0:
+            raise ValueError(f"position_channels must be >= 0; got {position_channels}")
         self.scale, self.channels, self.width, self.depth, self.seed = int(scale), int(channels), int(width), \
             int(depth), int(seed)
+        self.position_channels = int(position_channels)
         self.model: UNet | None = None
         self.in_mean = self.in_std = self.out_std = None
         self.steps = self.steps_refit = 0
@@ -106,7 +125,8 @@ class UNetBaseline(Deterministic):
         resid = (hr.float() - self._base(lr)).transpose(0, 1).reshape(self.channels, -1)
         self.out_std = torch.sqrt(torch.nanmean(resid**2, 1)).clamp_min(1e-6)
         torch.manual_seed(self.seed)
-        self.model = UNet(lr.shape[1] + 1, self.channels, self.width, self.depth)
+        self.model = UNet(lr.shape[1] + 1, self.channels, self.width, self.depth, tuple(hr.shape[-2:]),
+                          self.position_channels)
 
     def _targets(self, lr, hr):
         y = (hr.float() - self._base(lr)) / self.out_std.view(1, -1, 1, 1)
@@ -174,15 +194,18 @@ class UNetBaseline(Deterministic):
         tensors.update(in_mean=self.in_mean, in_std=self.in_std, out_std=self.out_std)
         save_tensors(path, tensors, FORMAT, scale=self.scale, channels=self.channels, width=self.width,
                      depth=self.depth, seed=self.seed, inputs=int(self.in_mean.numel()), steps=self.steps,
+                     position_channels=self.position_channels, grid=list(self.model.grid or ()),
                      steps_refit=self.steps_refit, best_step=self.best_step,
                      val_history=[list(v) for v in self.val_history])
 
     @classmethod
     def load(cls, path) -> UNetBaseline:
         tensors, meta = load_tensors(path, FORMAT, "U-Net baseline")
-        unet = cls(meta["scale"], meta["channels"], meta["width"], meta["depth"], meta["seed"])
+        unet = cls(meta["scale"], meta["channels"], meta["width"], meta["depth"], meta["seed"],
+                   meta.get("position_channels", 0))
         unet.in_mean, unet.in_std, unet.out_std = tensors["in_mean"], tensors["in_std"], tensors["out_std"]
-        unet.model = UNet(meta["inputs"] + 1, unet.channels, unet.width, unet.depth)
+        unet.model = UNet(meta["inputs"] + 1, unet.channels, unet.width, unet.depth, meta.get("grid") or None,
+                          unet.position_channels)
         unet.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         unet.model.eval()
         unet.steps, unet.steps_refit, unet.best_step = meta["steps"], meta["steps_refit"], meta["best_step"]

@@ -233,6 +233,11 @@ def _train(request: TrainRequest, ds=None):
         return pipe
     if refit_info.get("steps") is not None and fitted:
         refit_baselines(pipe, fitted, lr, hr, (lr_val, hr_val), options, progress=not quiet)
+        ratio = refit_info.get("spread_ratio", 1.0)
+        for name, (_, about) in fitted.items():  # a refitted baseline errs less, as the refitted model does
+            if "refit" in about and name in spreads:
+                spreads[name] = spreads[name].scaled(ratio)
+                about["spread_factor"] = ratio
     pipe.save(out / "model")
     baseline_info = (save_baselines(fitted, out / "model") if world == 1 else
                      {"skipped": "under torchrun; evaluate fits a ridge on the data's train split"})
@@ -292,8 +297,14 @@ def _refit(pipe, request: TrainRequest, lr, hr, lr_val, hr_val, n_val: int, stre
         return {"skipped": "streamed training: the held-out model is kept"}
     if not request.quiet and distributed.rank_world()[0] == 0:
         print("refitting on every field: the mean model on all of them, the denoiser continued on all of them")
-    return refit(pipe, lr, hr, (lr_val, hr_val), progress=not request.quiet, checkpoint=out / "refit_checkpoint.pt",
+    info = refit(pipe, lr, hr, (lr_val, hr_val), progress=not request.quiet, checkpoint=out / "refit_checkpoint.pt",
                  resume=request.resume)
+    if not request.quiet and distributed.rank_world()[0] == 0 and "ratio" in info["error_ratio"]:
+        about = info["error_ratio"]
+        print(f"spread ×{info['spread_ratio']:.3f} for the refitted model and baselines: the mean model's RMSE on the "
+              f"validation fields, fitted without the last {n_val} training fields and with them, went "
+              f"{about['rmse_older']:.4g} -> {about['rmse_recent']:.4g}")
+    return info
 
 
 def _fitted_on(train_idx, val_idx, refit_info: dict, residual: str) -> dict:
@@ -305,7 +316,8 @@ def _fitted_on(train_idx, val_idx, refit_info: dict, residual: str) -> dict:
     continued = {"continued_steps": refit_info["steps"], "from_step": refit_info["from_step"]} if refitted else {}
     out = {"choices": {"fields": train, "chosen_on": held,
                        "what": "data scaling, POD basis and rank, ridge settings, training steps (early stopping)"},
-           "spread_and_error_shape": {"from_errors_on": held, "of_model_fitted_on": train},
+           "spread_and_error_shape": {"from_errors_on": held, "of_model_fitted_on": train,
+                                      "times_refit_error_ratio": refit_info.get("spread_ratio")},
            "denoiser": {"fields": final, **continued}, "baselines": {"fields": final}}
     if residual != "none":
         out["mean_model"] = {"fields": final}

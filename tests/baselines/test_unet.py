@@ -60,3 +60,24 @@ def test_covariates_masks_and_bad_input():
         UNetBaseline(4, 1).fit(lr_cov, torch.cat([hr, hr], 1), steps=1)
     with pytest.raises(RuntimeError, match="not fitted"):
         UNetBaseline(4, 1).predict(lr)
+
+
+def test_the_position_embedding_learns_what_is_fixed_in_place():
+    """A fine pattern fixed in place, invisible in the block means: only a U-Net that knows where it
+    is can add it (CorrDiff's learned position channels)."""
+    g = torch.Generator().manual_seed(1)
+    lr, hr = fields(80, size=48, seed=1)  # wider than the receptive field: the borders do not place it
+    pattern = torch.randn(1, 1, 48, 48, generator=g)
+    pattern = pattern - F.interpolate(F.avg_pool2d(pattern, 4), scale_factor=4)  # zero block means
+    hr = hr + 0.5 * pattern
+    train, val, test = slice(0, 50), slice(50, 65), slice(65, 80)
+    rmse = {}
+    for channels in (0, 8):
+        unet = UNetBaseline(4, 1, width=8, position_channels=channels).fit(
+            lr[train], hr[train], validation=(lr[val], hr[val]), steps=300, eval_every=25, learning_rate=3e-3)
+        rmse[channels] = metrics.rmse(unet.predict(lr[test]), hr[test])
+    assert rmse[8] < 0.7 * rmse[0], rmse
+    with pytest.raises(ValueError, match="48×48 grid it was trained on; got fields of 20×20"):
+        unet.predict(torch.zeros(1, 1, 5, 5))
+    with pytest.raises(ValueError, match="position_channels must be >= 0"):
+        UNetBaseline(4, 1, position_channels=-1)

@@ -48,14 +48,21 @@ def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):
     fitted_on = info["fitted_on"]
     every = [info["train_indices"][0], info["val_indices"][1]]
     assert fitted_on["mean_model"]["fields"] == fitted_on["denoiser"]["fields"] == every
+    ratio = fitted_on["spread_and_error_shape"]["times_refit_error_ratio"]
     assert fitted_on["spread_and_error_shape"] == {"from_errors_on": info["val_indices"],
-                                                   "of_model_fitted_on": info["train_indices"]}
+                                                   "of_model_fitted_on": info["train_indices"],
+                                                   "times_refit_error_ratio": ratio}
+    assert 0.5 <= ratio <= 2.0
     assert fitted_on["denoiser"]["from_step"] == 6 and fitted_on["denoiser"]["continued_steps"] >= 1
+    from podiff.baselines.calibrated import ErrorSpread
+
     for name in ("bicubic", "pod_projection", "ridge", "regression", "unet"):
-        assert (run_dir / "model" / "baselines" / f"{name}.spread.safetensors").is_file(), name
+        spread = ErrorSpread.load(run_dir / "model" / "baselines" / f"{name}.spread.safetensors")
+        # the refitted baselines' spreads are narrowed as the model's is; bicubic is not refitted
+        assert spread.factor == (1.0 if name in ("bicubic", "pod_projection") else ratio), name
     from podiff.model.pipeline import PODiffPipeline
 
-    assert PODiffPipeline.load(run_dir / "model").calibration.spread == info["spread"]
+    assert PODiffPipeline.load(run_dir / "model").calibration.spread == info["spread"] * ratio
 
     pred = tmp_path / "pred.npz"
     code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tiny_npz, "--scale", 4, "--num-samples", 3,
