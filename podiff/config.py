@@ -4,7 +4,7 @@ compares). The command's options read their defaults from these two classes, so
 ``PipelineConfig()`` builds the model ``podiff train`` builds.
 
 >>> PipelineConfig().residual, PipelineConfig().prediction_type, TrainOptions().val_fraction
-('ridge', 'v', 0.15)
+('auto', 'v', 0.15)
 
 What fitting produces (the data scaling, the POD, the weights, the spread calibration, the error
 shape, the noise correlation) is not configuration: it is the fitted model's state
@@ -20,8 +20,9 @@ from podiff.diffusion.samplers import SAMPLERS
 from podiff.diffusion.schedules import SCHEDULES
 from podiff.evaluation.error_shape import ERROR_BANDS, ERROR_SHAPES
 
-#: Residual choices: diffuse the field itself, or what a tuned ridge regression misses.
-RESIDUALS = ("ridge", "none")
+#: Residual choices: diffuse what a mean model misses (the better of the tuned ridge and a U-Net on
+#: the validation fields, the ridge, the U-Net), or the field itself.
+RESIDUALS = ("auto", "ridge", "unet", "none")
 PREDICTION_TYPES = ("v", "epsilon")
 CONDITIONS = ("anomaly", "detail")
 BASES = ("auto", "shared", "local")
@@ -43,8 +44,10 @@ class PipelineConfig:
     ``diffusion.samplers.SAMPLERS``), ``eta``, ``sample_steps``. Training: ``train_steps``,
     ``batch_size``, ``learning_rate``, ``warmup``, ``ema_decay``, ``grad_clip``, ``smoothness``
     (weight of the learned schedule's regulariser), ``seed``, ``amp`` (bfloat16 autocast on
-    CUDA). ``residual``: ``"ridge"`` (diffuse what a tuned ridge regression misses,
-    ``mean.mean_model``) or ``"none"`` (diffuse the field); ``condition``: a residual model's
+    CUDA). ``residual``: diffuse what a mean model ``μ`` misses (``mean.mean_model``): ``"auto"``
+    (the tuned ridge or a U-Net regression, whichever has the lower validation RMSE; the ridge
+    without validation fields), ``"ridge"`` or ``"unet"``; or ``"none"`` (diffuse the field);
+    ``condition``: a residual model's
     condition, the ridge's anomaly or only its detail below the input grid. ``antithetic``:
     members in mirrored pairs (the same noise, negated), a variance reduction for the ensemble
     mean. ``correlated_noise``: the diffusion noise is correlated across the patch grid as the
@@ -82,7 +85,7 @@ class PipelineConfig:
     smoothness: float = 1e-3
     seed: int = 0
     amp: bool = True
-    residual: str = "ridge"
+    residual: str = "auto"
     antithetic: bool = True
     correlated_noise: bool = True
     condition: str = "anomaly"

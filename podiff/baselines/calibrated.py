@@ -10,8 +10,8 @@ and, as podiff's own predictive has, the shape of the standardised errors ``(y â
 (``evaluation.error_shape``: quantiles, one set per band of the prediction) for heavier tails than
 the Gaussian's. ``podiff train`` fits one per baseline before the baselines are refitted on every
 field (a refitted baseline's std then times the refit's error ratio, as the model's spread,
-``fitting.refit.refit_error_ratio``), saves it beside the baseline, and ``podiff evaluate`` scores each baseline's CRPS, coverage
-and MACE with it (Gaussian and shaped) beside the model's.
+``fitting.refit.refit_error_ratio``), saves it beside the baseline, and ``podiff evaluate``
+scores each baseline's CRPS, coverage and MACE with it (Gaussian and shaped) beside the model's.
 
 Shapes: ``prediction, truth [N, C, H, W]``; ``std [C, H, W]`` (NaN where no valid error).
 

@@ -21,16 +21,17 @@ import time
 import torch
 import torch.nn.functional as F
 
-from podiff.baselines.base import BaselineEntry, continue_on_all, train_regressor
+from podiff.baselines.base import BaselineEntry
 from podiff.core.io import load_tensors, save_tensors
-from podiff.core.sample_output import SampleOutput
+from podiff.core.sample_output import Deterministic
 from podiff.data.standardise import unstandardise
 from podiff.diffusion.denoiser import DenoiserConfig, PODDenoiser
+from podiff.mean.training import continue_on_all, train_regressor
 
 FORMAT = "podiff.RegressionBaseline"
 
 
-class RegressionBaseline:
+class RegressionBaseline(Deterministic):
     """A ViT regressing the target tokens from the condition tokens of ``pipeline``."""
 
     def __init__(self, pipeline, denoiser_config: dict | None = None):
@@ -110,11 +111,6 @@ class RegressionBaseline:
             out = out + pipe.mean_model.predict(lr).to(out)
         return out
 
-    def sample(self, lr: torch.Tensor, num_samples: int = 1, return_samples: bool = False, **_) -> SampleOutput:
-        mean = self.predict(lr)
-        var = torch.where(torch.isnan(mean), mean, torch.zeros_like(mean))
-        samples = mean[None].expand(num_samples, *mean.shape) if return_samples else None
-        return SampleOutput(mean, var, samples)
 
     # -------------------------------------------------------------- save / load
 

@@ -1,4 +1,5 @@
-"""``SampleOutput``: what every model's ``sample`` returns (the pipeline and the baselines)."""
+"""``SampleOutput``: what every model's ``sample`` returns (the pipeline and the baselines), and
+``Deterministic``: ``sample`` for a point predictor (the regressions, the baselines)."""
 
 from __future__ import annotations
 
@@ -18,4 +19,15 @@ class SampleOutput:
     tokens: torch.Tensor | None = None
 
 
-__all__ = ["SampleOutput"]
+class Deterministic:
+    """``sample`` for a point predictor: the prediction with zero variance."""
+
+    def sample(self, lr: torch.Tensor, num_samples: int = 1, steps=None, seed=None, return_samples=False,
+               **_) -> SampleOutput:
+        mean = self.predict(lr)
+        var = torch.where(torch.isnan(mean), mean, torch.zeros_like(mean))
+        samples = mean[None].expand(num_samples, *mean.shape) if return_samples else None
+        return SampleOutput(mean, var, samples)
+
+
+__all__ = ["Deterministic", "SampleOutput"]

@@ -1,6 +1,6 @@
 """Fitting: what produces a ``PODiffPipeline``'s state from fields.
 
-``build(pipe, lr, hr)`` fits the data scaling, the mean model (``residual="ridge"``), the POD and
+``build(pipe, lr, hr)`` fits the data scaling, the mean model (a residual model), the POD and
 the noise correlation and creates the denoiser; ``fit(pipe, lr, hr, validation=...)`` builds (unless
 built) and trains it with a ``diffusion.training.Trainer``; ``fit_streamed`` does so for fields
 read from a file batch by batch. The spread and the error shape: ``fitting.calibration``.
@@ -72,15 +72,21 @@ def build(pipe, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = 
     return pipe
 
 
-def _fit_mean_model(pipe, lr, hr, validation):
-    """``residual="ridge"``: fits ``μ`` (tuned on ``validation``) and returns the residual fields
-    ``(hr − μ_oof(lr), hr_val − μ(lr_val), μ_oof(lr))`` with ``μ_oof`` the out-of-fold
-    predictions of the training fields; otherwise ``(hr, hr_val, None)``."""
+def _fit_mean_model(pipe, lr, hr, validation, eval_every: int = _OPTIONS.eval_every,
+                    patience: int | None = _OPTIONS.patience, progress: bool = False):
+    """A residual model: fits ``μ`` (chosen and tuned on ``validation``, ``MeanModel.fit``; a
+    U-Net candidate with the training's ``eval_every``, ``patience`` and at most
+    ``config.train_steps``) and returns the residual fields ``(hr − μ_oof(lr), hr_val −
+    μ(lr_val), μ_oof(lr))`` with ``μ_oof`` the out-of-fold predictions of the training fields;
+    otherwise ``(hr, hr_val, None)``."""
     hr_val = None if validation is None else validation[1]
-    if pipe.config.residual == "none":
+    cfg = pipe.config
+    if cfg.residual == "none":
         return hr, hr_val, None
     cpu = None if validation is None else tuple(t.cpu() for t in validation)
-    pipe.mean_model = MeanModel.fit(pipe.config.scale, lr.cpu(), hr.cpu(), cpu, len(pipe.config.covariates))
+    pipe.mean_model = MeanModel.fit(cfg.scale, lr.cpu(), hr.cpu(), cpu, len(cfg.covariates), cfg.residual,
+                                    steps=cfg.train_steps, eval_every=eval_every, patience=patience,
+                                    seed=cfg.seed + 3, progress=progress)
     mu = pipe.mean_model.out_of_fold(lr, hr)
     if validation is not None:
         hr_val = validation[1].to(hr.device) - pipe.mean_model.predict(validation[0].to(hr.device))
@@ -220,7 +226,7 @@ def fit(pipe, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = No
         raise ValueError("residual training is not distributed yet; train it in one process "
                          "(or pass --residual none)")
     rank = distributed_.rank_world()[0] if distributed else 0
-    mu = _prepare(pipe, lr, hr, mask, validation, progress and rank == 0, distributed)
+    mu = _prepare(pipe, lr, hr, mask, validation, progress and rank == 0, distributed, eval_every, patience)
     steps = _checked_steps(pipe, steps)
     with torch.no_grad():
         x0_all = distributed_.all_gather_rows(pipe.target_tokens(hr, lr, mu).float())
@@ -232,12 +238,13 @@ def fit(pipe, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = No
                        validation=_validation_tokens(pipe, validation), eval_every=eval_every, patience=patience)
 
 
-def _prepare(pipe, lr, hr, mask, validation, progress: bool, distributed: bool):
+def _prepare(pipe, lr, hr, mask, validation, progress: bool, distributed: bool,
+             eval_every: int = _OPTIONS.eval_every, patience: int | None = _OPTIONS.patience):
     """Builds the pipeline on ``lr, hr`` unless built (mean model, scaling, POD, model) and
     returns the mean model's out-of-fold predictions of these fields (None without one)."""
     if pipe.denoiser is None:
         _fit_covariate_scaling(pipe, lr, distributed)
-        hr_fit, hr_val_fit, mu = _fit_mean_model(pipe, lr, hr, validation)
+        hr_fit, hr_val_fit, mu = _fit_mean_model(pipe, lr, hr, validation, eval_every, patience, progress)
         _build(pipe, hr_fit, mask, progress, distributed, hr_val=hr_val_fit)
         _fit_condition(pipe, mu)
         return mu
@@ -285,7 +292,7 @@ def fit_streamed(pipe, stream, validation: tuple[torch.Tensor, torch.Tensor] | N
     lr, hr, _ = _checked_on_device(pipe, lr, hr, None)
     if pipe.config.bounds is not None:  # the subsample read stands for the stream
         bounds_.check_pairs(pipe.target_input(lr), hr, pipe.config.bounds, pipe.config.scale)
-    mu = _prepare(pipe, lr, hr, None, validation, progress, False)
+    mu = _prepare(pipe, lr, hr, None, validation, progress, False, eval_every, patience)
     with torch.no_grad():  # the subsample's tokens stand for all: one budget in memory
         _fit_noise_correlation(pipe, pipe.target_tokens(hr, lr, mu).float())
     del lr, hr

@@ -5,7 +5,7 @@ its ridge's settings and its number of steps on the held-out fields, which are t
 ones in a time series, and never learned from them. ``refit(pipe, lr, hr, (lr_val, hr_val))``
 then
 
-- refits the mean model (``residual="ridge"``) with the same settings on every field
+- refits the mean model (a residual model) with the same settings on every field
   (``MeanModel.refitted``; its condition statistics, the data scaling and the POD stay), and
 - continues training the denoiser from its best weights on the tokens of every field for
   ``continuation_steps`` steps: as many more steps as the held-out fields add at the chosen
@@ -115,7 +115,7 @@ def refit(pipe, lr: torch.Tensor, hr: torch.Tensor, held_out: tuple[torch.Tensor
     with torch.no_grad():
         if pipe.mean_model is not None:  # one process: every field through the refitted mean model's out-of-fold μ
             lr, hr = torch.cat([lr, lr_val]), torch.cat([hr, hr_val])
-            pipe.mean_model = pipe.mean_model.refitted(lr, hr).to(device)
+            pipe.mean_model = pipe.mean_model.refitted(lr, hr, held_out=n_held).to(device)
             mu = pipe.mean_model.out_of_fold(lr, hr)
             x0, cond = pipe.target_tokens(hr, lr, mu).float(), pipe.condition_tokens(lr, mu).float()
         else:  # this rank's training fields gathered across ranks, then the held-out ones (on every rank)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from podiff.core.io import load_tensors, save_tensors
-from podiff.core.sample_output import SampleOutput
+from podiff.core.sample_output import Deterministic
 
 FORMAT = "podiff.RidgeBaseline"
 
@@ -58,7 +58,7 @@ def fill_nearest(lr: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-class RidgeBaseline:
+class RidgeBaseline(Deterministic):
     """Ridge regression from each LR ``k×k`` neighbourhood to its HR ``s×s`` block (see the module).
 
     Args:
@@ -210,11 +210,6 @@ class RidgeBaseline:
         masked = F.interpolate(torch.isnan(lr[:, :C]).float(), size=(H, W), mode="nearest") > 0
         return out.masked_fill(masked, float("nan")).to(lr.device)
 
-    def sample(self, lr: torch.Tensor, num_samples: int = 1, return_samples: bool = False, **_) -> SampleOutput:
-        mean = self.predict(lr)
-        var = torch.where(torch.isnan(mean), mean, torch.zeros_like(mean))
-        samples = mean[None].expand(num_samples, *mean.shape) if return_samples else None
-        return SampleOutput(mean, var, samples)
 
     def describe(self) -> str:
         where = "per location" if self.per_location else "shared"

@@ -115,7 +115,7 @@ class PODiffPipeline:
         self.offset = self.data_scale = None  # per channel, [C]
         self.image_size: tuple[int, int] | None = None
         self.pod_choice: dict | None = None  # how the POD was chosen (pod_selection), when it was
-        self.mean_model: MeanModel | None = None  # residual="ridge": μ(lr), the diffusion models x − μ
+        self.mean_model: MeanModel | None = None  # a residual model: μ(lr), the diffusion models x − μ
         self.noise_correlation: dict | None = None  # the grid-correlated noise's state (token_noise)
         self.covariate_offset = self.covariate_scale = None  # per covariate channel, [K]
         self.calibration = Calibration()
@@ -412,7 +412,7 @@ class PODiffPipeline:
         return (f"PODiffPipeline: POD {self.pod}, denoiser {type(self.denoiser).__name__} "
                 f"{self.num_parameters():,} parameters, schedule {self.config.schedule}, "
                 f"prediction_type {self.config.prediction_type}, sampler {self.config.sampler}, device {self.device}"
-                + (f", residual over {self.mean_model.ridge.describe()}" if self.mean_model is not None else ""))
+                + (f", residual over {self.mean_model.describe()}" if self.mean_model is not None else ""))
 
 
 __all__ = ["PODiffPipeline", "check_pair"]

@@ -213,6 +213,11 @@ def _train(request: TrainRequest, ds=None):
             from podiff.latent.pod_selection import describe
 
             print(describe(pipe.pod_choice))
+        if pipe.mean_model is not None and "unet_val_rmse" in pipe.mean_model.choice and not quiet:
+            choice = pipe.mean_model.choice
+            print(f"mean model: {'U-Net' if choice['regressor'] == 'unet' else 'ridge'} (validation RMSE: ridge "
+                  f"{choice['ridge_val_rmse']:.4g}, U-Net {choice['unet_val_rmse']:.4g}; --residual ridge/unet to "
+                  f"choose)")
         if n_val and options.calibrate:
             spread = calibrate_spread(pipe, lr_val, hr_val, seed=config.seed, method=options.spread_calibration,
                                       shape=options.error_shape, bands=options.error_bands)
