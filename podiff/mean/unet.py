@@ -124,9 +124,10 @@ class UNetBaseline(Deterministic):
         self.in_std = torch.sqrt(torch.nanmean((flat - self.in_mean[:, None]) ** 2, 1)).clamp_min(1e-6)
         resid = (hr.float() - self._base(lr)).transpose(0, 1).reshape(self.channels, -1)
         self.out_std = torch.sqrt(torch.nanmean(resid**2, 1)).clamp_min(1e-6)
-        torch.manual_seed(self.seed)
-        self.model = UNet(lr.shape[1] + 1, self.channels, self.width, self.depth, tuple(hr.shape[-2:]),
-                          self.position_channels)
+        with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's random state left as it was
+            torch.manual_seed(self.seed)
+            self.model = UNet(lr.shape[1] + 1, self.channels, self.width, self.depth, tuple(hr.shape[-2:]),
+                              self.position_channels)
 
     def _targets(self, lr, hr):
         y = (hr.float() - self._base(lr)) / self.out_std.view(1, -1, 1, 1)

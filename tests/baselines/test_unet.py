@@ -81,3 +81,12 @@ def test_the_position_embedding_learns_what_is_fixed_in_place():
         unet.predict(torch.zeros(1, 1, 5, 5))
     with pytest.raises(ValueError, match="position_channels must be >= 0"):
         UNetBaseline(4, 1, position_channels=-1)
+
+
+def test_fitting_leaves_the_callers_random_state_alone():
+    lr, hr = fields(8)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    UNetBaseline(4, 1, width=8).fit(lr, hr, steps=1)
+    assert torch.equal(torch.rand(3), expected)
