@@ -219,9 +219,9 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--correlated-noise", action=argparse.BooleanOptionalAction, default=c.correlated_noise,
                    help="diffusion noise correlated across patches as the training tokens are (default on)")
     p.add_argument("--residual", choices=RESIDUALS, default=c.residual,
-                   help="auto (default): diffuse what the better mean model on the validation fields misses, "
-                        "the tuned ridge or a U-Net regression (CorrDiff-style); ridge, unet: that one; none: "
-                        "diffuse the field itself")
+                   help="auto (default): diffuse what the mean model misses, the tuned ridge or a U-Net regression "
+                        "where a paired t-test on the validation fields finds it better (CorrDiff-style); "
+                        "ridge, unet: that one; none: diffuse the field itself")
     p.add_argument("--condition", choices=CONDITIONS, default=c.condition,
                    help="a residual model's condition: the ridge's anomaly (default) or only what it adds "
                         "below the input grid (blind to level and trend)")

@@ -45,10 +45,10 @@ class PipelineConfig:
     ``batch_size``, ``learning_rate``, ``warmup``, ``ema_decay``, ``grad_clip``, ``smoothness``
     (weight of the learned schedule's regulariser), ``seed``, ``amp`` (bfloat16 autocast on
     CUDA). ``residual``: diffuse what a mean model ``μ`` misses (``mean.mean_model``): ``"auto"``
-    (the tuned ridge or a U-Net regression, whichever has the lower validation RMSE; the ridge
-    without validation fields), ``"ridge"`` or ``"unet"``; or ``"none"`` (diffuse the field);
-    ``condition``: a residual model's
-    condition, the ridge's anomaly or only its detail below the input grid. ``antithetic``:
+    (the tuned ridge, or a U-Net regression where a paired t-test on the validation fields finds
+    it better at 5 %; the ridge without validation fields), ``"ridge"`` or ``"unet"``; or
+    ``"none"`` (diffuse the field); ``condition``: a residual model's condition, the ridge's
+    anomaly or only its detail below the input grid. ``antithetic``:
     members in mirrored pairs (the same noise, negated), a variance reduction for the ensemble
     mean. ``correlated_noise``: the diffusion noise is correlated across the patch grid as the
     training tokens are (``diffusion.token_noise``; fitting measures it). ``bounds``: ``[lo,

@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 from podiff.core.io import load_tensors, save_tensors
-from podiff.diffusion.training import continuation_steps
 from podiff.evaluation import metrics
 from podiff.mean.ridge import RidgeBaseline
+from podiff.mean.training import continue_on_all
 from podiff.mean.unet import UNetBaseline
 
 FORMAT = "podiff.MeanModel"
@@ -120,18 +120,14 @@ class MeanModel:
         settings were chosen on held-out ones; ``held_out``: how many of the last ones were),
         keeping the condition statistics the denoiser was trained with: the ridge refitted
         exactly, a U-Net continued from its best weights for the steps the held-out fields add
-        at its chosen steps per field (``continuation_steps``). ``choice["refitted_fields"]``
+        at its chosen steps per field (``mean.training.continue_on_all``). ``choice["refitted_fields"]``
         says on how many fields (``choice["unet_refit"]``: the U-Net's continuation)."""
         ridge = RidgeBaseline(**self.ridge.settings()).fit(lr.detach().cpu().double(), hr.detach().cpu().double())
         choice = {**self.choice, "refitted_fields": int(lr.shape[0])}
         unet = None
-        if self.unet is not None:
-            t0 = time.perf_counter()
-            unet = copy.deepcopy(self.unet)  # the held-out fit stays as it was (its held-out scores are taken)
-            chosen = unet.best_step if unet.best_step is not None else unet.steps
-            steps = continuation_steps(chosen, lr.shape[0] - int(held_out), int(held_out)) if held_out else 0
-            unet.continue_on(lr.detach().cpu(), hr.detach().cpu(), steps)
-            choice["unet_refit"] = {"steps": steps, "fields": int(lr.shape[0]), "seconds": time.perf_counter() - t0}
+        if self.unet is not None:  # a copy: the held-out fit stays as it was (its held-out scores are taken)
+            n = lr.shape[0] - int(held_out)
+            unet, choice["unet_refit"] = continue_on_all(copy.deepcopy(self.unet), lr[:n], hr[:n], (lr[n:], hr[n:]))
         model = MeanModel(ridge, choice, unet)
         model.cond_mean, model.cond_scale = self.cond_mean, self.cond_scale
         return model
