@@ -3,7 +3,8 @@
 Input per location ``l``: the noisy token ``x_t [r]`` and the condition token ``c [r]``
 (the POD encoding of the upsampled low-resolution field). A linear embedding of
 ``[x_t, c]``, a fixed 2-D sin-cos position embedding of the token grid, ``depth``
-transformer blocks with adaLN-Zero conditioning on the noise level, and a zero-initialised
+transformer blocks (attention global, or within shifted windows of the grid) with adaLN-Zero
+conditioning on the noise level, and a zero-initialised
 linear head to ``r`` values per token. The noise level is the diffusion time ``t`` (a
 global conditioning vector) or, with a learned per-token schedule, the log-SNR of every
 token and mode (a conditioning vector per token).
@@ -24,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PRESETS = {
-    "tiny": dict(width=96, depth=4, heads=4, mlp_ratio=2.0),  # CPU demo scale
-    "small": dict(width=192, depth=6, heads=6, mlp_ratio=4.0),
-    "paper": dict(width=384, depth=12, heads=6, mlp_ratio=4.0),  # DiT-S scale
+    "tiny": dict(width=96, depth=4, heads=4, mlp_ratio=2.0, window=8),  # CPU demo scale
+    "small": dict(width=192, depth=6, heads=6, mlp_ratio=4.0, window=8),
+    "paper": dict(width=384, depth=12, heads=6, mlp_ratio=4.0, window=8),  # DiT-S scale
 }
 
 
@@ -35,7 +36,11 @@ class DenoiserConfig:
     """Sizes of the denoiser. ``grid = (nH, nW)`` patch locations (``L = nH·nW``).
 
     ``noise_input``: ``"time"`` (scalar ``t`` per sample) or ``"per_token"`` (a log-SNR per
-    token and mode ``[B, L, r]``, from a learned schedule).
+    token and mode ``[B, L, r]``, from a learned schedule). ``window``: attention within
+    ``window × window`` tokens, the windows shifted by half on every other block (Swin), so
+    that its cost grows with the area rather than its square; a grid that fits in one window
+    attends globally. 0: global attention in every block (the default here, so that a model
+    saved before windows existed loads as it was trained; the presets set 8).
     """
 
     rank: int
@@ -46,6 +51,7 @@ class DenoiserConfig:
     heads: int = 4
     mlp_ratio: float = 2.0
     noise_input: str = "time"
+    window: int = 0
 
     def __post_init__(self):
         self.grid = tuple(int(g) for g in self.grid)
@@ -54,6 +60,9 @@ class DenoiserConfig:
             raise ValueError(f"width must be a multiple of heads; got width={self.width}, heads={self.heads}")
         if self.width % 4:
             raise ValueError(f"width must be a multiple of 4 (2-D sin-cos embedding); got {self.width}")
+        if int(self.window) < 0 or int(self.window) == 1:
+            raise ValueError(f"window must be 0 (global attention) or an integer >= 2; got {self.window}")
+        self.window = int(self.window)
         if self.noise_input not in ("time", "per_token"):
             raise ValueError(f"noise_input must be 'time' or 'per_token'; got {self.noise_input!r}")
 
@@ -92,27 +101,59 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], window: int,
+                     shift: int = 0) -> torch.Tensor:
+    """Attention of ``q, k, v [B, h, L, d]`` (``L = nH·nW`` tokens of ``grid``, row-major) within
+    ``window × window`` squares of the grid, the partition offset by ``shift`` tokens down and
+    right (Swin). The grid is padded to whole windows; padded keys are masked, so a window at an
+    edge attends over its real tokens only (no window is all padding, as ``shift < window``)."""
+    B, h, L, d = q.shape
+    nH, nW = grid
+    w, s = int(window), int(shift)
+    Hp, Wp = -(-(nH + s) // w) * w, -(-(nW + s) // w) * w
+    gh, gw = Hp // w, Wp // w
+
+    def windows(t: torch.Tensor) -> torch.Tensor:  # [B, h, L, d] -> [B, gh·gw, h, w·w, d]
+        t = F.pad(t.reshape(B, h, nH, nW, d), (0, 0, s, Wp - nW - s, s, Hp - nH - s))
+        return t.reshape(B, h, gh, w, gw, w, d).permute(0, 2, 4, 1, 3, 5, 6).reshape(B, gh * gw, h, w * w, d)
+
+    mask = None
+    if (Hp, Wp, s) != (nH, nW, 0):
+        valid = torch.zeros(Hp, Wp, dtype=torch.bool, device=q.device)
+        valid[s:s + nH, s:s + nW] = True
+        mask = valid.reshape(gh, w, gw, w).permute(0, 2, 1, 3).reshape(gh * gw, 1, 1, w * w)
+    out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=mask)
+    out = out.reshape(B, gh, gw, h, w, w, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(B, h, Hp, Wp, d)
+    return out[:, :, s:s + nH, s:s + nW].reshape(B, h, L, d)
+
+
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    """Multi-head self-attention over the token grid: global, or within shifted windows."""
+
+    def __init__(self, width: int, heads: int, window: int = 0, shift: int = 0):
         super().__init__()
         self.heads = heads
+        self.window, self.shift = int(window), int(shift)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         B, L, W = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.window and max(grid) > self.window:
+            out = window_attention(q, k, v, grid, self.window, self.shift)
+        else:  # the grid fits in one window: every token sees every other
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, L, W))
 
 
 class DiTBlock(nn.Module):
     """Pre-norm transformer block; adaLN-Zero: shift, scale and gate from the conditioning."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, window: int = 0, shift: int = 0):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, window, shift)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
@@ -120,9 +161,9 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada[-1].weight)
         nn.init.zeros_(self.ada[-1].bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), grid)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -143,7 +184,9 @@ class PODDenoiser(nn.Module):
             self.noise_embed = nn.Sequential(nn.Linear(W, W), nn.SiLU(), nn.Linear(W, W))
         else:
             self.noise_embed = nn.Sequential(nn.Linear(r, W), nn.SiLU(), nn.Linear(W, W))
-        self.blocks = nn.ModuleList(DiTBlock(W, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        w = config.window
+        self.blocks = nn.ModuleList(DiTBlock(W, config.heads, config.mlp_ratio, w, (i % 2) * (w // 2))
+                                    for i in range(config.depth))
         self.norm = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(W, 2 * W))
         self.head = nn.Linear(W, r)
@@ -170,7 +213,7 @@ class PODDenoiser(nn.Module):
         h = self.embed(torch.cat([x_t, cond], dim=-1)) + self.pos.to(x_t.dtype)
         c = self._conditioning(noise, B, h.dtype)
         for block in self.blocks:
-            h = block(h, c)
+            h = block(h, c, self.config.grid)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
         return self.head(modulate(self.norm(h), shift, scale))
 

@@ -78,3 +78,74 @@ def test_forward_backward_compiles():
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
     out.square().mean().backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def _window_reference(q, k, v, grid, window, shift):
+    """Full attention with an explicit [L, L] mask: token i sees j when the shifted partition puts
+    them in the same window (float64, independent of the windowed reshaping)."""
+    nH, nW = grid
+    rows, cols = torch.meshgrid(torch.arange(nH), torch.arange(nW), indexing="ij")
+    label = ((rows.flatten() + shift) // window) * 10_000 + (cols.flatten() + shift) // window
+    mask = label[:, None] == label[None, :]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("grid,window,shift", [((5, 7), 3, 0), ((5, 7), 3, 1), ((6, 6), 3, 0), ((4, 9), 4, 2),
+                                               ((1, 10), 4, 2)])
+def test_window_attention_matches_a_masked_reference(grid, window, shift):
+    from podiff.diffusion.denoiser import window_attention
+
+    g = torch.Generator().manual_seed(0)
+    L = grid[0] * grid[1]
+    q, k, v = (torch.randn(2, 3, L, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(window_attention(q, k, v, grid, window, shift),
+                               _window_reference(q, k, v, grid, window, shift))
+
+
+def test_windowed_denoiser_is_local_and_shifted_blocks_connect_windows():
+    torch.manual_seed(0)
+    cfg = DenoiserConfig(rank=3, grid=(8, 8), width=16, depth=1, heads=2, window=4)
+    net = PODDenoiser(cfg)
+    with torch.no_grad():  # leave adaLN-Zero's start, so that attention reaches the output
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, c, t = torch.randn(1, 64, 3), torch.randn(1, 64, 3), torch.rand(1)
+    far = x.clone()
+    far[0, 63] += 10.0  # token (7, 7): another window than token (0, 0)
+    near = x.clone()
+    near[0, 9] += 10.0  # token (1, 1): the same window
+    out = net(x, c, t)
+    assert torch.equal(net(far, c, t)[0, 0], out[0, 0])
+    assert not torch.equal(net(near, c, t)[0, 0], out[0, 0])
+    # Two blocks, the second shifted by 2: token (3, 3) now reaches token (4, 4) across the first partition's edge.
+    net2 = PODDenoiser(DenoiserConfig(rank=3, grid=(8, 8), width=16, depth=2, heads=2, window=4))
+    with torch.no_grad():
+        for p in net2.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    moved = x.clone()
+    moved[0, 4 * 8 + 4] += 10.0
+    assert not torch.equal(net2(moved, c, t)[0, 3 * 8 + 3], net2(x, c, t)[0, 3 * 8 + 3])
+
+
+def test_window_covering_the_grid_is_global_attention():
+    torch.manual_seed(0)
+    cfg = DenoiserConfig(rank=3, grid=(4, 6), width=16, depth=2, heads=2, window=0)
+    glob = PODDenoiser(cfg)
+    wide = PODDenoiser(DenoiserConfig(**{**cfg.to_dict(), "window": 6}))
+    wide.load_state_dict(glob.state_dict())
+    with torch.no_grad():
+        for p in glob.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    wide.load_state_dict(glob.state_dict())
+    x, c, t = torch.randn(2, 24, 3), torch.randn(2, 24, 3), torch.rand(2)
+    torch.testing.assert_close(wide(x, c, t), glob(x, c, t))
+
+
+def test_window_config():
+    assert DenoiserConfig.preset("tiny", rank=4, grid=(2, 2)).window == 8
+    saved = DenoiserConfig(rank=4, grid=(2, 2)).to_dict()
+    saved.pop("window")  # a config saved before windows existed: global attention, as trained
+    assert DenoiserConfig(**saved).window == 0
+    for bad in (1, -2):
+        with pytest.raises(ValueError, match=f"window must be 0 .* got {bad}"):
+            DenoiserConfig(rank=4, grid=(2, 2), window=bad)
