@@ -332,6 +332,66 @@ def rank_histogram(members: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor 
     return torch.bincount(below + jitter, minlength=M + 1)
 
 
+def rank_histogram_flatness(counts: torch.Tensor) -> dict:
+    """How far rank-histogram ``counts [M + 1]`` (``rank_histogram``) are from flat:
+    ``reliability_index`` ``Σ_i |n_i / N − 1/(M + 1)|`` (Delle Monache et al. 2006; 0 when flat,
+    up to ``2 M/(M + 1)`` with every observation in one bin) and Pearson's ``chi2`` against the
+    uniform counts with its ``df = M`` (pixels are correlated, so read ``chi2 / df`` as a size,
+    not as a test: a million pixels make any small slope significant).
+
+    >>> rank_histogram_flatness(torch.tensor([10, 10, 10, 10]))["reliability_index"]
+    0.0
+    """
+    counts = torch.as_tensor(counts).double().flatten()
+    if counts.numel() < 2 or bool((counts < 0).any()) or not float(counts.sum()) > 0:
+        raise ValueError(f"counts must be M + 1 >= 2 non-negative rank counts with a positive total; got "
+                         f"{counts.tolist()}")
+    n, bins = float(counts.sum()), counts.numel()
+    expected = n / bins
+    return {"reliability_index": float((counts / n - 1.0 / bins).abs().sum()),
+            "chi2": float(((counts - expected).square() / expected).sum()), "df": bins - 1}
+
+
+def neighbour_jump_ratio(fields: torch.Tensor, patch_size: int) -> float:
+    """The mean squared difference between neighbouring pixels across the edges of a
+    ``patch_size`` grid (patches tile from the top-left pixel) over that between neighbours within
+    a patch, along both axes, for fields ``[..., H, W]`` (NaN pixels and the pairs they are in
+    left out). A field with no patch structure gives about 1; a patch-wise field that jumps at the
+    edges gives more."""
+    p = int(patch_size)
+    if fields.dim() < 2 or min(fields.shape[-2:]) <= p or p < 2:
+        raise ValueError(f"fields must be [..., H, W] with H, W > patch_size >= 2; got shape "
+                         f"{tuple(fields.shape)} and patch_size {patch_size}")
+    x = fields.double()
+    across = within = 0.0
+    n_across = n_within = 0
+    for axis in (-1, -2):
+        d = x.diff(dim=axis).square()
+        edge = (torch.arange(1, x.shape[axis], device=x.device) % p == 0)
+        edge = edge.view(-1, 1) if axis == -2 else edge
+        ok = ~torch.isnan(d)
+        edge = edge.expand_as(d)
+        across += float(d[ok & edge].sum())
+        n_across += int((ok & edge).sum())
+        within += float(d[ok & ~edge].sum())
+        n_within += int((ok & ~edge).sum())
+    if not n_across or not n_within or not within > 0:
+        raise ValueError("fields have no valid neighbouring pairs across or within patches (or are constant "
+                         "within patches)")
+    return (across / n_across) / (within / n_within)
+
+
+def patch_edge_ratio(members: torch.Tensor, truth: torch.Tensor, patch_size: int) -> float:
+    """``neighbour_jump_ratio`` of the members ``[M, ...]`` over the truth's ``[...]``: 1 when the
+    members jump across patch edges as much as the truth does; above 1, the members are blocky."""
+    if members.shape[-truth.dim():] != truth.shape:
+        raise ValueError(f"members must be [M, *truth.shape] or truth's shape {tuple(truth.shape)}; "
+                         f"got {tuple(members.shape)}")
+    nan = torch.isnan(truth)
+    return neighbour_jump_ratio(torch.where(nan, float("nan"), members.double()), patch_size) / \
+        neighbour_jump_ratio(truth, patch_size)
+
+
 def _detrended_windowed(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, float]:
     """``x [..., n]`` (``dims=1``) or ``[..., h, w]`` (``dims=2``) minus its least-squares line or
     plane, times a Hann window; returns it and the window's ``Σ w²`` (the power's normaliser).
@@ -436,3 +496,36 @@ def high_wavenumber_power_ratio(members: torch.Tensor, truth: torch.Tensor, mask
     _, p_truth = power_spectrum(truth, valid, kind, segment)
     high = k > 0.25
     return float(p_members[high].sum() / p_truth[high].sum())
+
+
+#: Log-spaced wavenumber bands of ``band_power_ratios``.
+POWER_BANDS = 4
+
+
+def band_power_ratios(members: torch.Tensor, truth: torch.Tensor, bands: int = POWER_BANDS,
+                      mask: torch.Tensor | None = None, kind: str = "auto", segment: int | None = None) -> list[dict]:
+    """The members' power over the truth's in ``bands`` wavenumber bands, log-spaced from the
+    lowest resolved wavenumber to ``1/2`` cycles per pixel: ``[{"k_low", "k_high", "ratio"}]``,
+    large scales first (a band holds the wavenumbers ``k_low <= k < k_high``, the last one ``1/2``
+    too). ``members [M, ...]`` (or one field) against ``truth [...]``, the pieces of
+    ``power_spectrum`` valid in both. Realistic members give about 1 in every band; an ensemble
+    mean falls off at small scales, noisy members rise there."""
+    if members.shape[-truth.dim():] != truth.shape:
+        raise ValueError(f"members must be [M, *truth.shape] or truth's shape {tuple(truth.shape)}; "
+                         f"got {tuple(members.shape)}")
+    if int(bands) != bands or bands < 1:
+        raise ValueError(f"bands must be an integer >= 1; got {bands!r}")
+    valid = ~torch.isnan(truth) if mask is None else mask.to(truth.device) & ~torch.isnan(truth)
+    k, p_members = power_spectrum(members, valid.expand_as(members), kind, segment)
+    _, p_truth = power_spectrum(truth, valid, kind, segment)
+    edges = torch.logspace(math.log10(float(k[0])), math.log10(0.5), int(bands) + 1, dtype=torch.float64)
+    which = (torch.searchsorted(edges, k, right=True) - 1).clamp(0, int(bands) - 1)
+    out = []
+    for b in range(int(bands)):
+        inside = which == b
+        if not bool(inside.any()):
+            raise ValueError(f"{bands} bands leave the band {float(edges[b]):.4g}–{float(edges[b + 1]):.4g} "
+                             f"without a wavenumber of these {len(k)}; use fewer bands")
+        out.append({"k_low": float(edges[b]), "k_high": float(edges[b + 1]),
+                    "ratio": float(p_members[inside].sum() / p_truth[inside].sum())})
+    return out

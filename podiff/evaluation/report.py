@@ -14,7 +14,10 @@ None): CRPS, central-interval coverage, MACE, spread–skill; ``crps_gaussian`` 
 (``metrics.high_wavenumber_power_ratio``; the model's ``members_high_k_power`` is its members'),
 and ``spectra`` the power spectra behind it: an ensemble mean and a regression lose the small
 scales, a member should keep them. ``std_seams``: how much the predicted std varies with the position
-within a patch (``metrics.grid_imprint``; 0 without seams). With the model's bounds
+within a patch (``metrics.grid_imprint``; 0 without seams). With members: ``members_band_power``
+(their power over the truth's in log-spaced wavenumber bands, ``metrics.band_power_ratios``),
+``patch_edge_ratio`` (their jumps across patch edges over the truth's, ``metrics.patch_edge_ratio``)
+and ``rank_flatness`` (``metrics.rank_histogram_flatness``). With the model's bounds
 (``podiff.data.bounds``) every baseline gets the model's certain pixels, and ``meta["bounds"]``
 says what fraction of the pixels they are.
 """
@@ -65,6 +68,10 @@ def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | Non
         out["high_k_power"] = metrics.high_wavenumber_power_ratio(mean, target)
         if members is not None:
             out["members_high_k_power"] = metrics.high_wavenumber_power_ratio(members, target)
+            try:
+                out["members_band_power"] = metrics.band_power_ratios(members, target)
+            except ValueError:  # too few wavenumbers for the bands: no band powers
+                pass
     if variance is not None and bool((variance[~torch.isnan(variance)] > 0).any()):
         cov = metrics.coverage_gaussian(mean, variance, target)
         valid = ~torch.isnan(target) & ~torch.isnan(variance)
@@ -83,6 +90,7 @@ def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | Non
             out["crps_ensemble_fair"] = metrics.crps_ensemble(members, target, fair=True)
             ens = metrics.coverage(members, target)
             out["coverage_ensemble"] = {str(k): v for k, v in ens.items()}
+            out["rank_flatness"] = metrics.rank_histogram_flatness(metrics.rank_histogram(members, target))
     return out
 
 
@@ -108,6 +116,8 @@ def evaluate(mean, variance, target, lr_test, *, scale: int, bounds=None, period
         # the predicted spread's patch grid: how it varies with the position within a patch
         std = torch.where(torch.isnan(target), float("nan"), variance.double().clamp_min(0).sqrt())
         result["model"]["std_seams"] = metrics.grid_imprint(std, period)
+    if members is not None and period is not None and period >= 2 and min(target.shape[-2:]) > period:
+        result["model"]["patch_edge_ratio"] = metrics.patch_edge_ratio(members, target, period)
     predictions = {} if predictions is None else predictions
     for name, prediction in predictions.items():
         predictions[name] = prediction.cpu().to(target.dtype)
@@ -333,6 +343,18 @@ def write_report(folder: str | Path, result: dict, lr, target, mean, variance, p
                   f"{result['model']['members_high_k_power']:.3f}, ensemble mean {result['model']['high_k_power']:.3f}"
                   + (f", ridge {result['ridge']['high_k_power']:.3f}" if "high_k_power" in result.get("ridge", {})
                      else "") + ".", ""]
+    if "members_band_power" in result["model"]:
+        lines += ["Members' power over the truth's, band by band of the wavenumber (cycles per pixel): " + ", ".join(
+            f"{b['k_low']:.3g}–{b['k_high']:.3g}: {b['ratio']:.2f}" for b in result["model"]["members_band_power"])
+            + ".", ""]
+    if "patch_edge_ratio" in result["model"]:
+        lines += ["Patch edges: the members' squared jumps between neighbouring pixels across patch edges, relative "
+                  f"to those within patches, are {result['model']['patch_edge_ratio']:.2f}× the truth's (1: no "
+                  "seams).", ""]
+    if "rank_flatness" in result["model"]:
+        flat = result["model"]["rank_flatness"]
+        lines += [f"Rank histogram: reliability index {flat['reliability_index']:.3f} (0: flat), χ²/df "
+                  f"{flat['chi2'] / flat['df']:.3g}.", ""]
     if "std_seams" in result["model"]:
         lines += ["Patch seams: the predicted standard deviation varies by "
                   f"{result['model']['std_seams']:.1%} (std over mean) with the position within a patch "

@@ -342,3 +342,73 @@ def test_members_spread_clips_masks_and_rejects_bad_input():
         metrics.members_spread(members, obs[:10])
     with pytest.raises(ValueError, match="limits must satisfy"):
         metrics.members_spread(members, obs, limits=(0, 1))
+
+
+def test_band_power_ratios_against_scipy_welch_band_by_band():
+    """Each band's ratio is the ratio of scipy's periodogram powers summed over the band's wavenumbers
+    (an independent spectrum); white members over smoothed truth rise band by band."""
+    signal = pytest.importorskip("scipy.signal")
+    g = torch.Generator().manual_seed(3)
+    truth = torch.randn(5, 1, 16, 256, generator=g, dtype=torch.float64).cumsum(-1)  # red, along the strip
+    members = truth[None] + 2.0 * torch.randn(4, 5, 1, 16, 256, generator=g, dtype=torch.float64)
+    bands = metrics.band_power_ratios(members, truth, bands=4)
+    f, P_t = signal.periodogram(truth.numpy(), window="hann", detrend="linear", scaling="density", axis=-1)
+    _, P_m = signal.periodogram(members.numpy(), window="hann", detrend="linear", scaling="density", axis=-1)
+    P_t, P_m = P_t.reshape(-1, f.size).mean(0)[1:], P_m.reshape(-1, f.size).mean(0)[1:]
+    f = f[1:]
+    edges = np.logspace(np.log10(f[0]), np.log10(0.5), 5)
+    assert [b["k_low"] for b in bands] == pytest.approx(edges[:4].tolist())
+    for b, (lo, hi) in zip(bands, zip(edges[:-1], edges[1:]), strict=True):
+        inside = (f >= lo) & ((f < hi) | (hi == 0.5))
+        assert b["ratio"] == pytest.approx(P_m[inside].sum() / P_t[inside].sum(), rel=1e-9)
+    ratios = [b["ratio"] for b in bands]
+    assert ratios[0] < 1.02 < ratios[1] < 1.5 < ratios[2] < 5 < ratios[3]  # the added white noise: small scales
+    same = metrics.band_power_ratios(truth[None].expand(3, -1, -1, -1, -1), truth)
+    assert [b["ratio"] for b in same] == pytest.approx([1.0] * 4)
+    with pytest.raises(ValueError, match="without a wavenumber .* use fewer bands"):
+        metrics.band_power_ratios(truth[..., :16], truth[..., :16], bands=12)
+    with pytest.raises(ValueError, match="bands must be an integer >= 1; got 0"):
+        metrics.band_power_ratios(truth, truth, bands=0)
+
+
+def test_patch_edge_ratio_sees_jumps_at_patch_edges():
+    g = torch.Generator().manual_seed(4)
+    noise = torch.randn(3, 1, 36, 36, generator=g, dtype=torch.float64)
+    truth = torch.nn.functional.avg_pool2d(noise, 5, stride=1)  # smooth, stationary: 32×32
+    assert metrics.neighbour_jump_ratio(truth, 4) == pytest.approx(1.0, abs=0.1)  # no patch grid in it
+    # Members with an independent offset per 4×4 patch: blocky.
+    offsets = torch.randn(6, 3, 1, 8, 8, generator=g, dtype=torch.float64)
+    blocky = truth + 0.3 * offsets.repeat_interleave(4, -1).repeat_interleave(4, -2)
+    assert metrics.patch_edge_ratio(blocky, truth, 4) > 2.0
+    assert metrics.patch_edge_ratio(truth[None].expand(2, -1, -1, -1, -1), truth, 4) == pytest.approx(1.0)
+    # By hand on one tiny field: horizontal pairs only differ at the column edge 1|2 (patch 2).
+    field = torch.tensor([[0.0, 1.0, 5.0, 6.0], [0.0, 1.0, 5.0, 6.0], [0.0, 1.0, 5.0, 6.0]], dtype=torch.float64)
+    # across: 3 rows' column jump 4 (squared 16) and 4 columns' row edge (0); within: 3 rows × 2 pairs of
+    # squared 1, and 4 columns × 1 pair of 0
+    across = (3 * 16 + 4 * 0) / (3 + 4)
+    within = (6 * 1 + 4 * 0) / (6 + 4)
+    assert metrics.neighbour_jump_ratio(field, 2) == pytest.approx(across / within)
+    # NaN pixels and their pairs are left out.
+    holed = truth.clone()
+    holed[0, 0, 5, 5] = float("nan")
+    assert math.isfinite(metrics.patch_edge_ratio(blocky, holed, 4))
+    with pytest.raises(ValueError, match="patch_size"):
+        metrics.neighbour_jump_ratio(truth, 1)
+
+
+def test_rank_histogram_flatness_against_scipy_chisquare():
+    stats = pytest.importorskip("scipy.stats")
+    counts = torch.tensor([30, 12, 10, 9, 11, 28])
+    flat = metrics.rank_histogram_flatness(counts)
+    assert flat["chi2"] == pytest.approx(float(stats.chisquare(counts.numpy()).statistic), rel=1e-12)
+    assert flat["df"] == 5
+    assert flat["reliability_index"] == pytest.approx(sum(abs(c / 100 - 1 / 6) for c in counts.tolist()))
+    # A calibrated ensemble is flatter than an under-dispersed one.
+    g = torch.Generator().manual_seed(5)
+    obs = torch.randn(20000, generator=g, dtype=torch.float64)
+    good = torch.randn(9, 20000, generator=g, dtype=torch.float64)
+    narrow = 0.5 * good
+    ri = [metrics.rank_histogram_flatness(metrics.rank_histogram(m, obs))["reliability_index"] for m in (good, narrow)]
+    assert ri[0] < 0.05 < 0.3 < ri[1]
+    with pytest.raises(ValueError, match="counts must be"):
+        metrics.rank_histogram_flatness(torch.tensor([3]))

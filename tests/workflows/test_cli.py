@@ -154,6 +154,12 @@ def test_demo_runs_end_to_end_on_packaged_images(tmp_path, capsys):
     assert all(len(v) == len(spectra["wavenumber"]) for v in spectra.values())
     assert 0 < result["model"]["members_high_k_power"] and 0 < result["ridge"]["high_k_power"]
     assert result["model"]["std_seams"] >= 0 and "Patch seams" in (report / "report.md").read_text()
+    # what the members' structure looks like: band powers, jumps at patch edges, rank flatness
+    bands = result["model"]["members_band_power"]
+    assert len(bands) == 4 and bands[0]["k_low"] < bands[-1]["k_high"] == 0.5 and all(b["ratio"] > 0 for b in bands)
+    assert result["model"]["patch_edge_ratio"] > 0 and result["model"]["rank_flatness"]["df"] == 2
+    text = (report / "report.md").read_text()
+    assert "band by band of the wavenumber" in text and "Patch edges" in text and "reliability index" in text
     from PIL import Image
 
     for figure in ("fields.png", "members.png"):
