@@ -358,7 +358,7 @@ def test_band_power_ratios_against_scipy_welch_band_by_band():
     f = f[1:]
     edges = np.logspace(np.log10(f[0]), np.log10(0.5), 5)
     assert [b["k_low"] for b in bands] == pytest.approx(edges[:4].tolist())
-    for b, (lo, hi) in zip(bands, zip(edges[:-1], edges[1:]), strict=True):
+    for b, (lo, hi) in zip(bands, zip(edges[:-1], edges[1:], strict=True), strict=True):
         inside = (f >= lo) & ((f < hi) | (hi == 0.5))
         assert b["ratio"] == pytest.approx(P_m[inside].sum() / P_t[inside].sum(), rel=1e-9)
     ratios = [b["ratio"] for b in bands]
