@@ -171,8 +171,8 @@ def static(path: str, names: list[str], grid: Grid, scale: int, n: int) -> Covar
                                                                                              H // scale, W // scale)
         channels.append(blocks)
         labels += [f"{name}[{i},{j}]" for i in range(scale) for j in range(scale)]
-    stacked = torch.cat(channels)[None].expand(n, -1, -1, -1).contiguous()
-    return Covariates(stacked, labels)
+    # One copy, viewed by every field (stride 0): a streamed archive does not hold it per field.
+    return Covariates(torch.cat(channels)[None].expand(n, -1, -1, -1), labels)
 
 
 def position(grid: Grid, scale: int, n: int) -> Covariates:
@@ -184,8 +184,7 @@ def position(grid: Grid, scale: int, n: int) -> Covariates:
                          f"in degrees")
     la, lo = np.meshgrid(lat / 90, lon, indexing="ij")
     values = torch.from_numpy(np.stack([la, np.sin(lo), np.cos(lo)]).astype(np.float32))
-    return Covariates(values[None].expand(n, -1, -1, -1).contiguous(), ["latitude", "sin longitude",
-                                                                         "cos longitude"])
+    return Covariates(values[None].expand(n, -1, -1, -1), ["latitude", "sin longitude", "cos longitude"])
 
 
 def season(grid: Grid, scale: int, size: tuple[int, int]) -> Covariates:
@@ -194,11 +193,14 @@ def season(grid: Grid, scale: int, size: tuple[int, int]) -> Covariates:
     day = (times - times.astype("datetime64[Y]")).astype("timedelta64[s]").astype(np.float64) / 86400.0
     angle = 2 * np.pi * day / 365.25
     values = torch.from_numpy(np.stack([np.sin(angle), np.cos(angle)], 1).astype(np.float32))
-    return Covariates(values[:, :, None, None].expand(-1, -1, *size).contiguous(), ["sin season", "cos season"])
+    return Covariates(values[:, :, None, None].expand(-1, -1, *size), ["sin season", "cos season"])
 
 
-def load_covariates(spec: CovariateSpec, grid: Grid | None, scale: int) -> Covariates:
-    """The covariates ``spec`` asks for, for the fields of ``grid`` (the target's coordinates)."""
+def covariate_parts(spec: CovariateSpec, grid: Grid | None, scale: int) -> list[Covariates]:
+    """The covariates ``spec`` asks for, for the fields of ``grid`` (the target's coordinates), one
+    ``Covariates`` per kind (predictors, static, position, season); the static ones and position
+    are views of one copy over every field, so the parts of a long archive stay small (a streamed
+    archive reads the fields it needs with ``take``)."""
     if grid is None:
         raise ValueError("covariates need the target's coordinates: a netCDF/Zarr file or the packaged SST "
                          "(an .npz, the MRI and the images have none)")
@@ -213,8 +215,22 @@ def load_covariates(spec: CovariateSpec, grid: Grid | None, scale: int) -> Covar
         parts.append(position(grid, scale, n))
     if spec.season:
         parts.append(season(grid, scale, (h, w)))
+    return parts
+
+
+def take(parts: list[Covariates], samples) -> torch.Tensor:
+    """The covariate channels ``[B, K, h, w]`` of the fields ``samples`` (indices into the grid's
+    samples, any order), from ``covariate_parts``."""
+    rows = torch.as_tensor(np.asarray(samples, dtype=np.int64))
+    return torch.cat([p.values[rows] for p in parts], 1)
+
+
+def load_covariates(spec: CovariateSpec, grid: Grid | None, scale: int) -> Covariates:
+    """The covariates ``spec`` asks for, for the fields of ``grid`` (the target's coordinates)."""
+    parts = covariate_parts(spec, grid, scale)
     if not parts:
-        return Covariates(torch.zeros(n, 0, h, w), [])
+        h, w = len(grid.y.values) // scale, len(grid.x.values) // scale
+        return Covariates(torch.zeros(len(grid.sample.values), 0, h, w), [])
     return Covariates(torch.cat([p.values for p in parts], 1), [name for p in parts for name in p.names])
 
 
@@ -232,4 +248,5 @@ def attach(dataset, covariates: Covariates):
     return replace(dataset, lr=lr, meta={**dataset.meta, "covariates": list(covariates.names)})
 
 
-__all__ = ["CovariateSpec", "Covariates", "attach", "load_covariates", "position", "predictors", "season", "static"]
+__all__ = ["CovariateSpec", "Covariates", "attach", "covariate_parts", "load_covariates", "position", "predictors",
+           "season", "static", "take"]

@@ -92,12 +92,14 @@ class FieldStream:
         scale: the super-resolution factor: the grid is cropped to a multiple of it and the
             low-resolution fields are block averages.
         label: names the file and variable in errors.
+        covariates: ``data.covariates.covariate_parts`` for every sample of ``field_`` (None:
+            none): their channels follow the target's in ``lr``, as in a loaded dataset.
 
-    ``read(positions)`` gives ``(lr [B, C, h, w], hr [B, C, H, W])`` for positions into
+    ``read(positions)`` gives ``(lr [B, C + K, h, w], hr [B, C, H, W])`` for positions into
     ``indices`` (any order, repeats allowed), reading each distinct field once.
     """
 
-    def __init__(self, field_, indices, scale: int, label: str):
+    def __init__(self, field_, indices, scale: int, label: str, covariates=None):
         sample, _, y, x = field_.dims
         H, W = crop_size(field_.sizes[y], field_.sizes[x], scale, label)
         self.field = field_.isel({y: slice(0, H), x: slice(0, W)})
@@ -105,6 +107,8 @@ class FieldStream:
         self.indices = np.asarray(indices, dtype=np.int64)
         self.scale, self.label = int(scale), label
         self.shape = (int(field_.sizes["channel"]), H, W)
+        self.covariates = covariates or None
+        self.covariate_names = [n for part in covariates for n in part.names] if covariates else []
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -137,7 +141,13 @@ class FieldStream:
             raise ValueError(f"{where} could not be read: {one_line(exc)}") from None
         hr = torch.from_numpy(values)[torch.from_numpy(inverse.reshape(-1))]
         _check_finite(hr, where)
-        return block_average(hr, self.scale), hr
+        lr = block_average(hr, self.scale)
+        if self.covariates:
+            from podiff.data.covariates import take
+
+            extra = take(self.covariates, distinct)[torch.from_numpy(inverse.reshape(-1))]
+            lr = torch.cat([lr, extra.to(lr)], 1)
+        return lr, hr
 
 
 __all__ = ["FieldStream", "fit_pod_streaming", "streaming_scaling"]

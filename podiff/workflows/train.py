@@ -62,7 +62,8 @@ def validation_count(request: TrainRequest, idx) -> int:
 def training_stream(request: TrainRequest):
     """netCDF/Zarr training fields larger than ``memory_mb``: ``(stream, lr_val, hr_val, idx, n, bounds)``
     with the validation fields read (an evenly spaced subsample of them if they too exceed the
-    budget); ``None`` when the data fit (or are not netCDF/Zarr): the fields are then loaded."""
+    budget), the covariates' channels in their input as in a loaded dataset; ``None`` when the
+    data fit (or are not netCDF/Zarr): the fields are then loaded."""
     from podiff.data.datasets import DATASETS, split_indices
     from podiff.data.fields import open_field, sniff
     from podiff.data.streaming import FieldStream
@@ -80,13 +81,15 @@ def training_stream(request: TrainRequest):
     budget_bytes = int(budget * 2**20)
     if stream.nbytes <= budget_bytes:
         return None
-    if source.covariates is not None and not source.covariates.empty:
-        raise WorkflowError(f"{source.data}: the training fields ({stream.nbytes / 2**20:.0f} MiB) exceed --memory-mb "
-                            f"{budget:g} and stream, which covariates (--predictors/--static/--position/--season) do "
-                            f"not yet; raise --memory-mb above {stream.nbytes / 2**20:.0f} or drop the covariates")
+    parts = None
+    if source.covariates is not None and not source.covariates.empty:  # small beside the fields: held whole
+        from podiff.data.covariates import covariate_parts
+
+        parts = covariate_parts(source.covariates, grid, source.scale)
+        stream = FieldStream(field_, idx[: len(idx) - n_val], source.scale, label, parts)
     lr_val = hr_val = None
     if n_val:
-        held = FieldStream(field_, idx[len(idx) - n_val :], source.scale, label)
+        held = FieldStream(field_, idx[len(idx) - n_val :], source.scale, label, parts)
         lr_val, hr_val = held.read(held.subsample(budget_bytes))
     return stream, lr_val, hr_val, idx, n, grid.bounds
 
@@ -186,9 +189,12 @@ def _train(request: TrainRequest, ds=None):
     pod = PatchPOD.load(request.pod) if request.pod else None
     declared = ds.meta.get("bounds") if streamed is None else streamed_bounds
     # every field of the data (the same decision on every rank), or the validation fields when streamed
-    covariates = [] if streamed is not None else list(ds.meta.get("covariates", []))
-    bounds = resolve_bounds(request, declared, lr_val if streamed is not None else ds.lr[:, : ds.hr.shape[1]],
-                            hr_val if streamed is not None else ds.hr, scale)
+    covariates = stream.covariate_names if streamed is not None else list(ds.meta.get("covariates", []))
+    if streamed is None:  # the target's own input channels, without the covariates
+        checked = ds.lr[:, : ds.hr.shape[1]], ds.hr
+    else:
+        checked = (None, None) if hr_val is None else (lr_val[:, : hr_val.shape[1]], hr_val)
+    bounds = resolve_bounds(request, declared, *checked, scale)
     if bounds is not None and rank == 0 and not quiet:
         print(f"bounds {bounds}: blocks whose input sits at a bound are certain (--bounds none to drop)")
     config = replace(request.config, scale=scale, bounds=bounds, covariates=covariates)
@@ -205,7 +211,7 @@ def _train(request: TrainRequest, ds=None):
         fit_streamed(pipe, stream, memory_bytes=budget_bytes, **fit_options)
         lr, hr = stream.read(fitted)  # the baselines are fitted on the same fields as the ridge and POD
     seconds = time.perf_counter() - t0
-    spread = scores = None
+    spread = scores = ensemble = None
     fitted: dict = {}
     spreads: dict = {}
     if rank == 0:
@@ -219,8 +225,9 @@ def _train(request: TrainRequest, ds=None):
                   f"{choice['ridge_val_rmse']:.4g}, U-Net {choice['unet_val_rmse']:.4g}; --residual ridge/unet to "
                   f"choose)")
         if n_val and options.calibrate:
-            spread = calibrate_spread(pipe, lr_val, hr_val, seed=config.seed, method=options.spread_calibration,
-                                      shape=options.error_shape, bands=options.error_bands)
+            spread, ensemble = calibrate_spread(pipe, lr_val, hr_val, seed=config.seed,
+                                                method=options.spread_calibration, shape=options.error_shape,
+                                                bands=options.error_bands, return_ensemble=True)
             if not quiet:
                 print(f"spread calibrated on the validation fields ({options.spread_calibration}): ×{spread:.3f} "
                       f"(--no-calibrate to keep ×1)")
@@ -229,7 +236,8 @@ def _train(request: TrainRequest, ds=None):
         if world == 1:  # under torchrun rank 0 holds only its shard of the training fields: no baselines
             fitted = fit_baselines(pipe, options, lr, hr, (lr_val, hr_val) if n_val else None, progress=not quiet)
         if n_val:  # the held-out model and baselines: out-of-sample scores and spreads, before any refit
-            scores, spreads = held_out_scores(pipe, fitted, lr_val, hr_val, config.seed, options.error_bands)
+            scores, spreads = held_out_scores(pipe, fitted, lr_val, hr_val, config.seed, options.error_bands,
+                                              ensemble=ensemble)
             for name, (_, about) in fitted.items():
                 if name in spreads:
                     about["spread_fields"] = spreads[name].fields
@@ -359,10 +367,11 @@ def fit_baselines(pipe, options: TrainOptions, lr, hr, validation, progress: boo
 
 
 def held_out_scores(pipe, fitted: dict, lr_val, hr_val, seed: int, bands: int,
-                    members: int = 8) -> tuple[dict, dict]:
-    """The held-out model's check on the validation fields (``validation_scores``) and each
-    baseline's error spread there (``baselines.calibrated.ErrorSpread``; those made from the model,
-    such as bicubic, too), before anything is refitted on those fields."""
+                    members: int = 8, ensemble=None) -> tuple[dict, dict]:
+    """The held-out model's check on the validation fields (``validation_scores``; from
+    ``ensemble``, the calibration's members, where given) and each baseline's error spread there
+    (``baselines.calibrated.ErrorSpread``; those made from the model, such as bicubic, too),
+    before anything is refitted on those fields."""
     from podiff.baselines import BASELINES, ErrorSpread
 
     predictions = {}
@@ -372,7 +381,8 @@ def held_out_scores(pipe, fitted: dict, lr_val, hr_val, seed: int, bands: int,
         elif entry.make is not None:
             predictions[name] = entry.make(pipe).predict(lr_val).cpu()
     scores = validation_scores(pipe, lr_val, hr_val, seed, {n: p for n, p in predictions.items()
-                                                            if n in fitted or n == "bicubic"}, members)
+                                                            if n in fitted or n == "bicubic"}, members,
+                                ensemble=ensemble)
     spreads = {}
     if hr_val.shape[0] >= 2:
         for name, prediction in predictions.items():
@@ -411,13 +421,15 @@ def save_spreads(spreads: dict, model_dir: Path) -> None:
         spread.save(model_dir / "baselines" / spread_file(name))
 
 
-def validation_scores(pipe, lr_val, hr_val, seed: int, predictions: dict, members: int = 8) -> dict:
+def validation_scores(pipe, lr_val, hr_val, seed: int, predictions: dict, members: int = 8, ensemble=None) -> dict:
     """A cheap check of the trained model on the validation fields: ensemble-mean RMSE and CRPS of
-    ``members`` members beside the RMSE of each baseline's prediction of ``lr_val`` (``predictions``
-    by name: ``<name>_rmse``)."""
+    ``members`` members (or of ``ensemble``, members already drawn for ``lr_val``) beside the RMSE
+    of each baseline's prediction of ``lr_val`` (``predictions`` by name: ``<name>_rmse``)."""
     from podiff.evaluation import metrics
 
-    out = pipe.sample(lr_val, num_samples=members, seed=seed, return_samples=True)
+    out = ensemble if ensemble is not None else pipe.sample(lr_val, num_samples=members, seed=seed,
+                                                            return_samples=True)
+    members = out.samples.shape[0]
     samples, mean = out.samples.cpu(), out.mean.cpu()
     scores = {"rmse": metrics.rmse(mean, hr_val), "crps": metrics.crps_ensemble(samples, hr_val, fair=True),
               "members": members}

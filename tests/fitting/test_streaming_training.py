@@ -68,6 +68,51 @@ def test_a_stream_reads_any_positions_as_the_loaded_fields(field_file):
         stream.read([0, 26])
 
 
+@pytest.fixture(scope="module")
+def static_file(field_file):
+    """An elevation on the target's grid, for the covariates of a streamed archive."""
+    ds = xr.open_dataset(field_file)
+    path = field_file.parent / "static.nc"
+    elevation = np.add.outer(np.linspace(0, 3, H), np.linspace(0, 1, W)).astype("f4") ** 2
+    xr.Dataset({"elevation": (("lat", "lon"), elevation)}, coords={"lat": ds["lat"].values, "lon": ds["lon"].values}
+               ).to_netcdf(path)
+    return path
+
+
+def test_a_stream_reads_the_covariates_of_its_fields_as_a_loaded_dataset(field_file, static_file):
+    from podiff.data.covariates import CovariateSpec, attach, covariate_parts, load_covariates
+
+    spec = CovariateSpec(static=(str(static_file), ["elevation"]), position=True)
+    whole = data.load(str(field_file), scale=S, var="sst")
+    whole = attach(whole, load_covariates(spec, whole.grid, S))
+    field_, grid = open_field(field_file, "sst")
+    parts = covariate_parts(spec, grid, S)
+    assert all(p.values.stride(0) == 0 for p in parts)  # one copy of the static channels, not one per field
+    stream = FieldStream(field_, np.arange(4, 30), S, "label", parts)
+    assert stream.covariate_names == whole.meta["covariates"] and len(stream.covariate_names) == S * S + 3
+    positions = [5, 0, 5, 25]
+    lr, hr = stream.read(positions)
+    torch.testing.assert_close(lr, whole.lr[[4 + p for p in positions]], equal_nan=True, rtol=0, atol=0)
+
+
+def test_train_streams_with_covariates(field_file, static_file, tmp_path, capsys):
+    budget_mb = 8 * H * W * 4 / 2**20  # 8 fields
+    covariates = ["--static", static_file, "elevation", "--position"]
+    code, out, err = run(capsys, "train", "--data", field_file, "--var", "sst", "--scale", S, "--out",
+                         tmp_path / "run", "--steps", 10, "--eval-every", 5, "--memory-mb", budget_mb,
+                         "--no-regression-baseline", "--no-unet-baseline", *covariates)
+    assert code == 0, err
+    assert "streaming: the 30 training fields" in out and "covariates: 19 input channels" in out
+    info = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert info["streamed"]["fit_fields"] == 8 and len(info["covariates"]) == S * S + 3
+    code, _, err = run(capsys, "sample", "--model", tmp_path / "run", "--data", field_file, "--var", "sst",
+                       "--split", "all", "--num-samples", 4, "--out", tmp_path / "pred.nc", "--quiet", *covariates)
+    assert code == 0, err
+    code, _, err = run(capsys, "sample", "--model", tmp_path / "run", "--data", field_file, "--var", "sst",
+                       "--split", "all", "--num-samples", 4, "--out", tmp_path / "pred2.nc", "--quiet")
+    assert code == 1 and "trained with covariates" in err
+
+
 def test_a_field_that_cannot_be_read_mid_training_is_a_one_line_error(tmp_path):
     store = tmp_path / "f.zarr"
     xr.Dataset({"sst": (("time", "lat", "lon"), np.ones((8, H, W), "f4"))}).chunk({"time": 2}).to_zarr(
