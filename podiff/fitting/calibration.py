@@ -13,7 +13,7 @@ from podiff.model.state import Calibration
 def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_samples: int = 16,
                      seed: int | None = None, limits=(0.5, 2.0), method: str = "members",
                      mode_limits=(0.25, 4.0), shape: str = "validation",
-                     bands: int = error_shape.ERROR_BANDS) -> float:
+                     bands: int = error_shape.ERROR_BANDS, return_ensemble: bool = False):
     """Sets ``pipe.calibration.spread`` from the validation fields ``[N, C, H, W]`` and returns it,
     clipped to ``limits``: ``method`` ``"members"`` (the default) is the factor for the members'
     deviations that minimises their fair CRPS (``metrics.members_spread``: the members are what a
@@ -27,7 +27,10 @@ def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_sampl
     predictive than the Gaussian), one shape for each of ``bands`` equal-count bands of the
     predicted mean (``calibration.error_band_edges``; ``bands=1``: one shape); ``"gaussian"``
     clears them.
-    The ensemble is drawn with ``spread = 1`` (and no per-mode factors)."""
+    The ensemble is drawn with ``spread = 1`` (and no per-mode factors). ``return_ensemble``:
+    returns ``(k, ensemble)``, the validation ensemble (``SampleOutput`` with its members) as the
+    calibrated model draws it (deviations from the mean times ``k``), so that a caller scores the
+    validation fields without sampling them again."""
     methods = ("members", "modes") + metrics.SPREAD_METHODS
     if method not in methods:
         raise ValueError(f"method must be one of {methods}; got {method!r}")
@@ -38,7 +41,8 @@ def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_sampl
     if int(bands) != bands or bands < 1:
         raise ValueError(f"bands must be an integer >= 1; got {bands!r}")
     pipe.calibration = Calibration()  # the ensemble as sampled
-    out = pipe.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=method in ("members", "modes"))
+    members = method in ("members", "modes") or return_ensemble
+    out = pipe.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=members)
     if method == "modes":
         truth = pipe.target_tokens(hr_val.to(pipe.device), lr_val.to(pipe.device)).to(out.tokens)
         valid = pipe.pod.valid_locations().to(truth.device).view(1, -1).expand(truth.shape[:2])
@@ -47,7 +51,7 @@ def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_sampl
                                                  mask=valid)
                        for j in range(truth.shape[-1])]
         pipe.calibration = Calibration(mode_spread=mode_spread)
-        out = pipe.sample(lr_val, num_samples=num_samples, seed=seed)
+        out = pipe.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=return_ensemble)
     truth = hr_val.to(out.mean)
     if method == "members":
         k = metrics.members_spread(out.samples, truth, limits)
@@ -58,7 +62,11 @@ def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_sampl
     if shape == "validation":
         quantiles, edges = error_shape.fit_error_shape(out.mean, k**2 * out.variance, truth, bands)
     pipe.calibration = Calibration(k, pipe.calibration.mode_spread, quantiles, edges)
-    return k
+    if not return_ensemble:
+        return k
+    out.variance = out.variance * k**2  # what pipe.sample now draws: the deviations scaled by k
+    out.samples = out.mean + k * (out.samples - out.mean)
+    return k, out
 
 
 __all__ = ["calibrate_spread"]

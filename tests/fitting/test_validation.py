@@ -192,6 +192,14 @@ def test_calibrated_spread_matches_the_validation_error():
     torch.testing.assert_close(scaled, centre + k * (base.samples - centre), rtol=1e-4, atol=1e-5)
     fair = lambda s: metrics.crps_ensemble(centre + s * (base.samples - centre), hr[18:], fair=True)  # noqa: E731
     assert fair(k) <= min(fair(1.02 * k), fair(k / 1.02))
+    # return_ensemble: the validation members as the calibrated model now draws them (no second draw)
+    pipe.calibration.spread = 1.0
+    k2, ensemble = calibrate_spread(pipe, lr[18:], hr[18:], num_samples=8, seed=3, limits=(0.01, 100.0),
+                                    return_ensemble=True)
+    assert k2 == k
+    again = pipe.sample(lr[18:], num_samples=8, seed=3, return_samples=True)
+    for name in ("samples", "mean", "variance"):
+        torch.testing.assert_close(getattr(ensemble, name), getattr(again, name), rtol=1e-4, atol=1e-5)
     pipe.calibration.spread = 1.0
     with pytest.raises(ValueError, match="method must be one of"):
         calibrate_spread(pipe, lr[18:], hr[18:], method="mse")
