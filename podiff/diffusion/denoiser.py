@@ -119,8 +119,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tu
 
     mask = None
     if (Hp, Wp, s) != (nH, nW, 0):
-        valid = torch.zeros(Hp, Wp, dtype=torch.bool, device=q.device)
-        valid[s:s + nH, s:s + nW] = True
+        rows, cols = torch.arange(Hp, device=q.device), torch.arange(Wp, device=q.device)
+        valid = ((rows >= s) & (rows < s + nH))[:, None] & ((cols >= s) & (cols < s + nW))[None, :]
         mask = valid.reshape(gh, w, gw, w).permute(0, 2, 1, 3).reshape(gh * gw, 1, 1, w * w)
     out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=mask)
     out = out.reshape(B, gh, gw, h, w, w, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(B, h, Hp, Wp, d)
