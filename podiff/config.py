@@ -73,9 +73,9 @@ class PipelineConfig:
     denoiser_kind: str = "vit"
     schedule: str = "cosine"
     prediction_type: str = "v"
-    sampler: str = "ddim"
+    sampler: str = "dpmsolver++"
     eta: float = 0.0
-    sample_steps: int = 20
+    sample_steps: int = 10
     train_steps: int = 2000
     batch_size: int = 16
     learning_rate: float = 1e-3

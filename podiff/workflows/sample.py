@@ -68,11 +68,15 @@ def sample(request: SampleRequest, ds=None, pipe=None):
     if distributed.rank_world()[0] != 0:
         return None
     calibration = pipe.calibration
+    # The rate a user pays, comparable across domains: member fields of a megapixel per second.
+    megapixels = len(idx) * hr.shape[1] * hr.shape[-2] * hr.shape[-1] / 1e6
+    rate = request.num_samples * megapixels / seconds if seconds > 0 else float("inf")
     attrs = {"model": str(model), "data": str(request.source.data), "split": request.split,
              "var": ds.grid.var if ds.grid else "", "scale": int(pipe.config.scale),
              "num_samples": int(request.num_samples),
              "steps": int(request.sample_steps or pipe.config.sample_steps), "sampler": sampler,
              "seed": int(request.seed), "model_seed": int(pipe.config.seed), "seconds": float(seconds),
+             "member_megapixels_per_second": float(rate),
              "spread_calibration": float(calibration.spread), "podiff_version": __version__,
              "error_quantiles": calibration.error_quantiles or [],
              "error_band_edges": calibration.error_band_edges or [],
@@ -89,7 +93,7 @@ def sample(request: SampleRequest, ds=None, pipe=None):
     write_prediction(out, pred)
     if not request.quiet:
         print(f"sampled {request.num_samples} members × {len(idx)} samples ({request.split}) in {seconds:.1f} s "
-              f"-> {out}")
+              f"({rate:.3g} member megapixels per second, {sampler} {attrs['steps']} steps) -> {out}")
     return pred
 
 

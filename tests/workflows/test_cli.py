@@ -92,11 +92,13 @@ def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):
 
     all_pred = tmp_path / "all.npz"
     code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tiny_npz, "--scale", 4, "--num-samples", 2,
-                       "--sample-steps", 2, "--sampler", "dpmsolver++", "--split", "all", "--out", all_pred, "--quiet")
+                       "--sample-steps", 2, "--sampler", "ddim", "--split", "all", "--out", all_pred, "--quiet")
     assert code == 0, err
     assert np.load(all_pred)["mean"].shape[0] == 20
-    assert read_prediction(all_pred).attrs["sampler"] == "dpmsolver++"
-    assert read_prediction(pred).attrs["sampler"] == "ddim"  # the model's
+    assert read_prediction(all_pred).attrs["sampler"] == "ddim"
+    attrs = read_prediction(pred).attrs
+    assert attrs["sampler"] == "dpmsolver++" and attrs["steps"] == 2  # the model's sampler (the default)
+    assert attrs["member_megapixels_per_second"] > 0
     code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tiny_npz, "--scale", 4, "--out", all_pred,
                        "--quiet")
     assert code == 1 and "exists; pass --overwrite" in err
