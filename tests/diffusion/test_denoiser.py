@@ -98,8 +98,9 @@ def test_window_attention_matches_a_masked_reference(grid, window, shift):
     g = torch.Generator().manual_seed(0)
     L = grid[0] * grid[1]
     q, k, v = (torch.randn(2, 3, L, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    torch.testing.assert_close(window_attention(q, k, v, grid, window, shift),
-                               _window_reference(q, k, v, grid, window, shift))
+    packed = torch.stack([q, k, v]).permute(1, 3, 0, 2, 4)  # [B, L, 3, h, d]
+    torch.testing.assert_close(window_attention(packed, grid, window, shift),
+                               _window_reference(q, k, v, grid, window, shift).transpose(1, 2))
 
 
 def test_windowed_denoiser_is_local_and_shifted_blocks_connect_windows():
