@@ -95,7 +95,10 @@ def _config(args, base: PipelineConfig | None = None) -> PipelineConfig:
     values = {name: getattr(args, dest) for dest, name in CONFIG_OPTIONS.items() if getattr(args, dest) is not None}
     if values.get("rank") is not None:
         values["energy"] = None
-    return replace(base or PipelineConfig(), **values)
+    base = base or PipelineConfig()
+    if getattr(args, "attention_window", None) is not None:
+        values["denoiser"] = {**base.denoiser, "window": args.attention_window}
+    return replace(base, **values)
 
 
 def _options(args) -> TrainOptions:
@@ -160,6 +163,13 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _window(text: str) -> int:
+    value = int(text)
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (global attention) or an integer >= 2; got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -214,6 +224,9 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="POD basis; auto: shared or local, whichever reaches --energy of the validation "
                         "fields' variance with fewer modes (also chooses r unless --rank)")
     p.add_argument("--preset", choices=PRESETS, default=c.preset)
+    p.add_argument("--attention-window", type=_window, default=None,
+                   help="the denoiser attends within windows of this many tokens a side, shifted by half every "
+                        "other block (cost linear in the area; 0 or unset: global attention, the default)")
     p.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=c.antithetic,
                    help="sample members in mirrored pairs (same noise, negated): a less noisy ensemble mean")
     p.add_argument("--correlated-noise", action=argparse.BooleanOptionalAction, default=c.correlated_noise,

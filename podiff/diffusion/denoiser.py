@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PRESETS = {
-    "tiny": dict(width=96, depth=4, heads=4, mlp_ratio=2.0, window=8),  # CPU demo scale
-    "small": dict(width=192, depth=6, heads=6, mlp_ratio=4.0, window=8),
-    "paper": dict(width=384, depth=12, heads=6, mlp_ratio=4.0, window=8),  # DiT-S scale
+    "tiny": dict(width=96, depth=4, heads=4, mlp_ratio=2.0),  # CPU demo scale
+    "small": dict(width=192, depth=6, heads=6, mlp_ratio=4.0),
+    "paper": dict(width=384, depth=12, heads=6, mlp_ratio=4.0),  # DiT-S scale
 }
 
 
@@ -39,8 +39,8 @@ class DenoiserConfig:
     token and mode ``[B, L, r]``, from a learned schedule). ``window``: attention within
     ``window × window`` tokens, the windows shifted by half on every other block (Swin), so
     that its cost grows with the area rather than its square; a grid that fits in one window
-    attends globally. 0: global attention in every block (the default here, so that a model
-    saved before windows existed loads as it was trained; the presets set 8).
+    attends globally. 0 (the default): global attention in every block (a model saved before
+    windows existed loads as it was trained).
     """
 
     rank: int

@@ -143,7 +143,8 @@ def test_window_covering_the_grid_is_global_attention():
 
 
 def test_window_config():
-    assert DenoiserConfig.preset("tiny", rank=4, grid=(2, 2)).window == 8
+    assert DenoiserConfig.preset("tiny", rank=4, grid=(2, 2)).window == 0  # global unless asked
+    assert DenoiserConfig.preset("tiny", rank=4, grid=(2, 2), window=8).window == 8
     saved = DenoiserConfig(rank=4, grid=(2, 2)).to_dict()
     saved.pop("window")  # a config saved before windows existed: global attention, as trained
     assert DenoiserConfig(**saved).window == 0

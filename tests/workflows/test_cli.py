@@ -142,8 +142,11 @@ def test_demo_runs_end_to_end_on_packaged_images(tmp_path, capsys):
     pytest.importorskip("skimage")
     pytest.importorskip("matplotlib")
     code, out, err = run(capsys, "demo", "--dataset", "images", "--out", tmp_path / "demo", "--steps", 2,
-                         "--num-samples", 2, "--sample-steps", 1, "--quiet")
+                         "--num-samples", 2, "--sample-steps", 1, "--quiet", "--attention-window", 4)
     assert code == 0, err
+    from podiff.model.pipeline import PODiffPipeline
+
+    assert PODiffPipeline.load(tmp_path / "demo" / "run" / "model").denoiser.config.window == 4  # 16 × 16 tokens
     result = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     assert result["meta"]["dataset"] == "images" and result["meta"]["total_seconds"] > 0
     assert json.loads((tmp_path / "demo" / "run" / "train.json").read_text())["bounds"] == [0.0, 1.0]  # declared
