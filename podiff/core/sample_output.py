@@ -18,6 +18,13 @@ class SampleOutput:
     samples: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
 
+    def scale_spread(self, k: float) -> None:
+        """The ensemble with its spread times ``k``, in place: the variance times ``k²``, each
+        member's deviation from the mean times ``k`` (a calibrated spread)."""
+        self.variance = self.variance * k**2
+        if self.samples is not None:
+            self.samples = self.mean + k * (self.samples - self.mean)
+
 
 class Deterministic:
     """``sample`` for a point predictor: the prediction with zero variance."""

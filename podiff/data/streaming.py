@@ -107,11 +107,15 @@ class FieldStream:
         self.indices = np.asarray(indices, dtype=np.int64)
         self.scale, self.label = int(scale), label
         self.shape = (int(field_.sizes["channel"]), H, W)
-        self.covariates = covariates or None
-        self.covariate_names = [n for part in covariates for n in part.names] if covariates else []
+        self.covariates = covariates or []
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def covariate_names(self) -> list[str]:
+        """The names of the covariate channels ``read`` appends to ``lr``."""
+        return [name for part in self.covariates for name in part.names]
 
     @property
     def field_bytes(self) -> int:
@@ -139,14 +143,14 @@ class FieldStream:
             from podiff.data.fields import one_line
 
             raise ValueError(f"{where} could not be read: {one_line(exc)}") from None
-        hr = torch.from_numpy(values)[torch.from_numpy(inverse.reshape(-1))]
+        rows = torch.from_numpy(inverse.reshape(-1))
+        hr = torch.from_numpy(values)[rows]
         _check_finite(hr, where)
         lr = block_average(hr, self.scale)
         if self.covariates:
             from podiff.data.covariates import take
 
-            extra = take(self.covariates, distinct)[torch.from_numpy(inverse.reshape(-1))]
-            lr = torch.cat([lr, extra.to(lr)], 1)
+            lr = torch.cat([lr, take(self.covariates, distinct)[rows].to(lr)], 1)
         return lr, hr
 
 

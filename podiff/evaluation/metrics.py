@@ -481,6 +481,28 @@ def power_spectrum(field: torch.Tensor, mask: torch.Tensor | None = None, kind: 
     return torch.fft.rfftfreq(n, dtype=torch.float64)[1:], spec.mean(0)[1:]
 
 
+def paired_spectra(members: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None,
+                   kind: str = "auto", segment: int | None = None):
+    """``(wavenumber, members' power, truth's power)`` (``power_spectrum``) of ``members [M, ...]``
+    (or one field ``[...]``, e.g. an ensemble mean) and ``truth [...]``, both ``[..., H, W]``, on
+    the same pieces (fields or segments): those valid in the truth and the members. Computed once,
+    they give ``high_k_ratio`` and ``power_in_bands``."""
+    if members.shape[-truth.dim():] != truth.shape:
+        raise ValueError(f"members must be [M, *truth.shape] or truth's shape {tuple(truth.shape)}; "
+                         f"got {tuple(members.shape)}")
+    valid = ~torch.isnan(truth) if mask is None else mask.to(truth.device) & ~torch.isnan(truth)
+    k, p_members = power_spectrum(members, valid.expand_as(members), kind, segment)
+    _, p_truth = power_spectrum(truth, valid, kind, segment)
+    return k, p_members, p_truth
+
+
+def high_k_ratio(k: torch.Tensor, p_members: torch.Tensor, p_truth: torch.Tensor) -> float:
+    """The members' power over the truth's above ``k = 1/4`` cycles per pixel, from
+    ``paired_spectra``."""
+    high = k > 0.25
+    return float(p_members[high].sum() / p_truth[high].sum())
+
+
 def high_wavenumber_power_ratio(members: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None = None,
                                 kind: str = "auto", segment: int | None = None) -> float:
     """The members' power over the truth's in the upper half of the wavenumbers (``k > 1/4``
@@ -488,14 +510,7 @@ def high_wavenumber_power_ratio(members: torch.Tensor, truth: torch.Tensor, mask
     ``truth [...]``, both ``[..., H, W]``. About 1 when the members keep the small scales; an
     ensemble mean or a regression, which average them away, gives less. The same pieces (fields
     or segments, ``power_spectrum``) of both: those valid in the truth and the members."""
-    if members.shape[-truth.dim():] != truth.shape:
-        raise ValueError(f"members must be [M, *truth.shape] or truth's shape {tuple(truth.shape)}; "
-                         f"got {tuple(members.shape)}")
-    valid = ~torch.isnan(truth) if mask is None else mask.to(truth.device) & ~torch.isnan(truth)
-    k, p_members = power_spectrum(members, valid.expand_as(members), kind, segment)
-    _, p_truth = power_spectrum(truth, valid, kind, segment)
-    high = k > 0.25
-    return float(p_members[high].sum() / p_truth[high].sum())
+    return high_k_ratio(*paired_spectra(members, truth, mask, kind, segment))
 
 
 #: Log-spaced wavenumber bands of ``band_power_ratios``.
@@ -505,19 +520,20 @@ POWER_BANDS = 4
 def band_power_ratios(members: torch.Tensor, truth: torch.Tensor, bands: int = POWER_BANDS,
                       mask: torch.Tensor | None = None, kind: str = "auto", segment: int | None = None) -> list[dict]:
     """The members' power over the truth's in ``bands`` wavenumber bands, log-spaced from the
-    lowest resolved wavenumber to ``1/2`` cycles per pixel: ``[{"k_low", "k_high", "ratio"}]``,
-    large scales first (a band holds the wavenumbers ``k_low <= k < k_high``, the last one ``1/2``
-    too). ``members [M, ...]`` (or one field) against ``truth [...]``, the pieces of
+    lowest resolved wavenumber to ``1/2`` cycles per pixel (``power_in_bands`` of
+    ``paired_spectra``). ``members [M, ...]`` (or one field) against ``truth [...]``, the pieces of
     ``power_spectrum`` valid in both. Realistic members give about 1 in every band; an ensemble
     mean falls off at small scales, noisy members rise there."""
-    if members.shape[-truth.dim():] != truth.shape:
-        raise ValueError(f"members must be [M, *truth.shape] or truth's shape {tuple(truth.shape)}; "
-                         f"got {tuple(members.shape)}")
+    return power_in_bands(*paired_spectra(members, truth, mask, kind, segment), bands)
+
+
+def power_in_bands(k: torch.Tensor, p_members: torch.Tensor, p_truth: torch.Tensor,
+                   bands: int = POWER_BANDS) -> list[dict]:
+    """``[{"k_low", "k_high", "ratio"}]`` of ``paired_spectra``: the members' power over the
+    truth's in ``bands`` log-spaced bands, large scales first (a band holds the wavenumbers
+    ``k_low <= k < k_high``, the last one ``1/2`` too)."""
     if int(bands) != bands or bands < 1:
         raise ValueError(f"bands must be an integer >= 1; got {bands!r}")
-    valid = ~torch.isnan(truth) if mask is None else mask.to(truth.device) & ~torch.isnan(truth)
-    k, p_members = power_spectrum(members, valid.expand_as(members), kind, segment)
-    _, p_truth = power_spectrum(truth, valid, kind, segment)
     edges = torch.logspace(math.log10(float(k[0])), math.log10(0.5), int(bands) + 1, dtype=torch.float64)
     which = (torch.searchsorted(edges, k, right=True) - 1).clamp(0, int(bands) - 1)
     out = []

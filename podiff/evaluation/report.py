@@ -66,10 +66,11 @@ def score(mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor | Non
         out["ssim"] = metrics.ssim(filled_mean, filled_target, rng, mask=~torch.isnan(target))
     if min(target.shape[-2:]) >= SPECTRUM_MIN_SIZE:
         out["high_k_power"] = metrics.high_wavenumber_power_ratio(mean, target)
-        if members is not None:
-            out["members_high_k_power"] = metrics.high_wavenumber_power_ratio(members, target)
+        if members is not None:  # the members' spectrum once, for both
+            spectra = metrics.paired_spectra(members, target)
+            out["members_high_k_power"] = metrics.high_k_ratio(*spectra)
             try:
-                out["members_band_power"] = metrics.band_power_ratios(members, target)
+                out["members_band_power"] = metrics.power_in_bands(*spectra)
             except ValueError:  # too few wavenumbers for the bands: no band powers
                 pass
     if variance is not None and bool((variance[~torch.isnan(variance)] > 0).any()):

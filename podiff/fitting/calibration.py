@@ -64,8 +64,7 @@ def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_sampl
     pipe.calibration = Calibration(k, pipe.calibration.mode_spread, quantiles, edges)
     if not return_ensemble:
         return k
-    out.variance = out.variance * k**2  # what pipe.sample now draws: the deviations scaled by k
-    out.samples = out.mean + k * (out.samples - out.mean)
+    out.scale_spread(k)  # what pipe.sample now draws
     return k, out
 
 

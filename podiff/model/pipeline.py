@@ -375,10 +375,7 @@ class PODiffPipeline:
                             member_budget=member_budget, progress=progress, image_ids=ids.tolist(), amp=amp,
                             sampler=sampler)
         if self.calibration.spread != 1.0:  # calibrated on validation fields (calibrate_spread)
-            k = self.calibration.spread
-            out.variance = out.variance * k**2
-            if out.samples is not None:
-                out.samples = out.mean + k * (out.samples - out.mean)
+            out.scale_spread(self.calibration.spread)
         if self.mean_model is not None:  # the ensemble of residuals plus μ(lr): the variance is the residual's
             mu = self.mean_model.predict(lr.to(self._device)).to(out.mean)
             out.mean = out.mean + mu
