@@ -58,7 +58,8 @@ CONFIG, OPTIONS = PipelineConfig(), TrainOptions()  # the defaults every option 
 #: The options that set a ``PipelineConfig`` field: option destination -> field.
 CONFIG_OPTIONS = {
     "patch_size": "patch_size", "stride": "stride", "rank": "rank", "energy": "energy", "basis": "basis",
-    "preset": "preset", "antithetic": "antithetic", "correlated_noise": "correlated_noise", "residual": "residual",
+    "preset": "preset", "antithetic": "antithetic", "correlated_noise": "correlated_noise",
+    "grid_shifts": "grid_shifts", "residual": "residual",
     "condition": "condition", "schedule": "schedule", "prediction_type": "prediction_type", "steps": "train_steps",
     "batch_size": "batch_size", "learning_rate": "learning_rate", "sample_steps": "sample_steps",
     "sampler": "sampler", "seed": "seed",
@@ -231,6 +232,9 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="sample members in mirrored pairs (same noise, negated): a less noisy ensemble mean")
     p.add_argument("--correlated-noise", action=argparse.BooleanOptionalAction, default=c.correlated_noise,
                    help="diffusion noise correlated across patches as the training tokens are (default on)")
+    p.add_argument("--grid-shifts", action=argparse.BooleanOptionalAction, default=c.grid_shifts,
+                   help="train the denoiser on the patch grid shifted by every pixel offset within a patch, "
+                        "one per batch (shared basis; sampling keeps the fitted grid)")
     p.add_argument("--residual", choices=RESIDUALS, default=c.residual,
                    help="auto (default): diffuse what the mean model misses, the tuned ridge or a U-Net regression "
                         "where a paired t-test on the validation fields finds it better (CorrDiff-style); "

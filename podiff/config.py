@@ -57,6 +57,10 @@ class PipelineConfig:
     ``covariates``: the names of the input's extra channels after the target's own coarse ones
     (predictors, static fields, position, season: ``data.covariates``); the mean model uses them
     as regressors and the denoiser as conditioning. Empty: the input is the target's coarse field.
+    ``grid_shifts``: the denoiser trains on the patch grid shifted by every pixel offset below the
+    patch size (one shift per batch, the fields cropped to whole patches), so that it sees how
+    the field continues across every position of a patch edge; sampling keeps the fitted grid
+    (``PODiffPipeline.grid_shifts``: a shared basis without overlap only).
 
     The device is not part of the config: it is a runtime choice, so a saved model loads on any
     device.
@@ -91,6 +95,7 @@ class PipelineConfig:
     condition: str = "anomaly"
     bounds: list | None = None
     covariates: list = field(default_factory=list)
+    grid_shifts: bool = False
 
     def __post_init__(self):
         if int(self.scale) < 1:

@@ -76,12 +76,14 @@ class DenoiserConfig:
         return asdict(self)
 
 
-def sincos_2d(width: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding ``[nH·nW, width]`` (MAE / DiT)."""
+def sincos_2d(width: int, grid: tuple[int, int], origin: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding ``[nH·nW, width]`` (MAE / DiT) of the tokens at
+    ``origin + (row, column)``, in token units: a patch grid shifted by a fraction of a patch
+    (``origin = (dy, dx) / p``) is embedded where its tokens lie."""
     quarter = width // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
-                            torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64) + float(origin[0]),
+                            torch.arange(grid[1], dtype=torch.float64) + float(origin[1]), indexing="ij")
     parts = []
     for coord in (ys.flatten(), xs.flatten()):
         angle = coord[:, None] * omega[None]
@@ -167,10 +169,13 @@ class DiTBlock(nn.Module):
 
 
 class PODDenoiser(nn.Module):
-    """``forward(x_t [B, L, r], cond [B, L, r_c], noise [B] | [B, L, r]) -> [B, L, r]``.
+    """``forward(x_t [B, L, r], cond [B, L, r_c], noise [B] | [B, L, r], grid=None, origin=None) -> [B, L, r]``.
 
     ``noise`` is ``t`` (``noise_input="time"``) or the per-token log-SNR (``"per_token"``).
-    The output is the ε- or v-prediction, as the pipeline trains it.
+    The output is the ε- or v-prediction, as the pipeline trains it. ``grid`` and ``origin``
+    (default: ``config.grid`` at ``(0, 0)``) place the tokens of another patch grid, e.g. one
+    shifted by a fraction of a patch in training (``PipelineConfig.grid_shifts``): the position
+    embedding is that of ``origin + (row, column)``, and the attention windows follow ``grid``.
     """
 
     def __init__(self, config: DenoiserConfig):
@@ -201,18 +206,33 @@ class PODDenoiser(nn.Module):
         lam = noise.clamp(-20.0, 20.0) / 10.0
         return self.noise_embed(lam.to(dtype).expand(batch, -1, -1))  # B, L, W
 
-    def forward(self, x_t: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def position(self, grid: tuple[int, int], origin: tuple[float, float] | None) -> torch.Tensor:
+        """The position embedding ``[1, L, W]`` of ``grid``'s tokens at ``origin`` (cached per pair)."""
+        origin = (0.0, 0.0) if origin is None else (float(origin[0]), float(origin[1]))
+        if grid == self.config.grid and origin == (0.0, 0.0):
+            return self.pos
+        key = (grid, origin, str(self.pos.device))
+        cache = self.__dict__.setdefault("_positions", {})
+        if key not in cache:
+            if len(cache) > 64:  # one per shift in training: a handful
+                cache.clear()
+            cache[key] = sincos_2d(self.config.width, grid, origin)[None].to(self.pos.device)
+        return cache[key]
+
+    def forward(self, x_t: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
+                grid: tuple[int, int] | None = None, origin: tuple[float, float] | None = None) -> torch.Tensor:
         B, L, r = x_t.shape
-        if L != self.pos.shape[1] or r != self.config.rank or cond.shape[-1] != self.config.cond_rank:
+        grid = self.config.grid if grid is None else (int(grid[0]), int(grid[1]))
+        if L != grid[0] * grid[1] or r != self.config.rank or cond.shape[-1] != self.config.cond_rank:
             raise ValueError(
-                f"x_t must be [B, L={self.pos.shape[1]}, r={self.config.rank}] and cond [B, L, "
-                f"{self.config.cond_rank}]; "
+                f"x_t must be [B, L={grid[0] * grid[1]}, r={self.config.rank}] and cond [B, L, "
+                f"{self.config.cond_rank}] for the token grid {grid}; "
                 f"got {tuple(x_t.shape)} and {tuple(cond.shape)}"
             )
-        h = self.embed(torch.cat([x_t, cond], dim=-1)) + self.pos.to(x_t.dtype)
+        h = self.embed(torch.cat([x_t, cond], dim=-1)) + self.position(grid, origin).to(x_t.dtype)
         c = self._conditioning(noise, B, h.dtype)
         for block in self.blocks:
-            h = block(h, c, self.config.grid)
+            h = block(h, c, grid)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
         return self.head(modulate(self.norm(h), shift, scale))
 
@@ -239,7 +259,9 @@ class MLPDenoiser(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x_t, cond, noise):
+    def forward(self, x_t, cond, noise, grid=None, origin=None):
+        if grid is not None and tuple(grid) != (1, 1):
+            raise ValueError(f"MLPDenoiser handles one token (grid (1, 1)); got grid {tuple(grid)}")
         B = x_t.shape[0]
         if self.config.noise_input == "time":
             t = noise.reshape(-1).expand(B) if noise.numel() in (1, B) else noise

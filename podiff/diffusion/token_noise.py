@@ -121,6 +121,16 @@ class GridCorrelation:
             out = torch.einsum("jab,nbcj,jdc->nadj", a_y, z, a_x)
         return out.reshape(eps.shape)
 
+    def on_grid(self, grid: tuple[int, int]) -> GridCorrelation:
+        """The same correlations on another token grid (a shifted patch grid in training; cached)."""
+        grid = (int(grid[0]), int(grid[1]))
+        if grid == self.grid:
+            return self
+        others = self.__dict__.setdefault("_on_grid", {})
+        if grid not in others:
+            others[grid] = GridCorrelation(self.rho_y, self.rho_x, grid)
+        return others[grid]
+
     def state(self) -> dict:
         """JSON-ready: ``{"rho_y": [...], "rho_x": [...], "grid": [nH, nW]}`` (``from_state``)."""
         return {"rho_y": self.rho_y.tolist(), "rho_x": self.rho_x.tolist(), "grid": list(self.grid)}

@@ -69,18 +69,20 @@ class TrainingRecord:
 
 
 def diffusion_loss(x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, *, denoiser,
-                   schedule, prediction_type: str, smoothness: float = 0.0) -> torch.Tensor:
+                   schedule, prediction_type: str, smoothness: float = 0.0,
+                   geometry: dict | None = None) -> torch.Tensor:
     """The training loss for token batches ``x0, cond [B, L, r]`` at times ``t [B]`` with noise ``eps``.
 
     Fixed schedules: mean squared error of the ε- or v-prediction. Learned schedule: the
     continuous-time diffusion loss ``E[−λ'(t) ‖ε − ε̂‖²]`` per mode (normalised by
-    ``λ_max − λ_min``) plus ``smoothness · E[(∂²λ/∂t²)²]``.
+    ``λ_max − λ_min``) plus ``smoothness · E[(∂²λ/∂t²)²]``. ``geometry``: the tokens' ``grid`` and
+    ``origin`` when they are not the model's own grid (a shifted patch grid), passed to the denoiser.
     """
     lam = schedule.log_snr(t, cond).to(x0.dtype)
     alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
     x_t = alpha * x0 + sigma * eps
     level = t if denoiser.config.noise_input == "time" else lam.expand_as(x0)
-    out = denoiser(x_t, cond, level).to(x0.dtype)  # float32 again under autocast
+    out = denoiser(x_t, cond, level, **(geometry or {})).to(x0.dtype)  # float32 again under autocast
     if not schedule.learned:
         target = alpha * eps - sigma * x0 if prediction_type == "v" else eps
         return F.mse_loss(out, target)
@@ -99,9 +101,9 @@ class TrainingModule(nn.Module):
         self.denoiser, self.schedule = denoiser, schedule
         self.prediction_type, self.smoothness = prediction_type, float(smoothness)
 
-    def forward(self, x0, cond, t, eps):
+    def forward(self, x0, cond, t, eps, geometry: dict | None = None):
         return diffusion_loss(x0, cond, t, eps, denoiser=self.denoiser, schedule=self.schedule,
-                              prediction_type=self.prediction_type, smoothness=self.smoothness)
+                              prediction_type=self.prediction_type, smoothness=self.smoothness, geometry=geometry)
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -122,7 +124,10 @@ class TokenTensors:
     """All training tokens in memory, ``x0 [N, L, r]`` and ``cond [N, L, r_c]`` (``r_c = r`` or more, with
     covariate features): the ``Trainer``'s usual token source. A source is anything with ``len()``
     and ``rows(idx) -> (x0 [B, L, r], cond [B, L, r_c])`` on the trainer's device
-    (``fitting.StreamedTokens`` reads and encodes each batch instead)."""
+    (``fitting.StreamedTokens`` reads and encodes each batch instead). A source whose ``shifts``
+    lists more than one pixel shift of the patch grid (``fitting.FieldTokens``) also takes
+    ``rows(idx, shift)`` and gives ``geometry(shift) -> {"grid", "origin"}``; the trainer draws
+    one shift per batch."""
 
     def __init__(self, x0: torch.Tensor, cond: torch.Tensor):
         if x0.dim() != 3 or cond.dim() != 3 or x0.shape[:2] != cond.shape[:2]:
@@ -183,27 +188,35 @@ class Trainer:
     # -------------------------------------------------------------- one step (no host sync)
 
     def batch(self, x0_all, cond_all: torch.Tensor | None, batch: int):
-        """The next global batch: indices and noise from the CPU generator, on the tokens' device.
-        ``x0_all, cond_all``: all tokens ``[N, L, r]``, or a token source and ``None``."""
+        """The next global batch ``(x0, cond, t, eps, geometry)``: indices, the grid's shift (for a
+        source with ``shifts``) and noise from the CPU generator, on the tokens' device.
+        ``x0_all, cond_all``: all tokens ``[N, L, r]``, or a token source and ``None``. ``geometry``
+        is None on the model's own grid, else the shifted grid's ``{"grid", "origin"}``."""
         source = TokenTensors(x0_all, cond_all) if cond_all is not None else x0_all
         idx = torch.randint(0, len(source), (batch,), generator=self.generator)
-        x0, cond = source.rows(idx)
-        t, eps = self.noise(x0, self.generator)
-        return x0, cond, t, eps
+        shifts = getattr(source, "shifts", None) or [(0, 0)]
+        shift = shifts[int(torch.randint(0, len(shifts), (1,), generator=self.generator))] if len(shifts) > 1 else None
+        geometry = None if shift in (None, (0, 0)) else source.geometry(shift)
+        x0, cond = source.rows(idx) if shift is None else source.rows(idx, shift)
+        t, eps = self.noise(x0, self.generator, grid=geometry["grid"] if geometry else None)
+        return x0, cond, t, eps, geometry
 
-    def noise(self, x0: torch.Tensor, generator: torch.Generator, schedule=None):
-        """``(t, ε)`` for tokens ``x0``: ``draw_noise`` with the model's noise colour."""
+    def noise(self, x0: torch.Tensor, generator: torch.Generator, schedule=None, grid=None):
+        """``(t, ε)`` for tokens ``x0`` (on the model's grid, or on ``grid``): ``draw_noise`` with the
+        model's noise colour."""
         schedule = schedule or self.pipe.schedule
+        colour = self.colour if self.colour is None or grid is None else self.colour.on_grid(grid)
         return draw_noise(x0.shape, schedule.t_max(self.pipe.config.prediction_type), generator, x0.device,
-                          x0.dtype, colour=self.colour)
+                          x0.dtype, colour=colour)
 
-    def step(self, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def step(self, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+             geometry: dict | None = None) -> torch.Tensor:
         """One optimiser step on a batch; returns the loss as a tensor (not read off the device)."""
         cfg = self.pipe.config
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate * min(1.0, (self.record.step + 1) / max(1, cfg.warmup))
         with autocast(self.device, self.amp):
-            loss = self.model(x0, cond, t, eps)
+            loss = self.model(x0, cond, t, eps, geometry)
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(loss)
         if cfg.grad_clip:
@@ -277,8 +290,8 @@ class Trainer:
         shown = progress and self.rank == 0
         bar = progress_bar(total=steps, initial=min(record.step, steps), enabled=shown, desc="train", unit="step")
         while record.step < steps and not self._stopped(patience):
-            x0, cond, t, eps = self.batch(source, None, batch)  # every rank draws the global batch
-            loss = self.step(x0[rows], cond[rows], t[rows], eps[rows])
+            x0, cond, t, eps, geometry = self.batch(source, None, batch)  # every rank draws the global batch
+            loss = self.step(x0[rows], cond[rows], t[rows], eps[rows], geometry)
             value = float(distributed_.all_sum(loss.float()) / self.world)
             if not math.isfinite(value):
                 raise FloatingPointError(f"training loss is {value} at step {record.step}")

@@ -38,6 +38,7 @@ import torch
 from podiff.core import distributed as distributed_
 from podiff.diffusion.training import Trainer, continuation_steps
 from podiff.evaluation import metrics
+from podiff.fitting.fit import FieldTokens
 from podiff.mean.ridge import RidgeBaseline
 from podiff.model.pipeline import check_pair
 
@@ -122,11 +123,15 @@ def refit(pipe, lr: torch.Tensor, hr: torch.Tensor, held_out: tuple[torch.Tensor
             gather = distributed_.all_gather_rows if distributed else (lambda t: t)
             x0 = torch.cat([gather(pipe.target_tokens(hr).float()), pipe.target_tokens(hr_val).float()])
             cond = torch.cat([gather(pipe.condition_tokens(lr).float()), pipe.condition_tokens(lr_val).float()])
+            lr, hr, mu = torch.cat([gather(lr), lr_val]), torch.cat([gather(hr), hr_val]), None
+    fields = int(x0.shape[0])
+    if len(pipe.grid_shifts()) > 1:  # shifted grids, as the held-out training had
+        x0, cond = FieldTokens(pipe, lr, hr, mu, tokens=(x0, cond)), None
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if not resume or state.get("ema_from") != from_step:  # a continuation of another held-out training
             Path(checkpoint).unlink()
-    record.refit = {"from_step": from_step, "steps": steps, "fields": int(x0.shape[0]), "spread_ratio": ratio,
+    record.refit = {"from_step": from_step, "steps": steps, "fields": fields, "spread_ratio": ratio,
                     "held_out_spread": held_out_spread, "error_ratio": about}
     trainer = Trainer(pipe, distributed=distributed, ema_from=from_step)
     trainer.fit(x0, cond, from_step + steps, progress=progress, checkpoint=checkpoint, resume=resume,

@@ -183,10 +183,7 @@ class PODiffPipeline:
     def covariate_tokens(self, lr: torch.Tensor) -> torch.Tensor:
         """The covariate channels of ``lr [B, C + K, h, w]``, standardised (NaN: 0, the mean), on the
         token grid: ``[B, L, K·q²]`` with ``q = covariate_cells()`` input cells per token side."""
-        K = self.num_covariates
-        cov = lr[:, lr.shape[1] - K :].float()
-        cov = (cov - self.covariate_offset.view(1, -1, 1, 1).to(cov)) / self.covariate_scale.view(1, -1, 1, 1).to(cov)
-        cov = torch.nan_to_num(cov, nan=0.0)
+        cov = self._standardised_covariates(lr)
         q = self.covariate_cells()
         nH, nW = self.pod.grid
         size = (nH * q, nW * q)
@@ -197,14 +194,79 @@ class PODiffPipeline:
                 cov = F.interpolate(cov, size=size, mode="nearest")
         return F.unfold(cov, q, stride=q).transpose(1, 2)
 
+    def _standardised_covariates(self, lr: torch.Tensor) -> torch.Tensor:
+        """``lr``'s covariate channels ``[B, K, h, w]``, standardised, NaN as 0 (their mean)."""
+        cov = lr[:, lr.shape[1] - self.num_covariates :].float()
+        cov = (cov - self.covariate_offset.view(1, -1, 1, 1).to(cov)) / self.covariate_scale.view(1, -1, 1, 1).to(cov)
+        return torch.nan_to_num(cov, nan=0.0)
+
     def condition_coefficients(self, mu: torch.Tensor) -> torch.Tensor:
+        return self.pod.encode(self._condition_field(mu), standardized=False)
+
+    def _condition_field(self, mu: torch.Tensor) -> torch.Tensor:
+        """The residual model's condition as a field (in data-scale units; NaN where never valid)."""
         if self.config.condition == "detail":  # what μ adds below the input grid: blind to level and trend
             field = mu - upsample(block_average(mu, self.config.scale), self.image_size)
         else:
             field = self.mean_model.condition_field(mu)
         field = field / self.data_scale.view(1, -1, 1, 1).to(mu)
-        field = field.masked_fill(~self.pod.valid_pixels.to(field.device), float("nan"))
-        return self.pod.encode(field, standardized=False)
+        return field.masked_fill(~self.pod.valid_pixels.to(field.device), float("nan"))
+
+    # ------------------------------------------------------------------ shifted patch grids (training)
+
+    def grid_shifts(self) -> list[tuple[int, int]]:
+        """The pixel shifts ``(dy, dx)`` of the patch grid that training draws from with
+        ``config.grid_shifts``: every offset below the patch size along each axis with more than
+        one patch, ``(0, 0)`` (the fitted grid) first. Only ``[(0, 0)]`` without the option, for a
+        local basis (its bases belong to their locations) or for overlapping patches."""
+        pod = self.pod
+        if not self.config.grid_shifts or pod is None or pod.local or pod.stride != pod.patch_size:
+            return [(0, 0)]
+        p = pod.patch_size
+        nH, nW = pod.grid
+        return [(dy, dx) for dy in range(p if nH > 1 else 1) for dx in range(p if nW > 1 else 1)]
+
+    def shift_geometry(self, shift: tuple[int, int]) -> dict:
+        """``{"grid", "origin"}`` of the patch grid shifted by ``shift`` pixels: one patch fewer along
+        each shifted axis (the crop keeps whole patches), its origin ``shift / p`` in tokens."""
+        dy, dx = (int(v) for v in shift)
+        p = self.pod.patch_size
+        nH, nW = self.pod.grid
+        return {"grid": (nH - (dy > 0), nW - (dx > 0)), "origin": (dy / p, dx / p)}
+
+    def shifted_tokens(self, hr: torch.Tensor, lr: torch.Tensor, mu: torch.Tensor | None,
+                       shift: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target and condition tokens ``[B, L', r]``, ``[B, L', r_c]`` of the fields on the patch grid
+        shifted by ``shift = (dy, dx)`` pixels (``shift_geometry``): the tokens ``target_tokens`` and
+        ``condition_tokens`` give for the fitted grid, of the crop that grid covers. ``mu``: the
+        mean model's prediction of ``lr`` (a residual model; its out-of-fold one for its fields)."""
+        if tuple(shift) not in self.grid_shifts():
+            raise ValueError(f"shift must be one of grid_shifts() {self.grid_shifts()}; got {tuple(shift)}")
+        if tuple(shift) == (0, 0):
+            return self.target_tokens(hr, lr, mu).float(), self.condition_tokens(lr, mu).float()
+        dy, dx = (int(v) for v in shift)
+        p = self.pod.patch_size
+        gh, gw = self.shift_geometry(shift)["grid"]
+
+        def crop(field):
+            return field[..., dy : dy + gh * p, dx : dx + gw * p]
+
+        if self.mean_model is not None:
+            mu = self.mean_model.predict(lr) if mu is None else mu
+            x0 = self.pod.encode(crop(self.standardise(hr - mu)))
+            cond = self.pod.encode(crop(self._condition_field(mu)), standardized=False)
+            cond = cond / self.mean_model.cond_scale.to(cond)
+        else:
+            x0 = self.pod.encode(crop(self.standardise(hr)))
+            up = upsample(self.standardise(self.target_input(lr)), self.image_size)
+            cond = self.pod.encode(crop(up.masked_fill(~self.pod.valid_pixels.to(up.device), float("nan"))))
+        if self.num_covariates:
+            cov = self._standardised_covariates(lr)
+            cov = crop(F.interpolate(cov, size=self.image_size, mode="nearest"))
+            q = self.covariate_cells()
+            cov = F.adaptive_avg_pool2d(cov, (gh * q, gw * q))
+            cond = torch.cat([cond, F.unfold(cov, q, stride=q).transpose(1, 2).to(cond)], -1)
+        return x0.float(), cond.float()
 
     def target_tokens(self, hr: torch.Tensor, lr: torch.Tensor | None = None,
                       mu: torch.Tensor | None = None) -> torch.Tensor:

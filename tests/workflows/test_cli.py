@@ -142,14 +142,19 @@ def test_demo_runs_end_to_end_on_packaged_images(tmp_path, capsys):
     pytest.importorskip("skimage")
     pytest.importorskip("matplotlib")
     code, out, err = run(capsys, "demo", "--dataset", "images", "--out", tmp_path / "demo", "--steps", 2,
-                         "--num-samples", 2, "--sample-steps", 1, "--quiet", "--attention-window", 4)
+                         "--num-samples", 2, "--sample-steps", 1, "--quiet", "--attention-window", 4,
+                         "--grid-shifts")
     assert code == 0, err
     from podiff.model.pipeline import PODiffPipeline
 
-    assert PODiffPipeline.load(tmp_path / "demo" / "run" / "model").denoiser.config.window == 4  # 16 × 16 tokens
+    model = PODiffPipeline.load(tmp_path / "demo" / "run" / "model")
+    assert model.denoiser.config.window == 4  # 16 × 16 tokens
     result = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     assert result["meta"]["dataset"] == "images" and result["meta"]["total_seconds"] > 0
-    assert json.loads((tmp_path / "demo" / "run" / "train.json").read_text())["bounds"] == [0.0, 1.0]  # declared
+    trained = json.loads((tmp_path / "demo" / "run" / "train.json").read_text())
+    assert trained["bounds"] == [0.0, 1.0]  # declared
+    # every offset within a patch, for a shared basis
+    assert trained["grid_shifts"] == (model.config.patch_size ** 2 if model.pod.basis_kind == "shared" else 1) > 1
     report = tmp_path / "demo" / "report"
     assert "High-wavenumber power" in (report / "report.md").read_text()
     # The members' spectra beside the truth's, the mean's and the ridge's; the figures of these

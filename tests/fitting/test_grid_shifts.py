@@ -1,0 +1,176 @@
+"""Training on shifted patch grids (``PipelineConfig.grid_shifts``): every pixel offset within a
+patch, one per batch, the fields cropped to whole patches; the denoiser places the shifted tokens by
+their origin; sampling keeps the fitted grid."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from podiff import PipelineConfig, PODiffPipeline
+from podiff.data.resample import upsample
+from podiff.diffusion.denoiser import DenoiserConfig, PODDenoiser, sincos_2d
+from podiff.diffusion.token_noise import GridCorrelation
+from podiff.diffusion.training import Trainer, draw_noise
+from podiff.fitting import build, fit
+from podiff.fitting.fit import FieldTokens
+
+N, H, W, S = 20, 16, 24, 4
+
+
+def fields(n=N, seed=0, land=False):
+    g = torch.Generator().manual_seed(seed)
+    hr = F.avg_pool2d(torch.randn(n, 1, H + 4, W + 4, generator=g), 5, stride=1) * 3
+    if land:
+        hr[:, :, :5, :7] = float("nan")
+    lr = F.avg_pool2d(hr, S) if not land else torch.nan_to_num(F.avg_pool2d(torch.nan_to_num(hr), S))
+    return lr, hr
+
+
+def config(**kw):
+    return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=S, patch_size=4, rank=16, basis="shared",
+                                    grid_shifts=True, denoiser=dict(width=16, depth=2, heads=2), batch_size=4,
+                                    sample_steps=3, train_steps=12, learning_rate=3e-3), **kw})
+
+
+def built(lr, hr, **kw):
+    pipe = PODiffPipeline(config(**kw))
+    return build(pipe, lr, hr)
+
+
+def test_the_position_of_a_shifted_grid_is_the_fitted_grids_at_its_origin():
+    full = sincos_2d(32, (5, 7)).view(5, 7, 32)
+    whole_patch = sincos_2d(32, (4, 5), origin=(1.0, 2.0)).view(4, 5, 32)  # a whole-token shift: a sub-grid
+    torch.testing.assert_close(whole_patch, full[1:, 2:], rtol=0, atol=1e-6)
+    half = sincos_2d(32, (5, 7), origin=(0.5, 0.0)).view(5, 7, 32)
+    assert not torch.allclose(half, full)
+    assert torch.equal(sincos_2d(32, (5, 7), origin=(0.0, 0.0)), sincos_2d(32, (5, 7)))
+
+
+def test_the_denoiser_takes_another_grid_and_origin_and_its_own_grid_is_unchanged():
+    torch.manual_seed(0)
+    net = PODDenoiser(DenoiserConfig(rank=4, grid=(4, 6), width=16, depth=2, heads=2, window=2))
+    for block in net.blocks:  # adaLN-Zero starts as the identity: give the blocks something to do
+        torch.nn.init.normal_(block.ada[-1].weight, std=0.2)
+    torch.nn.init.normal_(net.head.weight, std=0.2)
+    x, c, t = torch.randn(2, 24, 4), torch.randn(2, 24, 4), torch.rand(2)
+    out = net(x, c, t)
+    torch.testing.assert_close(net(x, c, t, grid=(4, 6), origin=(0.0, 0.0)), out, rtol=0, atol=0)
+    assert not torch.allclose(net(x, c, t, grid=(4, 6), origin=(0.25, 0.5)), out)
+    shifted = net(x[:, :15], c[:, :15], t, grid=(3, 5), origin=(0.75, 0.25))
+    assert shifted.shape == (2, 15, 4) and torch.isfinite(shifted).all()
+    with pytest.raises(ValueError, match=r"L=15, r=4\] .* for the token grid \(3, 5\)"):
+        net(x, c, t, grid=(3, 5))
+
+
+def test_grid_shifts_are_every_offset_within_a_patch_for_a_shared_basis_only():
+    lr, hr = fields()
+    pipe = built(lr, hr)
+    shifts = pipe.grid_shifts()
+    assert shifts[0] == (0, 0) and len(shifts) == 16 and len(set(shifts)) == 16
+    assert pipe.shift_geometry((0, 3)) == {"grid": (4, 5), "origin": (0.0, 0.75)}
+    assert pipe.shift_geometry((2, 1)) == {"grid": (3, 5), "origin": (0.5, 0.25)}
+    assert built(lr, hr, grid_shifts=False).grid_shifts() == [(0, 0)]
+    assert built(lr, hr, basis="local").grid_shifts() == [(0, 0)]  # a local basis belongs to its locations
+    assert built(lr, hr, stride=2, rank=8).grid_shifts() == [(0, 0)]  # overlapping patches
+    one_row = built(lr[..., :1, :], hr[..., :4, :])
+    assert one_row.grid_shifts() == [(0, dx) for dx in range(4)]
+    with pytest.raises(ValueError, match=r"shift must be one of grid_shifts\(\)"):
+        pipe.shifted_tokens(hr[:2], lr[:2], None, (4, 0))
+
+
+def test_shifted_tokens_encode_the_crop_their_grid_covers():
+    lr, hr = fields()
+    pipe = built(lr, hr)  # full rank: encode and decode are exact
+    for shift in [(1, 2), (3, 0), (0, 1)]:
+        x0, cond = pipe.shifted_tokens(hr[:3], lr[:3], None, shift)
+        (gh, gw), (dy, dx) = pipe.shift_geometry(shift)["grid"], shift
+        crop = (slice(None), slice(None), slice(dy, dy + 4 * gh), slice(dx, dx + 4 * gw))
+        assert x0.shape == cond.shape == (3, gh * gw, 16)
+        torch.testing.assert_close(pipe.pod.decode(x0, image_size=(4 * gh, 4 * gw)), pipe.standardise(hr[:3])[crop],
+                                   rtol=0, atol=1e-4)
+        up = upsample(pipe.standardise(lr[:3]), (H, W))
+        torch.testing.assert_close(pipe.pod.decode(cond, image_size=(4 * gh, 4 * gw)), up[crop], rtol=0, atol=1e-4)
+    x0, cond = pipe.shifted_tokens(hr[:3], lr[:3], None, (0, 0))  # the fitted grid: the usual tokens
+    assert torch.equal(x0, pipe.target_tokens(hr[:3]).float()) and torch.equal(cond, pipe.condition_tokens(lr[:3]))
+
+
+def test_a_residual_models_shifted_tokens_are_its_residual_and_condition_on_the_crop():
+    lr, hr = fields()
+    pipe = built(lr, hr, residual="ridge")
+    mu = pipe.mean_model.predict(lr[:3])
+    x0, cond = pipe.shifted_tokens(hr[:3], lr[:3], mu, (2, 3))
+    crop = (slice(None), slice(None), slice(2, 14), slice(3, 23))
+    torch.testing.assert_close(pipe.pod.decode(x0, image_size=(12, 20)), pipe.standardise(hr[:3] - mu)[crop],
+                               rtol=0, atol=1e-4)
+    raw = pipe.pod.decode(cond * pipe.mean_model.cond_scale, standardized=False, image_size=(12, 20))
+    field = (mu - pipe.mean_model.cond_mean) / pipe.data_scale.view(1, -1, 1, 1)
+    torch.testing.assert_close(raw, field[crop], rtol=0, atol=1e-4)
+
+
+def test_shifted_covariate_features_average_the_cells_under_each_patch():
+    lr, hr = fields()
+    g = torch.Generator().manual_seed(3)
+    cov = torch.randn(N, 1, H // S, W // S, generator=g)
+    pipe = built(torch.cat([lr, cov], 1), hr, covariates=["a"])
+    _, cond = pipe.shifted_tokens(hr[:2], torch.cat([lr, cov], 1)[:2], None, (1, 3))
+    std = (cov[:2] - pipe.covariate_offset) / pipe.covariate_scale
+    gw = 5  # the shifted grid is 3 × 5
+    for i, j in [(0, 0), (1, 2), (2, 4)]:
+        rows, cols = torch.arange(1 + 4 * i, 5 + 4 * i) // S, torch.arange(3 + 4 * j, 7 + 4 * j) // S
+        expected = std[:, 0][:, rows][:, :, cols].mean((1, 2))  # the pixels' own cells, averaged
+        torch.testing.assert_close(cond[:, i * gw + j, 16], expected, rtol=0, atol=1e-5)
+
+
+def test_shifted_tokens_of_fields_with_land_are_finite():
+    lr, hr = fields(land=True)
+    pipe = built(lr, hr, rank=10)
+    for shift in [(1, 1), (3, 2)]:
+        x0, cond = pipe.shifted_tokens(hr[:4], lr[:4], None, shift)
+        assert torch.isfinite(x0).all() and torch.isfinite(cond).all()
+
+
+def test_the_trainer_draws_a_shift_per_batch_and_training_is_reproducible_and_resumes(tmp_path):
+    lr, hr = fields()
+    pipe = built(lr, hr)
+    source = FieldTokens(pipe, lr, hr)
+    trainer = Trainer(pipe)
+    grids = set()
+    for _ in range(24):
+        x0, cond, t, eps, geometry = trainer.batch(source, None, 4)
+        grid = pipe.pod.grid if geometry is None else geometry["grid"]
+        assert x0.shape == eps.shape == (4, grid[0] * grid[1], 16)
+        grids.add(grid)
+        trainer.step(x0, cond, t, eps, geometry)
+    assert grids == {(4, 6), (3, 6), (4, 5), (3, 5)}
+    once = PODiffPipeline(config())
+    history = fit(once, lr, hr, progress=False)
+    again = PODiffPipeline(config())
+    assert fit(again, lr, hr, progress=False) == history
+    first = PODiffPipeline(config())
+    fit(first, lr, hr, steps=5, progress=False, checkpoint=tmp_path / "ckpt.pt", checkpoint_every=5)
+    resumed = PODiffPipeline(config())
+    assert fit(resumed, lr, hr, progress=False, checkpoint=tmp_path / "ckpt.pt") == history
+    out = once.sample(lr[:2], 3, seed=1)  # sampling is on the fitted grid
+    assert out.mean.shape == hr[:2].shape and torch.isfinite(out.variance).all()
+
+
+def test_without_shifts_a_batch_draws_what_it_drew_before_the_option():
+    lr, hr = fields()
+    pipe = built(lr, hr, grid_shifts=False)
+    trainer = Trainer(pipe)
+    x0_all, cond_all = pipe.target_tokens(hr).float(), pipe.condition_tokens(lr).float()
+    generator = torch.Generator().manual_seed(pipe.config.seed)  # the draws of a batch, by hand
+    for _ in range(3):
+        x0, cond, t, eps, geometry = trainer.batch(x0_all, cond_all, 4)
+        idx = torch.randint(0, N, (4,), generator=generator)
+        t_ref, eps_ref = draw_noise((4, 24, 16), pipe.schedule.t_max("v"), generator, "cpu", colour=pipe.token_noise)
+        assert geometry is None and torch.equal(x0, x0_all[idx]) and torch.equal(t, t_ref) and torch.equal(eps, eps_ref)
+
+
+def test_the_noise_correlation_moves_to_a_shifted_grid():
+    colour = GridCorrelation(torch.tensor([0.5, -0.3]), torch.tensor([0.2, 0.7]), grid=(4, 6))
+    assert colour.on_grid((4, 6)) is colour
+    other = colour.on_grid((3, 5))
+    assert other.grid == (3, 5) and torch.equal(other.rho_x, colour.rho_x) and colour.on_grid((3, 5)) is other
+    eps = torch.randn(2, 15, 2)
+    assert other(eps).shape == eps.shape
