@@ -209,14 +209,37 @@ class Trainer:
         return draw_noise(x0.shape, schedule.t_max(self.pipe.config.prediction_type), generator, x0.device,
                           x0.dtype, colour=colour)
 
+    def owned_batch(self, source, batch: int):
+        """``batch``'s draws (the same indices, shift and noise) for a sharded source (``owns``): only
+        the rows this rank holds are read. Returns ``(x0, cond, t, eps, geometry, share)`` with those
+        rows and their share of the global batch."""
+        idx = torch.randint(0, len(source), (batch,), generator=self.generator)
+        shifts = getattr(source, "shifts", None) or [(0, 0)]
+        shift = shifts[int(torch.randint(0, len(shifts), (1,), generator=self.generator))] if len(shifts) > 1 else None
+        geometry = None if shift in (None, (0, 0)) else source.geometry(shift)
+        own = source.owns(idx)
+        x0, cond = source.rows(idx[own]) if shift is None else source.rows(idx[own], shift)
+        t, eps = self.noise(x0.new_empty((batch, *x0.shape[1:])), self.generator,
+                            grid=geometry["grid"] if geometry else None)
+        own = own.to(t.device)
+        return x0, cond, t[own], eps[own], geometry, float(own.sum()) / batch
+
     def step(self, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-             geometry: dict | None = None) -> torch.Tensor:
-        """One optimiser step on a batch; returns the loss as a tensor (not read off the device)."""
+             geometry: dict | None = None, weight: float | None = None) -> torch.Tensor:
+        """One optimiser step on a batch; returns the loss as a tensor (not read off the device).
+        ``weight``: the loss is scaled by it (a rank's share of a global batch it holds a part of,
+        times the world size); a rank holding no row of the batch passes zero rows and weight 0 and
+        still takes part in the gradient's reduction."""
         cfg = self.pipe.config
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate * min(1.0, (self.record.step + 1) / max(1, cfg.warmup))
+        if x0.shape[0] == 0:  # no row here: a zero-weighted stand-in keeps every parameter in the graph
+            x0, cond = x0.new_zeros((1, *x0.shape[1:])), cond.new_zeros((1, *cond.shape[1:]))
+            t, eps, weight = t.new_zeros(1), eps.new_zeros((1, *eps.shape[1:])), 0.0
         with autocast(self.device, self.amp):
             loss = self.model(x0, cond, t, eps, geometry)
+        if weight is not None:
+            loss = loss * weight
         self.optimizer.zero_grad(set_to_none=True)
         self.backward(loss)
         if cfg.grad_clip:
@@ -283,15 +306,20 @@ class Trainer:
             if validation[0].shape[0] == 0:
                 raise ValueError("validation holds no fields; pass None to train without validation")
         batch = min(cfg.batch_size, len(source))
-        rows = rank_rows(batch, self.rank, self.world)
+        sharded = self.distributed and hasattr(source, "owns")  # each rank reads only its fields
+        rows = None if sharded else rank_rows(batch, self.rank, self.world)
         path = Path(checkpoint) if checkpoint is not None else None
         if path is not None and resume and path.is_file():
             self.restore(path)
         shown = progress and self.rank == 0
         bar = progress_bar(total=steps, initial=min(record.step, steps), enabled=shown, desc="train", unit="step")
         while record.step < steps and not self._stopped(patience):
-            x0, cond, t, eps, geometry = self.batch(source, None, batch)  # every rank draws the global batch
-            loss = self.step(x0[rows], cond[rows], t[rows], eps[rows], geometry)
+            if sharded:
+                x0, cond, t, eps, geometry, share = self.owned_batch(source, batch)
+                loss = self.step(x0, cond, t, eps, geometry, weight=share * self.world)
+            else:
+                x0, cond, t, eps, geometry = self.batch(source, None, batch)  # every rank draws the global batch
+                loss = self.step(x0[rows], cond[rows], t[rows], eps[rows], geometry)
             value = float(distributed_.all_sum(loss.float()) / self.world)
             if not math.isfinite(value):
                 raise FloatingPointError(f"training loss is {value} at step {record.step}")

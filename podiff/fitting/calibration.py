@@ -13,7 +13,8 @@ from podiff.model.state import Calibration
 def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_samples: int = 16,
                      seed: int | None = None, limits=(0.5, 2.0), method: str = "members",
                      mode_limits=(0.25, 4.0), shape: str = "validation",
-                     bands: int = error_shape.ERROR_BANDS, return_ensemble: bool = False):
+                     bands: int = error_shape.ERROR_BANDS, return_ensemble: bool = False,
+                     distributed: bool | None = None):
     """Sets ``pipe.calibration.spread`` from the validation fields ``[N, C, H, W]`` and returns it,
     clipped to ``limits``: ``method`` ``"members"`` (the default) is the factor for the members'
     deviations that minimises their fair CRPS (``metrics.members_spread``: the members are what a
@@ -30,7 +31,9 @@ def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_sampl
     The ensemble is drawn with ``spread = 1`` (and no per-mode factors). ``return_ensemble``:
     returns ``(k, ensemble)``, the validation ensemble (``SampleOutput`` with its members) as the
     calibrated model draws it (deviations from the mean times ``k``), so that a caller scores the
-    validation fields without sampling them again."""
+    validation fields without sampling them again. ``distributed``: as ``PODiffPipeline.sample``'s
+    (None: the validation fields are shared among the ranks of an active process group, which all
+    call this; False: this process samples them alone, e.g. rank 0 of a ``torchrun`` run)."""
     methods = ("members", "modes") + metrics.SPREAD_METHODS
     if method not in methods:
         raise ValueError(f"method must be one of {methods}; got {method!r}")
@@ -42,7 +45,7 @@ def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_sampl
         raise ValueError(f"bands must be an integer >= 1; got {bands!r}")
     pipe.calibration = Calibration()  # the ensemble as sampled
     members = method in ("members", "modes") or return_ensemble
-    out = pipe.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=members)
+    out = pipe.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=members, distributed=distributed)
     if method == "modes":
         truth = pipe.target_tokens(hr_val.to(pipe.device), lr_val.to(pipe.device)).to(out.tokens)
         valid = pipe.pod.valid_locations().to(truth.device).view(1, -1).expand(truth.shape[:2])
@@ -51,7 +54,8 @@ def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_sampl
                                                  mask=valid)
                        for j in range(truth.shape[-1])]
         pipe.calibration = Calibration(mode_spread=mode_spread)
-        out = pipe.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=return_ensemble)
+        out = pipe.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=return_ensemble,
+                          distributed=distributed)
     truth = hr_val.to(out.mean)
     if method == "members":
         k = metrics.members_spread(out.samples, truth, limits)

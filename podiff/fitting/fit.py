@@ -277,34 +277,50 @@ def fit_streamed(pipe, stream, validation: tuple[torch.Tensor, torch.Tensor] | N
                  checkpoint: str | Path | None = None, checkpoint_every: int = _OPTIONS.checkpoint_every,
                  resume: bool = True,
                  log_every: int = 50, device=None, amp: bool | None = None, eval_every: int = _OPTIONS.eval_every,
-                 patience: int | None = _OPTIONS.patience) -> list[float]:
+                 patience: int | None = _OPTIONS.patience, distributed: bool | None = None) -> list[float]:
     """``fit`` for training fields that do not fit in memory: a ``streaming.FieldStream``.
 
     The data scaling, the ridge (tuned on ``validation``), the POD (and its choice) and the
     condition statistics are fitted on an evenly spaced subsample of the stream's fields of
     at most ``memory_bytes`` (``stream.subsample``); the denoiser is trained on all of them,
     each step reading and encoding its batch (``streaming.StreamedTokens``). ``validation``
-    (``(lr_val, hr_val)``, in memory) and the other arguments are as in ``fit``. One process.
-    With ``config.bounds`` the subsample is checked against them as ``fit`` checks its fields.
+    (``(lr_val, hr_val)``, in memory) and the other arguments are as in ``fit``. With
+    ``config.bounds`` the subsample is checked against them as ``fit`` checks its fields.
+
+    ``distributed`` (None: "if a process group with more than one rank is initialised"): every
+    rank passes the same ``stream`` (opened lazily: nothing is read until asked) and reads only its
+    contiguous share of its fields (``distributed.shard``): its part of the subsample for the fits
+    (reduced exactly, as ``fit`` reduces), and of every global batch the rows it holds, the loss
+    weighted by their share of the batch; so 2 ranks train the model 1 process trains, to float
+    rounding. Not for a residual model yet (as ``fit``).
     """
 
     if device is not None:
         pipe.to(device)
+    distributed = distributed_.is_active() if distributed is None else bool(distributed)
+    if distributed and pipe.config.residual != "none" and pipe.denoiser is None:
+        raise ValueError("residual training is not distributed yet; train it in one process "
+                         "(or pass --residual none)")
+    rank, world = distributed_.rank_world() if distributed else (0, 1)
+    owned = distributed_.shard(len(stream), rank, world)
     positions = stream.subsample(memory_bytes)
-    lr, hr = stream.read(positions)
+    mine = [int(p) for p in positions if owned.start <= int(p) < owned.stop]
+    lr, hr = stream.read(mine)
     lr, hr, _ = _checked_on_device(pipe, lr, hr, None)
     if pipe.config.bounds is not None:  # the subsample read stands for the stream
         bounds_.check_pairs(pipe.target_input(lr), hr, pipe.config.bounds, pipe.config.scale)
-    mu = _prepare(pipe, lr, hr, None, validation, progress, False, eval_every, patience)
+    mu = _prepare(pipe, lr, hr, None, validation, progress and rank == 0, distributed, eval_every, patience)
     with torch.no_grad():  # the subsample's tokens stand for all: one budget in memory
-        _fit_noise_correlation(pipe, pipe.target_tokens(hr, lr, mu).float())
-    del lr, hr
+        tokens = pipe.target_tokens(hr, lr, mu).float()
+        _fit_noise_correlation(pipe, distributed_.all_gather_rows(tokens) if distributed else tokens)
+    del lr, hr, tokens
     steps = _checked_steps(pipe, steps)
-    tokens = StreamedTokens(pipe, stream, positions, mu)
-    return Trainer(pipe, amp=amp).fit(tokens, None, steps, progress=progress, checkpoint=checkpoint,
-                                      checkpoint_every=checkpoint_every, resume=resume, log_every=log_every,
-                                      validation=_validation_tokens(pipe, validation), eval_every=eval_every,
-                                      patience=patience)
+    source = StreamedTokens(pipe, stream, positions, mu, owned=owned if distributed else None)
+    trainer = Trainer(pipe, amp=amp, distributed=distributed)
+    return trainer.fit(source, None, steps, progress=progress, checkpoint=checkpoint,
+                       checkpoint_every=checkpoint_every, resume=resume, log_every=log_every,
+                       validation=_validation_tokens(pipe, validation), eval_every=eval_every,
+                       patience=patience)
 
 
 class FieldTokens:
@@ -345,13 +361,23 @@ class StreamedTokens:
     pipeline's device. For a residual pipeline, the fields its ridge was fitted on (``fitted``
     positions) use their out-of-fold predictions (``mu``, in the same order), as
     in-memory training does; every other field's ridge mu is out of sample already.
+    ``owned``: the slice of the stream's positions this rank reads (a distributed run);
+    ``owns(idx)`` says which of a global batch's rows they are.
     """
 
-    def __init__(self, pipe, stream: FieldStream, fitted=None, mu: torch.Tensor | None = None):
+    def __init__(self, pipe, stream: FieldStream, fitted=None, mu: torch.Tensor | None = None,
+                 owned: slice | None = None):
         self.pipe, self.stream = pipe, stream
         self.mu = mu.to(pipe.device) if mu is not None else None
         self.row_of = {int(p): i for i, p in enumerate(fitted)} if mu is not None else {}
         self.shifts = pipe.grid_shifts()
+        self.owned = owned
+
+    def owns(self, idx: torch.Tensor) -> torch.Tensor:
+        """Which of the positions ``idx`` this rank reads (all, outside a distributed run)."""
+        if self.owned is None:
+            return torch.ones(idx.shape, dtype=torch.bool)
+        return (idx >= self.owned.start) & (idx < self.owned.stop)
 
     def __len__(self) -> int:
         return len(self.stream)

@@ -151,9 +151,6 @@ def _train(request: TrainRequest, ds=None):
         scale = source.scale
     out = Path(request.out)
     rank, world = distributed.rank_world()
-    if streamed is not None and world > 1:
-        raise WorkflowError(f"{source.data}: training fields larger than --memory-mb stream in one process; "
-                            f"raise --memory-mb above {stream.nbytes / 2**20:.0f} to train under torchrun")
     if rank == 0:
         prepare_out(out, request.overwrite, resume=request.resume)
         out.mkdir(parents=True, exist_ok=True)
@@ -174,12 +171,12 @@ def _train(request: TrainRequest, ds=None):
         fitted = stream.subsample(budget_bytes)
         stream_info = {"memory_mb": options.memory_mb, "train_mib": stream.nbytes / 2**20,
                        "fit_fields": len(fitted), "val_fields": 0 if hr_val is None else hr_val.shape[0]}
-        if not quiet:
+        if rank == 0 and not quiet:
             print(f"streaming: the {len(stream)} training fields ({stream.nbytes / 2**20:.0f} MiB) exceed --memory-mb "
                   f"{options.memory_mb:g}; scaling, ridge and POD are fitted on {len(fitted)} evenly spaced fields, "
                   f"validation uses {stream_info['val_fields']} of {n_val}, and each step reads its batch from the "
                   f"file")
-    if world > 1:  # each rank reads its contiguous shard; the pipeline reduces and gathers exactly
+    if world > 1 and streamed is None:  # each rank keeps its contiguous shard; the pipeline reduces and gathers
         rows = distributed.shard(len(train_idx), rank, world)
         lr, hr = lr[rows], hr[rows]
     device = resolve_device(request.device)
@@ -208,8 +205,9 @@ def _train(request: TrainRequest, ds=None):
     if streamed is None:
         fit(pipe, lr, hr, **fit_options)
     else:
-        fit_streamed(pipe, stream, memory_bytes=budget_bytes, **fit_options)
-        lr, hr = stream.read(fitted)  # the baselines are fitted on the same fields as the ridge and POD
+        fit_streamed(pipe, stream, memory_bytes=budget_bytes, **fit_options)  # under torchrun: each rank its share
+        # the baselines are fitted on the same fields as the ridge and POD (in one process: under torchrun none)
+        lr, hr = stream.read(fitted) if world == 1 else (None, None)
     seconds = time.perf_counter() - t0
     spread = scores = ensemble = None
     fitted: dict = {}
@@ -227,7 +225,8 @@ def _train(request: TrainRequest, ds=None):
         if n_val and options.calibrate:
             spread, ensemble = calibrate_spread(pipe, lr_val, hr_val, seed=config.seed,
                                                 method=options.spread_calibration, shape=options.error_shape,
-                                                bands=options.error_bands, return_ensemble=True)
+                                                bands=options.error_bands, return_ensemble=True,
+                                                distributed=False)  # rank 0 alone
             if not quiet:
                 print(f"spread calibrated on the validation fields ({options.spread_calibration}): ×{spread:.3f} "
                       f"(--no-calibrate to keep ×1)")
@@ -429,7 +428,7 @@ def validation_scores(pipe, lr_val, hr_val, seed: int, predictions: dict, member
     from podiff.evaluation import metrics
 
     out = ensemble if ensemble is not None else pipe.sample(lr_val, num_samples=members, seed=seed,
-                                                            return_samples=True)
+                                                            return_samples=True, distributed=False)
     members = out.samples.shape[0]
     samples, mean = out.samples.cpu(), out.mean.cpu()
     scores = {"rmse": metrics.rmse(mean, hr_val), "crps": metrics.crps_ensemble(samples, hr_val, fair=True),

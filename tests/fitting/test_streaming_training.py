@@ -3,6 +3,8 @@ PODiffPipeline.fit_streamed, podiff train --memory-mb): the fits on an evenly sp
 every step's batch read from the file and encoded."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -181,6 +183,91 @@ def test_streamed_tokens_on_shifted_grids_are_the_loaded_fields_shifted_tokens(f
     assert tokens.geometry((3, 1))["grid"] == (3, 5)
     torch.testing.assert_close(x0, expected[0])
     torch.testing.assert_close(cond, expected[1])
+
+
+def _streaming_worker(rank, world, init_file, path, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        whole = data.load(str(path), scale=S, var="sst")
+        stream = stream_of(path, np.arange(28))
+        read, plain_read = [], stream.read
+
+        def logged(positions):  # every position this rank reads
+            read.extend(int(p) for p in positions)
+            return plain_read(positions)
+
+        stream.read = logged
+        pipe = PODiffPipeline(config(**DISTRIBUTED))
+        history = fit_streamed(pipe, stream, (whole.lr[28:], whole.hr[28:]), memory_bytes=10 * stream.field_bytes,
+                               progress=False, distributed=True)
+        torch.save({"history": history, "val": pipe.training.val_history, "state": pipe.denoiser.state_dict(),
+                    "basis": pipe.pod.basis, "offset": pipe.offset, "read": sorted(set(read))}, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+DISTRIBUTED = dict(basis="shared", grid_shifts=True, train_steps=16, warmup=3, ema_decay=0.9)
+
+
+def test_streamed_training_on_two_ranks_reads_each_share_once_and_matches_one_process(field_file, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_streaming_worker, args=(2, str(tmp_path / "init"), str(field_file), str(tmp_path / "rank")), nprocs=2,
+             join=True)
+    ranks = [torch.load(tmp_path / f"rank.{r}") for r in range(2)]
+    assert ranks[0]["read"] and max(ranks[0]["read"]) < 14 <= min(ranks[1]["read"])  # each its share only
+    whole = data.load(str(field_file), scale=S, var="sst")
+    single = PODiffPipeline(config(**DISTRIBUTED))
+    stream = stream_of(field_file, np.arange(28))
+    history = fit_streamed(single, stream, (whole.lr[28:], whole.hr[28:]), memory_bytes=10 * stream.field_bytes,
+                           progress=False)
+    torch.testing.assert_close(ranks[0]["offset"], single.offset, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ranks[0]["basis"], single.pod.basis, rtol=1e-4, atol=1e-5)
+    for got in ranks:  # both ranks hold the one model, the one-process model to float rounding
+        assert len(got["history"]) == len(history) == 16
+        np.testing.assert_allclose(got["history"], history, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.array(got["val"]), np.array(single.training.val_history), rtol=1e-5, atol=1e-7)
+        for name, value in single.denoiser.state_dict().items():
+            other = got["state"][name]
+            if name.endswith("attn.qkv.bias"):  # the keys' bias has no gradient but round-off (softmax ignores
+                width = value.shape[0] // 3  # a shift of every score), which Adam's step scales up: left out
+                value, other = torch.cat([value[:width], value[2 * width :]]), torch.cat([other[:width],
+                                                                                         other[2 * width :]])
+            torch.testing.assert_close(other, value, rtol=1e-5, atol=1e-6, msg=name)
+        net = PODiffPipeline(config(**DISTRIBUTED))
+        net.pod, net.image_size = single.pod, single.image_size
+        net.build_model()
+        net.denoiser.load_state_dict(got["state"])  # the function they compute, keys' bias and all
+        g = torch.Generator().manual_seed(5)
+        x, t = torch.randn(3, single.pod.num_locations, single.pod.rank, generator=g), torch.rand(3, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(net.denoiser(x, x.flip(0), t), single.denoiser(x, x.flip(0), t),
+                                       rtol=1e-5, atol=1e-6)
+    assert history[0] != history[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_podiff_train_streams_under_torchrun_as_in_one_process(field_file, tmp_path):
+    budget_mb = 8 * H * W * 4 / 2**20  # 8 fields: the file streams
+    train = ["train", "--data", str(field_file), "--var", "sst", "--scale", str(S), "--quiet", "--steps", "8",
+             "--batch-size", "4", "--rank", "6", "--residual", "none", "--basis", "shared", "--eval-every", "4",
+             "--memory-mb", str(budget_mb), "--no-regression-baseline", "--no-unet-baseline"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "podiff.cli"]
+    for out, cmd in ((tmp_path / "ddp", launch), (tmp_path / "one", [sys.executable, "-m", "podiff.cli"])):
+        done = subprocess.run([*cmd, *train, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    ddp, one = (json.loads((tmp_path / d / "train.json").read_text()) for d in ("ddp", "one"))
+    assert ddp["world_size"] == 2 and one["world_size"] == 1 and ddp["streamed"] == one["streamed"]
+    assert ddp["streamed"]["fit_fields"] < ddp["streamed"]["train_mib"] * 2**20 / (H * W * 4)  # a subsample
+    assert ddp["steps"] == one["steps"] == 8
+    np.testing.assert_allclose(np.array(ddp["val_loss"]), np.array(one["val_loss"]), rtol=1e-4)
+    np.testing.assert_allclose(ddp["final_loss"], one["final_loss"], rtol=1e-4)
 
 
 def test_train_streams_a_file_larger_than_memory_mb(field_file, tmp_path, capsys):
