@@ -59,7 +59,7 @@ CONFIG, OPTIONS = PipelineConfig(), TrainOptions()  # the defaults every option 
 CONFIG_OPTIONS = {
     "patch_size": "patch_size", "stride": "stride", "rank": "rank", "energy": "energy", "basis": "basis",
     "preset": "preset", "antithetic": "antithetic", "correlated_noise": "correlated_noise",
-    "grid_shifts": "grid_shifts", "residual": "residual",
+    "grid_shifts": "grid_shifts", "crop": "crop", "residual": "residual",
     "condition": "condition", "schedule": "schedule", "prediction_type": "prediction_type", "steps": "train_steps",
     "batch_size": "batch_size", "learning_rate": "learning_rate", "sample_steps": "sample_steps",
     "sampler": "sampler", "seed": "seed",
@@ -171,6 +171,13 @@ def _window(text: str) -> int:
     return value
 
 
+def _crop(text: str) -> int:
+    value = int(text)
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (the whole field) or an integer >= 2 (tokens a side); got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -235,6 +242,9 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--grid-shifts", action=argparse.BooleanOptionalAction, default=c.grid_shifts,
                    help="train the denoiser on the patch grid shifted by every pixel offset within a patch, "
                         "one per batch (shared basis; sampling keeps the fitted grid)")
+    p.add_argument("--crop", type=_crop, default=c.crop,
+                   help="train the denoiser on random crops of this many tokens a side (0: the whole field; a "
+                        "step's cost is then the crop's, whatever the field's size); sampling takes the whole field")
     p.add_argument("--residual", choices=RESIDUALS, default=c.residual,
                    help="auto (default): diffuse what the mean model misses, the tuned ridge or a U-Net regression "
                         "where a paired t-test on the validation fields finds it better (CorrDiff-style); "

@@ -60,7 +60,10 @@ class PipelineConfig:
     ``grid_shifts``: the denoiser trains on the patch grid shifted by every pixel offset below the
     patch size (one shift per batch, the fields cropped to whole patches), so that it sees how
     the field continues across every position of a patch edge; sampling keeps the fitted grid
-    (``PODiffPipeline.grid_shifts``: a shared basis without overlap only).
+    (a shared basis without overlap only). ``crop``: the denoiser trains on random crops of this
+    many tokens a side (0: the whole grid; at any pixel with ``grid_shifts``, else at whole
+    patches), so that a step's cost is set by the crop, not the field; sampling takes the whole
+    grid (``latent.windows``; with windowed attention no larger than the crop).
 
     The device is not part of the config: it is a runtime choice, so a saved model loads on any
     device.
@@ -96,6 +99,7 @@ class PipelineConfig:
     bounds: list | None = None
     covariates: list = field(default_factory=list)
     grid_shifts: bool = False
+    crop: int = 0
 
     def __post_init__(self):
         if int(self.scale) < 1:
@@ -110,6 +114,9 @@ class PipelineConfig:
         if self.rank is not None:
             self.energy = None
         self.covariates = [str(name) for name in self.covariates]
+        if int(self.crop) != self.crop or int(self.crop) < 0 or int(self.crop) == 1:
+            raise ValueError(f"crop must be 0 (the whole grid) or at least 2 tokens; got {self.crop!r}")
+        self.crop = int(self.crop)
         bounds = check_bounds(self.bounds)
         self.bounds = None if bounds is None else list(bounds)
 

@@ -76,7 +76,7 @@ def diffusion_loss(x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: t
     Fixed schedules: mean squared error of the ε- or v-prediction. Learned schedule: the
     continuous-time diffusion loss ``E[−λ'(t) ‖ε − ε̂‖²]`` per mode (normalised by
     ``λ_max − λ_min``) plus ``smoothness · E[(∂²λ/∂t²)²]``. ``geometry``: the tokens' ``grid`` and
-    ``origin`` when they are not the model's own grid (a shifted patch grid), passed to the denoiser.
+    ``origin`` when they are not the model's own grid (a shifted grid, a crop), passed to the denoiser.
     """
     lam = schedule.log_snr(t, cond).to(x0.dtype)
     alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
@@ -124,10 +124,10 @@ class TokenTensors:
     """All training tokens in memory, ``x0 [N, L, r]`` and ``cond [N, L, r_c]`` (``r_c = r`` or more, with
     covariate features): the ``Trainer``'s usual token source. A source is anything with ``len()``
     and ``rows(idx) -> (x0 [B, L, r], cond [B, L, r_c])`` on the trainer's device
-    (``fitting.StreamedTokens`` reads and encodes each batch instead). A source whose ``shifts``
-    lists more than one pixel shift of the patch grid (``fitting.FieldTokens``) also takes
-    ``rows(idx, shift)`` and gives ``geometry(shift) -> {"grid", "origin"}``; the trainer draws
-    one shift per batch."""
+    (``fitting.StreamedTokens`` reads and encodes each batch instead). A source whose ``windows``
+    (``latent.windows.TrainingWindows``) hold more than the fitted grid (shifted grids, crops:
+    ``fitting.FieldTokens``) also takes ``rows(idx, window)``; the trainer draws one window per
+    batch and places its tokens by ``windows.geometry(window) -> {"grid", "origin"}``."""
 
     def __init__(self, x0: torch.Tensor, cond: torch.Tensor):
         if x0.dim() != 3 or cond.dim() != 3 or x0.shape[:2] != cond.shape[:2]:
@@ -188,16 +188,14 @@ class Trainer:
     # -------------------------------------------------------------- one step (no host sync)
 
     def batch(self, x0_all, cond_all: torch.Tensor | None, batch: int):
-        """The next global batch ``(x0, cond, t, eps, geometry)``: indices, the grid's shift (for a
-        source with ``shifts``) and noise from the CPU generator, on the tokens' device.
+        """The next global batch ``(x0, cond, t, eps, geometry)``: indices, the window (for a source
+        with ``windows``) and noise from the CPU generator, on the tokens' device.
         ``x0_all, cond_all``: all tokens ``[N, L, r]``, or a token source and ``None``. ``geometry``
-        is None on the model's own grid, else the shifted grid's ``{"grid", "origin"}``."""
+        is None on the model's own grid, else the window's ``{"grid", "origin"}``."""
         source = TokenTensors(x0_all, cond_all) if cond_all is not None else x0_all
         idx = torch.randint(0, len(source), (batch,), generator=self.generator)
-        shifts = getattr(source, "shifts", None) or [(0, 0)]
-        shift = shifts[int(torch.randint(0, len(shifts), (1,), generator=self.generator))] if len(shifts) > 1 else None
-        geometry = None if shift in (None, (0, 0)) else source.geometry(shift)
-        x0, cond = source.rows(idx) if shift is None else source.rows(idx, shift)
+        window, geometry = self._window(source)
+        x0, cond = source.rows(idx) if window is None else source.rows(idx, window)
         t, eps = self.noise(x0, self.generator, grid=geometry["grid"] if geometry else None)
         return x0, cond, t, eps, geometry
 
@@ -209,16 +207,25 @@ class Trainer:
         return draw_noise(x0.shape, schedule.t_max(self.pipe.config.prediction_type), generator, x0.device,
                           x0.dtype, colour=colour)
 
+    def _window(self, source):
+        """``(window, geometry)`` for the next batch: drawn when the source has several windows,
+        ``(None, None)`` otherwise (no draw: the generator's stream is what it was without them)."""
+        windows = getattr(source, "windows", None)
+        if windows is None or windows.count == 1:
+            return None, None
+        window = windows.draw(self.generator)
+        geometry = windows.geometry(window)
+        grid = tuple(self.pipe.pod.grid) if self.pipe.pod is not None else None
+        return window, (None if geometry["grid"] == grid and window == (0, 0) else geometry)
+
     def owned_batch(self, source, batch: int):
-        """``batch``'s draws (the same indices, shift and noise) for a sharded source (``owns``): only
+        """``batch``'s draws (the same indices, window and noise) for a sharded source (``owns``): only
         the rows this rank holds are read. Returns ``(x0, cond, t, eps, geometry, share)`` with those
         rows and their share of the global batch."""
         idx = torch.randint(0, len(source), (batch,), generator=self.generator)
-        shifts = getattr(source, "shifts", None) or [(0, 0)]
-        shift = shifts[int(torch.randint(0, len(shifts), (1,), generator=self.generator))] if len(shifts) > 1 else None
-        geometry = None if shift in (None, (0, 0)) else source.geometry(shift)
+        window, geometry = self._window(source)
         own = source.owns(idx)
-        x0, cond = source.rows(idx[own]) if shift is None else source.rows(idx[own], shift)
+        x0, cond = source.rows(idx[own]) if window is None else source.rows(idx[own], window)
         t, eps = self.noise(x0.new_empty((batch, *x0.shape[1:])), self.generator,
                             grid=geometry["grid"] if geometry else None)
         own = own.to(t.device)

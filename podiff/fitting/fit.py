@@ -232,7 +232,7 @@ def fit(pipe, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = No
         x0_all = distributed_.all_gather_rows(pipe.target_tokens(hr, lr, mu).float())
         cond_all = distributed_.all_gather_rows(pipe.condition_tokens(lr, mu).float())
     _fit_noise_correlation(pipe, x0_all)
-    if len(pipe.grid_shifts()) > 1:  # shifted grids: tokens made per batch from the fields
+    if pipe.training_windows().count > 1:  # shifted grids, crops: tokens made per batch from the fields
         gather = distributed_.all_gather_rows if distributed else (lambda t: t)
         x0_all, cond_all = FieldTokens(pipe, gather(lr), gather(hr), mu, tokens=(x0_all, cond_all)), None
     trainer = Trainer(pipe, amp=amp, distributed=distributed)
@@ -324,12 +324,12 @@ def fit_streamed(pipe, stream, validation: tuple[torch.Tensor, torch.Tensor] | N
 
 
 class FieldTokens:
-    """The training tokens of fields in memory on every shifted patch grid (``config.grid_shifts``):
-    a ``Trainer`` token source whose ``rows(idx, shift)`` encodes fields ``idx`` on the grid
-    shifted by ``shift`` pixels (``PODiffPipeline.shifted_tokens``) and whose ``geometry(shift)``
-    places them. ``lr, hr [N, ...]`` on the pipeline's device; ``mu``: a residual model's
-    out-of-fold predictions of them; ``tokens``: their tokens on the fitted grid, if made already
-    (shift ``(0, 0)`` then reads them)."""
+    """The training tokens of fields in memory in every training window (shifted grids, crops:
+    ``PODiffPipeline.training_windows``): a ``Trainer`` token source whose ``rows(idx, window)``
+    encodes fields ``idx``' crop at ``window`` (``PODiffPipeline.window_tokens``) and whose
+    ``windows.geometry(window)`` places them. ``lr, hr [N, ...]`` on the pipeline's device; ``mu``:
+    a residual model's out-of-fold predictions of them; ``tokens``: their tokens on the fitted
+    grid, if made already (the whole grid then reads them)."""
 
     def __init__(self, pipe, lr: torch.Tensor, hr: torch.Tensor, mu: torch.Tensor | None = None,
                  tokens: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -337,21 +337,18 @@ class FieldTokens:
             raise ValueError(f"lr, hr and mu must hold the same fields; got {tuple(lr.shape)}, {tuple(hr.shape)}"
                              f" and {None if mu is None else tuple(mu.shape)}")
         self.pipe, self.lr, self.hr, self.mu, self.tokens = pipe, lr, hr, mu, tokens
-        self.shifts = pipe.grid_shifts()
+        self.windows = pipe.training_windows()
 
     def __len__(self) -> int:
         return self.hr.shape[0]
 
-    def geometry(self, shift) -> dict:
-        return self.pipe.shift_geometry(shift)
-
     @torch.no_grad()
-    def rows(self, idx: torch.Tensor, shift=(0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, idx: torch.Tensor, window=(0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
         idx = idx.to(self.hr.device)
-        if tuple(shift) == (0, 0) and self.tokens is not None:
+        if self.tokens is not None and self.windows.geometry(window)["grid"] == tuple(self.pipe.pod.grid):
             return self.tokens[0][idx.to(self.tokens[0].device)], self.tokens[1][idx.to(self.tokens[1].device)]
         mu = None if self.mu is None else self.mu[idx]
-        return self.pipe.shifted_tokens(self.hr[idx], self.lr[idx], mu, shift)
+        return self.pipe.window_tokens(self.hr[idx], self.lr[idx], mu, window)
 
 
 class StreamedTokens:
@@ -370,7 +367,7 @@ class StreamedTokens:
         self.pipe, self.stream = pipe, stream
         self.mu = mu.to(pipe.device) if mu is not None else None
         self.row_of = {int(p): i for i, p in enumerate(fitted)} if mu is not None else {}
-        self.shifts = pipe.grid_shifts()
+        self.windows = pipe.training_windows()
         self.owned = owned
 
     def owns(self, idx: torch.Tensor) -> torch.Tensor:
@@ -382,11 +379,8 @@ class StreamedTokens:
     def __len__(self) -> int:
         return len(self.stream)
 
-    def geometry(self, shift) -> dict:
-        return self.pipe.shift_geometry(shift)
-
     @torch.no_grad()
-    def rows(self, idx: torch.Tensor, shift=(0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, idx: torch.Tensor, window=(0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
         pipe = self.pipe
         positions = idx.cpu().numpy()
         lr, hr = (t.to(pipe.device) for t in self.stream.read(positions))
@@ -397,7 +391,7 @@ class StreamedTokens:
             if own:
                 at, rows = (torch.tensor(v, device=lr.device) for v in zip(*own, strict=False))
                 mu[at] = self.mu[rows].to(mu.dtype)
-        return pipe.shifted_tokens(hr, lr, mu, shift)
+        return pipe.window_tokens(hr, lr, mu, window)
 
 
 __all__ = ["FieldTokens", "StreamedTokens", "build", "fit", "fit_streamed", "hold_out", "loss", "training_noise"]

@@ -125,7 +125,7 @@ def refit(pipe, lr: torch.Tensor, hr: torch.Tensor, held_out: tuple[torch.Tensor
             cond = torch.cat([gather(pipe.condition_tokens(lr).float()), pipe.condition_tokens(lr_val).float()])
             lr, hr, mu = torch.cat([gather(lr), lr_val]), torch.cat([gather(hr), hr_val]), None
     fields = int(x0.shape[0])
-    if len(pipe.grid_shifts()) > 1:  # shifted grids, as the held-out training had
+    if pipe.training_windows().count > 1:  # shifted grids, crops: as the held-out training had
         x0, cond = FieldTokens(pipe, lr, hr, mu, tokens=(x0, cond)), None
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)

@@ -57,6 +57,7 @@ from podiff.diffusion.schedules import make_schedule
 from podiff.diffusion.token_noise import GridCorrelation
 from podiff.diffusion.training import TrainingRecord, autocast
 from podiff.latent.pod import PatchPOD
+from podiff.latent.windows import TrainingWindows
 from podiff.mean.mean_model import MeanModel
 from podiff.model.persistence import load_pipeline, save_pipeline
 from podiff.model.state import Calibration
@@ -212,44 +213,33 @@ class PODiffPipeline:
         field = field / self.data_scale.view(1, -1, 1, 1).to(mu)
         return field.masked_fill(~self.pod.valid_pixels.to(field.device), float("nan"))
 
-    # ------------------------------------------------------------------ shifted patch grids (training)
+    # ------------------------------------------------------------------ training windows: shifted grids, crops
 
-    def grid_shifts(self) -> list[tuple[int, int]]:
-        """The pixel shifts ``(dy, dx)`` of the patch grid that training draws from with
-        ``config.grid_shifts``: every offset below the patch size along each axis with more than
-        one patch, ``(0, 0)`` (the fitted grid) first. Only ``[(0, 0)]`` without the option, for a
-        local basis (its bases belong to their locations) or for overlapping patches."""
-        pod = self.pod
-        if not self.config.grid_shifts or pod is None or pod.local or pod.stride != pod.patch_size:
-            return [(0, 0)]
-        p = pod.patch_size
-        nH, nW = pod.grid
-        return [(dy, dx) for dy in range(p if nH > 1 else 1) for dx in range(p if nW > 1 else 1)]
+    def training_windows(self) -> TrainingWindows:
+        """The windows of the patch grid the denoiser trains on (``latent.windows``): shifted grids
+        (``config.grid_shifts``) and crops of ``config.crop`` tokens a side. Only the fitted grid for
+        a local basis (its bases belong to their locations) or overlapping patches."""
+        pod, cfg = self.pod, self.config
+        usable = pod is not None and not pod.local and pod.stride == pod.patch_size
+        return TrainingWindows(tuple(pod.grid) if pod is not None else (1, 1), pod.patch_size if pod else 1,
+                               tuple(self.image_size or (1, 1)), shifts=bool(cfg.grid_shifts) and usable,
+                               crop=int(cfg.crop) if usable else 0)
 
-    def shift_geometry(self, shift: tuple[int, int]) -> dict:
-        """``{"grid", "origin"}`` of the patch grid shifted by ``shift`` pixels: one patch fewer along
-        each shifted axis (the crop keeps whole patches), its origin ``shift / p`` in tokens."""
-        dy, dx = (int(v) for v in shift)
-        p = self.pod.patch_size
-        nH, nW = self.pod.grid
-        return {"grid": (nH - (dy > 0), nW - (dx > 0)), "origin": (dy / p, dx / p)}
-
-    def shifted_tokens(self, hr: torch.Tensor, lr: torch.Tensor, mu: torch.Tensor | None,
-                       shift: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target and condition tokens ``[B, L', r]``, ``[B, L', r_c]`` of the fields on the patch grid
-        shifted by ``shift = (dy, dx)`` pixels (``shift_geometry``): the tokens ``target_tokens`` and
-        ``condition_tokens`` give for the fitted grid, of the crop that grid covers. ``mu``: the
-        mean model's prediction of ``lr`` (a residual model; its out-of-fold one for its fields)."""
-        if tuple(shift) not in self.grid_shifts():
-            raise ValueError(f"shift must be one of grid_shifts() {self.grid_shifts()}; got {tuple(shift)}")
-        if tuple(shift) == (0, 0):
+    def window_tokens(self, hr: torch.Tensor, lr: torch.Tensor, mu: torch.Tensor | None,
+                      window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target and condition tokens ``[B, L', r]``, ``[B, L', r_c]`` of the fields' crop at ``window``
+        (its top-left pixel; ``training_windows().geometry(window)`` places them): the tokens
+        ``target_tokens`` and ``condition_tokens`` give for the fitted grid, of that crop.
+        ``mu``: the mean model's prediction of ``lr`` (a residual model; its out-of-fold one for its
+        fields)."""
+        windows = self.training_windows()
+        gh, gw = windows.geometry(window)["grid"]  # checks the window
+        if tuple(window) == (0, 0) and (gh, gw) == tuple(self.pod.grid):
             return self.target_tokens(hr, lr, mu).float(), self.condition_tokens(lr, mu).float()
-        dy, dx = (int(v) for v in shift)
-        p = self.pod.patch_size
-        gh, gw = self.shift_geometry(shift)["grid"]
+        rows, cols = windows.crop_slices(window)
 
         def crop(field):
-            return field[..., dy : dy + gh * p, dx : dx + gw * p]
+            return field[..., rows, cols]
 
         if self.mean_model is not None:
             mu = self.mean_model.predict(lr) if mu is None else mu
@@ -261,8 +251,11 @@ class PODiffPipeline:
             up = upsample(self.standardise(self.target_input(lr)), self.image_size)
             cond = self.pod.encode(crop(up.masked_fill(~self.pod.valid_pixels.to(up.device), float("nan"))))
         if self.num_covariates:
-            cov = self._standardised_covariates(lr)
-            cov = crop(F.interpolate(cov, size=self.image_size, mode="nearest"))
+            s = self.config.scale  # the coarse cells under the crop, each repeated onto its s × s pixels
+            r0, c0 = rows.start // s, cols.start // s
+            cov = self._standardised_covariates(lr)[..., r0 : -(-rows.stop // s), c0 : -(-cols.stop // s)]
+            cov = cov.repeat_interleave(s, -2).repeat_interleave(s, -1)
+            cov = cov[..., rows.start - r0 * s : rows.stop - r0 * s, cols.start - c0 * s : cols.stop - c0 * s]
             q = self.covariate_cells()
             cov = F.adaptive_avg_pool2d(cov, (gh * q, gw * q))
             cond = torch.cat([cond, F.unfold(cov, q, stride=q).transpose(1, 2).to(cond)], -1)

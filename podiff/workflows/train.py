@@ -272,7 +272,7 @@ def _train(request: TrainRequest, ds=None):
             "residual": config.residual, "mean_model": pipe.mean_model.choice if pipe.mean_model else None,
             "fitted_on": _fitted_on(train_idx, val_idx, refit_info, config.residual),
             "bounds": config.bounds, "covariates": config.covariates,
-            "grid_shifts": len(pipe.grid_shifts()),  # the patch grids trained on (1: the fitted one)
+            "training_windows": pipe.training_windows().describe(),  # shifted grids, crops (1 window: none)
             "baselines": baseline_info}
     write_json(out / "train.json", info)
     if not quiet:

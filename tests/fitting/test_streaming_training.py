@@ -169,18 +169,18 @@ def test_streamed_tokens_give_fitted_fields_their_out_of_fold_prediction(field_f
     assert not torch.allclose(x0[:1], pipe.target_tokens(hr[:1], lr[:1]).float())
 
 
-def test_streamed_tokens_on_shifted_grids_are_the_loaded_fields_shifted_tokens(field_file):
+def test_streamed_tokens_in_training_windows_are_the_loaded_fields_window_tokens(field_file):
     whole = data.load(str(field_file), scale=S, var="sst")
     stream = stream_of(field_file, np.arange(28))
     pipe = PODiffPipeline(config(grid_shifts=True, basis="shared"))
     fit_streamed(pipe, stream, (whole.lr[28:], whole.hr[28:]), memory_bytes=10 * stream.field_bytes, steps=6,
                  progress=False)
     tokens = StreamedTokens(pipe, stream)
-    assert tokens.shifts == pipe.grid_shifts() and len(tokens.shifts) == 16
+    assert tokens.windows == pipe.training_windows() and tokens.windows.count == 16
     rows = torch.tensor([2, 17])
     x0, cond = tokens.rows(rows, (3, 1))
-    expected = pipe.shifted_tokens(whole.hr[rows], whole.lr[rows], None, (3, 1))
-    assert tokens.geometry((3, 1))["grid"] == (3, 5)
+    expected = pipe.window_tokens(whole.hr[rows], whole.lr[rows], None, (3, 1))
+    assert tokens.windows.geometry((3, 1))["grid"] == (3, 5)
     torch.testing.assert_close(x0, expected[0])
     torch.testing.assert_close(cond, expected[1])
 

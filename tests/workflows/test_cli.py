@@ -154,7 +154,9 @@ def test_demo_runs_end_to_end_on_packaged_images(tmp_path, capsys):
     trained = json.loads((tmp_path / "demo" / "run" / "train.json").read_text())
     assert trained["bounds"] == [0.0, 1.0]  # declared
     # every offset within a patch, for a shared basis
-    assert trained["grid_shifts"] == (model.config.patch_size ** 2 if model.pod.basis_kind == "shared" else 1) > 1
+    shared = model.pod.basis_kind == "shared"
+    assert trained["training_windows"] == {"windows": model.config.patch_size ** 2 if shared else 1, "crop": 0,
+                                           "shifts": shared}
     report = tmp_path / "demo" / "report"
     assert "High-wavenumber power" in (report / "report.md").read_text()
     # The members' spectra beside the truth's, the mean's and the ridge's; the figures of these

@@ -1,6 +1,9 @@
-"""Training on shifted patch grids (``PipelineConfig.grid_shifts``): every pixel offset within a
-patch, one per batch, the fields cropped to whole patches; the denoiser places the shifted tokens by
-their origin; sampling keeps the fitted grid."""
+"""Training windows (``latent.windows``): shifted patch grids (``PipelineConfig.grid_shifts``: every
+pixel offset within a patch) and crops (``PipelineConfig.crop``), one per batch, the fields cropped
+to whole patches; the denoiser places the window's tokens by their origin; sampling keeps the
+fitted grid."""
+
+import math
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from podiff.diffusion.token_noise import GridCorrelation
 from podiff.diffusion.training import Trainer, draw_noise
 from podiff.fitting import build, fit
 from podiff.fitting.fit import FieldTokens
+from podiff.latent.windows import TrainingWindows
 
 N, H, W, S = 20, 16, 24, 4
 
@@ -65,40 +69,67 @@ def test_the_denoiser_takes_another_grid_and_origin_and_its_own_grid_is_unchange
 def test_grid_shifts_are_every_offset_within_a_patch_for_a_shared_basis_only():
     lr, hr = fields()
     pipe = built(lr, hr)
-    shifts = pipe.grid_shifts()
-    assert shifts[0] == (0, 0) and len(shifts) == 16 and len(set(shifts)) == 16
-    assert pipe.shift_geometry((0, 3)) == {"grid": (4, 5), "origin": (0.0, 0.75)}
-    assert pipe.shift_geometry((2, 1)) == {"grid": (3, 5), "origin": (0.5, 0.25)}
-    assert built(lr, hr, grid_shifts=False).grid_shifts() == [(0, 0)]
-    assert built(lr, hr, basis="local").grid_shifts() == [(0, 0)]  # a local basis belongs to its locations
-    assert built(lr, hr, stride=2, rank=8).grid_shifts() == [(0, 0)]  # overlapping patches
-    one_row = built(lr[..., :1, :], hr[..., :4, :])
-    assert one_row.grid_shifts() == [(0, dx) for dx in range(4)]
-    with pytest.raises(ValueError, match=r"shift must be one of grid_shifts\(\)"):
-        pipe.shifted_tokens(hr[:2], lr[:2], None, (4, 0))
+    windows = pipe.training_windows()
+    assert windows.count == 16 and windows.describe() == {"windows": 16, "crop": 0, "shifts": True}
+    assert windows.geometry((0, 3)) == {"grid": (4, 5), "origin": (0.0, 0.75)}
+    assert windows.geometry((2, 1)) == {"grid": (3, 5), "origin": (0.5, 0.25)}
+    assert windows.geometry((0, 0)) == {"grid": (4, 6), "origin": (0.0, 0.0)}
+    g = torch.Generator().manual_seed(0)
+    assert {windows.draw(g) for _ in range(400)} == {(dy, dx) for dy in range(4) for dx in range(4)}
+    assert built(lr, hr, grid_shifts=False).training_windows().count == 1
+    assert built(lr, hr, basis="local").training_windows().count == 1  # a local basis belongs to its locations
+    assert built(lr, hr, stride=2, rank=8).training_windows().count == 1  # overlapping patches
+    one_row = built(lr[..., :1, :], hr[..., :4, :]).training_windows()
+    assert one_row.count == 4 and one_row.geometry((0, 2))["grid"] == (1, 5)
+    with pytest.raises(ValueError, match=r"window \(4, 0\): its top must be one of \[0, 1, 2, 3\]"):
+        pipe.window_tokens(hr[:2], lr[:2], None, (4, 0))
 
 
-def test_shifted_tokens_encode_the_crop_their_grid_covers():
+def test_crop_windows_lie_inside_the_field_at_whole_patches_or_any_pixel():
+    aligned = TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), crop=3)
+    assert aligned.count == 2 * 4 and aligned.geometry((4, 12)) == {"grid": (3, 3), "origin": (1.0, 3.0)}
+    with pytest.raises(ValueError, match="its left must be one of"):
+        aligned.geometry((0, 2))  # whole patches only
+    shifted = TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), crop=3, shifts=True)
+    assert shifted.count == 5 * 13 and shifted.geometry((3, 11)) == {"grid": (3, 3), "origin": (0.75, 2.75)}
+    rows, cols = shifted.crop_slices((3, 11))
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (3, 15, 11, 23)  # inside the 16 × 24 pixels
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        top, left = shifted.draw(g)
+        assert 0 <= top <= 4 and 0 <= left <= 12
+    wide = TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), crop=5, shifts=True)  # wider than the rows
+    assert wide.geometry((2, 1)) == {"grid": (3, 5), "origin": (0.5, 0.25)}  # rows: shifted; columns: cropped
+    with pytest.raises(ValueError, match="crop must be 0"):
+        TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), crop=1)
+    with pytest.raises(ValueError, match="crop must be 0"):
+        PipelineConfig(crop=1)
+
+
+def test_window_tokens_encode_the_crop_their_grid_covers():
     lr, hr = fields()
-    pipe = built(lr, hr)  # full rank: encode and decode are exact
-    for shift in [(1, 2), (3, 0), (0, 1)]:
-        x0, cond = pipe.shifted_tokens(hr[:3], lr[:3], None, shift)
-        (gh, gw), (dy, dx) = pipe.shift_geometry(shift)["grid"], shift
+    cases = [({}, (1, 2)), ({}, (3, 0)), ({}, (0, 1)), ({"crop": 3}, (2, 5)),
+             ({"crop": 2, "grid_shifts": False}, (4, 8))]
+    for kw, window in cases:
+        pipe = built(lr, hr, **kw)  # full rank: encode and decode are exact
+        x0, cond = pipe.window_tokens(hr[:3], lr[:3], None, window)
+        (gh, gw), (dy, dx) = pipe.training_windows().geometry(window)["grid"], window
         crop = (slice(None), slice(None), slice(dy, dy + 4 * gh), slice(dx, dx + 4 * gw))
         assert x0.shape == cond.shape == (3, gh * gw, 16)
         torch.testing.assert_close(pipe.pod.decode(x0, image_size=(4 * gh, 4 * gw)), pipe.standardise(hr[:3])[crop],
                                    rtol=0, atol=1e-4)
         up = upsample(pipe.standardise(lr[:3]), (H, W))
         torch.testing.assert_close(pipe.pod.decode(cond, image_size=(4 * gh, 4 * gw)), up[crop], rtol=0, atol=1e-4)
-    x0, cond = pipe.shifted_tokens(hr[:3], lr[:3], None, (0, 0))  # the fitted grid: the usual tokens
+    pipe = built(lr, hr)
+    x0, cond = pipe.window_tokens(hr[:3], lr[:3], None, (0, 0))  # the fitted grid: the usual tokens
     assert torch.equal(x0, pipe.target_tokens(hr[:3]).float()) and torch.equal(cond, pipe.condition_tokens(lr[:3]))
 
 
-def test_a_residual_models_shifted_tokens_are_its_residual_and_condition_on_the_crop():
+def test_a_residual_models_window_tokens_are_its_residual_and_condition_on_the_crop():
     lr, hr = fields()
     pipe = built(lr, hr, residual="ridge")
     mu = pipe.mean_model.predict(lr[:3])
-    x0, cond = pipe.shifted_tokens(hr[:3], lr[:3], mu, (2, 3))
+    x0, cond = pipe.window_tokens(hr[:3], lr[:3], mu, (2, 3))
     crop = (slice(None), slice(None), slice(2, 14), slice(3, 23))
     torch.testing.assert_close(pipe.pod.decode(x0, image_size=(12, 20)), pipe.standardise(hr[:3] - mu)[crop],
                                rtol=0, atol=1e-4)
@@ -107,25 +138,28 @@ def test_a_residual_models_shifted_tokens_are_its_residual_and_condition_on_the_
     torch.testing.assert_close(raw, field[crop], rtol=0, atol=1e-4)
 
 
-def test_shifted_covariate_features_average_the_cells_under_each_patch():
+@pytest.mark.parametrize("kw, window, tokens", [({}, (1, 3), [(0, 0), (1, 2), (2, 4)]),
+                                                  ({"crop": 2}, (5, 9), [(0, 0), (1, 1), (0, 1)])])
+def test_window_covariate_features_average_the_cells_under_each_patch(kw, window, tokens):
     lr, hr = fields()
     g = torch.Generator().manual_seed(3)
     cov = torch.randn(N, 1, H // S, W // S, generator=g)
-    pipe = built(torch.cat([lr, cov], 1), hr, covariates=["a"])
-    _, cond = pipe.shifted_tokens(hr[:2], torch.cat([lr, cov], 1)[:2], None, (1, 3))
+    pipe = built(torch.cat([lr, cov], 1), hr, covariates=["a"], **kw)
+    _, cond = pipe.window_tokens(hr[:2], torch.cat([lr, cov], 1)[:2], None, window)
     std = (cov[:2] - pipe.covariate_offset) / pipe.covariate_scale
-    gw = 5  # the shifted grid is 3 × 5
-    for i, j in [(0, 0), (1, 2), (2, 4)]:
-        rows, cols = torch.arange(1 + 4 * i, 5 + 4 * i) // S, torch.arange(3 + 4 * j, 7 + 4 * j) // S
+    gw = pipe.training_windows().geometry(window)["grid"][1]
+    (dy, dx) = window
+    for i, j in tokens:
+        rows, cols = torch.arange(dy + 4 * i, dy + 4 + 4 * i) // S, torch.arange(dx + 4 * j, dx + 4 + 4 * j) // S
         expected = std[:, 0][:, rows][:, :, cols].mean((1, 2))  # the pixels' own cells, averaged
         torch.testing.assert_close(cond[:, i * gw + j, 16], expected, rtol=0, atol=1e-5)
 
 
-def test_shifted_tokens_of_fields_with_land_are_finite():
+def test_window_tokens_of_fields_with_land_are_finite():
     lr, hr = fields(land=True)
     pipe = built(lr, hr, rank=10)
     for shift in [(1, 1), (3, 2)]:
-        x0, cond = pipe.shifted_tokens(hr[:4], lr[:4], None, shift)
+        x0, cond = pipe.window_tokens(hr[:4], lr[:4], None, shift)
         assert torch.isfinite(x0).all() and torch.isfinite(cond).all()
 
 
@@ -135,12 +169,13 @@ def test_the_trainer_draws_a_shift_per_batch_and_training_is_reproducible_and_re
     source = FieldTokens(pipe, lr, hr)
     trainer = Trainer(pipe)
     grids = set()
-    for _ in range(24):
+    for i in range(80):
         x0, cond, t, eps, geometry = trainer.batch(source, None, 4)
         grid = pipe.pod.grid if geometry is None else geometry["grid"]
         assert x0.shape == eps.shape == (4, grid[0] * grid[1], 16)
         grids.add(grid)
-        trainer.step(x0, cond, t, eps, geometry)
+        if i < 8:
+            trainer.step(x0, cond, t, eps, geometry)
     assert grids == {(4, 6), (3, 6), (4, 5), (3, 5)}
     once = PODiffPipeline(config())
     history = fit(once, lr, hr, progress=False)
@@ -152,6 +187,23 @@ def test_the_trainer_draws_a_shift_per_batch_and_training_is_reproducible_and_re
     assert fit(resumed, lr, hr, progress=False, checkpoint=tmp_path / "ckpt.pt") == history
     out = once.sample(lr[:2], 3, seed=1)  # sampling is on the fitted grid
     assert out.mean.shape == hr[:2].shape and torch.isfinite(out.variance).all()
+
+
+def test_a_model_trained_on_crops_samples_the_whole_field():
+    lr, hr = fields()
+    pipe = PODiffPipeline(config(crop=2, denoiser=dict(width=16, depth=2, heads=2, window=2)))
+    build(pipe, lr, hr)
+    source = FieldTokens(pipe, lr, hr)
+    trainer = Trainer(pipe)
+    for _ in range(10):  # every batch is a 2 × 2-token crop somewhere in the field
+        x0, cond, t, eps, geometry = trainer.batch(source, None, 4)
+        assert geometry["grid"] == (2, 2) and x0.shape == (4, 4, 16)
+        assert 0 <= geometry["origin"][0] <= 2 and 0 <= geometry["origin"][1] <= 4
+        trainer.step(x0, cond, t, eps, geometry)
+    history = fit(PODiffPipeline(config(crop=2)), lr, hr, progress=False)
+    assert len(history) == 12 and all(map(math.isfinite, history))
+    out = pipe.sample(lr[:2], 3, seed=1)
+    assert out.mean.shape == hr[:2].shape and torch.isfinite(out.mean).all()
 
 
 def test_without_shifts_a_batch_draws_what_it_drew_before_the_option():

@@ -1,0 +1,89 @@
+"""Windows of a patch grid that the denoiser trains on: shifted grids and crops.
+
+A window is the top-left pixel ``(top, left)`` of a crop of the field that whole patches tile;
+its tokens form a ``grid`` placed at ``origin = (top, left) / p`` in the fitted grid's token
+units. ``TrainingWindows.draw`` picks one per batch, uniformly along each axis:
+
+- whole grid, no shifts: only ``(0, 0)`` (the fitted grid);
+- ``shifts``: any pixel offset below ``p`` along an axis with more than one patch, the crop one
+  patch shorter there (``PipelineConfig.grid_shifts``);
+- ``crop = c``: ``c`` tokens along each axis that has more than ``c``, the window wholly inside
+  the field, at any whole-patch position, or at any pixel with ``shifts``
+  (``PipelineConfig.crop``: training cost set by the crop, not the field).
+
+>>> from podiff.latent.windows import TrainingWindows
+>>> w = TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), shifts=False, crop=3)
+>>> w.count, w.geometry((4, 8))
+(12, {'grid': (3, 3), 'origin': (1.0, 2.0)})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TrainingWindows:
+    """The windows of a fitted patch grid ``grid = (nH, nW)`` of ``patch``-pixel patches over a
+    field of ``size = (H, W)`` pixels that training draws from (module doc)."""
+
+    grid: tuple[int, int]
+    patch: int
+    size: tuple[int, int]
+    shifts: bool = False
+    crop: int = 0
+
+    def __post_init__(self):
+        if int(self.crop) < 0 or int(self.crop) == 1:
+            raise ValueError(f"crop must be 0 (the whole grid) or at least 2 tokens; got {self.crop}")
+
+    def _axis(self, axis: int) -> tuple[list[int], int | None]:
+        """The window tops along ``axis`` and the tokens a window holds there (None: by its top)."""
+        n, p, size = self.grid[axis], self.patch, self.size[axis]
+        if self.crop and self.crop < n:
+            last = size - self.crop * p  # wholly inside the field
+            step = 1 if self.shifts else p
+            return list(range(0, last + 1, step)), self.crop
+        if self.shifts and n > 1:
+            return list(range(p)), None
+        return [0], None
+
+    @property
+    def count(self) -> int:
+        """How many windows there are (1: only the fitted grid)."""
+        return len(self._axis(0)[0]) * len(self._axis(1)[0])
+
+    def draw(self, generator: torch.Generator) -> tuple[int, int]:
+        """One window, uniformly along each axis, from ``generator``."""
+        tops = [self._axis(axis)[0] for axis in (0, 1)]
+        return tuple(t[int(torch.randint(0, len(t), (1,), generator=generator))] for t in tops)
+
+    def geometry(self, window) -> dict:
+        """``{"grid", "origin"}`` of the tokens of ``window``."""
+        grid, origin = [], []
+        for axis, top in enumerate(window):
+            tops, tokens = self._axis(axis)
+            if int(top) not in tops:
+                raise ValueError(f"window {tuple(window)}: its {('top', 'left')[axis]} must be one of "
+                                 f"{_span(tops)} for {self}; got {top}")
+            grid.append(tokens if tokens is not None else self.grid[axis] - (int(top) > 0))
+            origin.append(int(top) / self.patch)
+        return {"grid": tuple(grid), "origin": tuple(origin)}
+
+    def crop_slices(self, window) -> tuple[slice, slice]:
+        """The pixel rows and columns of ``window``'s crop."""
+        grid = self.geometry(window)["grid"]
+        return tuple(slice(int(top), int(top) + n * self.patch) for top, n in zip(window, grid, strict=True))
+
+    def describe(self) -> dict:
+        """JSON-ready: the windows' count, crop and shifts (``train.json``)."""
+        return {"windows": self.count, "crop": self.crop, "shifts": self.shifts}
+
+
+def _span(values: list[int]) -> str:
+    return str(values) if len(values) <= 8 else f"{values[0]}, {values[1]}, ..., {values[-1]}"
+
+
+__all__ = ["TrainingWindows"]
