@@ -14,7 +14,7 @@ units. ``TrainingWindows.draw`` picks one per batch, uniformly along each axis:
 >>> from podiff.latent.windows import TrainingWindows
 >>> w = TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), shifts=False, crop=3)
 >>> w.count, w.geometry((4, 8))
-(12, {'grid': (3, 3), 'origin': (1.0, 2.0)})
+(8, {'grid': (3, 3), 'origin': (1.0, 2.0)})
 """
 
 from __future__ import annotations
