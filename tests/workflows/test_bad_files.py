@@ -135,7 +135,7 @@ NUMERIC = {"--scale": (int, 1, math.inf), "--steps": (int, 0, math.inf), "--batc
            "--val-fraction": (float, 0.0, 1.0), "--energy": (float, 0.0, 1.0),
            "--learning-rate": (float, 0.0, math.inf),
            "--memory-mb": (float, 0.0, math.inf), "--error-bands": (int, 1, math.inf),
-           "--attention-window": (int, 0, math.inf)}
+           "--attention-window": (int, 0, math.inf), "--crop": (int, 0, math.inf)}
 
 
 @settings(max_examples=150, deadline=None)
@@ -156,7 +156,7 @@ def test_numeric_options_are_validated(option, text):
     assert isinstance(value, kind) and math.isfinite(value) and low <= value <= high
     if option in ("--val-fraction",):
         assert value < 1.0
-    if option == "--attention-window":
+    if option in ("--attention-window", "--crop"):
         assert value != 1
     if option in ("--energy", "--learning-rate", "--memory-mb"):
         assert value > 0.0

@@ -241,8 +241,15 @@ def test_sst_demo_writes_a_prediction_on_the_files_coordinates(tmp_path, capsys)
     xr = pytest.importorskip("xarray")
     pytest.importorskip("iris_sample_data")
     code, out, err = run(capsys, "demo", "--dataset", "sst", "--out", tmp_path / "demo", "--steps", 2,
-                         "--num-samples", 2, "--sample-steps", 1, "--quiet")
+                         "--num-samples", 2, "--sample-steps", 1, "--quiet", "--crop", 8)
     assert code == 0, err
+    windows = json.loads((tmp_path / "demo" / "run" / "train.json").read_text())["training_windows"]
+    from podiff.model.pipeline import PODiffPipeline
+
+    model = PODiffPipeline.load(tmp_path / "demo" / "run" / "model")
+    assert model.config.crop == 8  # 8-token crops of the 4 × 108-token grid, at whole patches: 1 × 101 windows
+    assert windows == ({"windows": 101, "crop": 8, "shifts": False} if model.pod.basis_kind == "shared" else
+                       {"windows": 1, "crop": 0, "shifts": False})
     pred = xr.open_dataset(tmp_path / "demo" / "prediction.nc")
     assert pred["mean"].dims == ("time", "latitude", "longitude") and pred.sizes["time"] == 8
     assert str(pred["time"].values[-1])[:7] == "2010-09" and pred["mean"].attrs["units"] == "K"
