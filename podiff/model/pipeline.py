@@ -218,12 +218,14 @@ class PODiffPipeline:
     def training_windows(self) -> TrainingWindows:
         """The windows of the patch grid the denoiser trains on (``latent.windows``): shifted grids
         (``config.grid_shifts``) and crops of ``config.crop`` tokens a side. Only the fitted grid for
-        a local basis (its bases belong to their locations) or overlapping patches."""
+        a local basis (its bases belong to their locations), overlapping patches or a global POD
+        (one token)."""
         pod, cfg = self.pod, self.config
-        usable = pod is not None and not pod.local and pod.stride == pod.patch_size
-        return TrainingWindows(tuple(pod.grid) if pod is not None else (1, 1), pod.patch_size if pod else 1,
-                               tuple(self.image_size or (1, 1)), shifts=bool(cfg.grid_shifts) and usable,
-                               crop=int(cfg.crop) if usable else 0)
+        usable = isinstance(pod, PatchPOD) and pod.fitted and not pod.local and pod.stride == pod.patch_size
+        if not usable:
+            return TrainingWindows((1, 1), 1, (1, 1))
+        return TrainingWindows(tuple(pod.grid), pod.patch_size, tuple(self.image_size),
+                               shifts=bool(cfg.grid_shifts), crop=int(cfg.crop))
 
     def window_tokens(self, hr: torch.Tensor, lr: torch.Tensor, mu: torch.Tensor | None,
                       window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
