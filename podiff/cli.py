@@ -164,18 +164,19 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
-def _window(text: str) -> int:
-    value = int(text)
-    if value < 0 or value == 1:
-        raise argparse.ArgumentTypeError(f"must be 0 (global attention) or an integer >= 2; got {text}")
-    return value
+def _zero_or_at_least_two(zero: str, unit: str = ""):
+    """An argparse type: 0 (meaning ``zero``) or an integer >= 2 (of ``unit``)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < 0 or value == 1:
+            raise argparse.ArgumentTypeError(f"must be 0 ({zero}) or an integer >= 2{unit}; got {text}")
+        return value
+    parse.__name__ = "int"  # argparse's message for text that is no integer: "invalid int value"
+    return parse
 
 
-def _crop(text: str) -> int:
-    value = int(text)
-    if value < 0 or value == 1:
-        raise argparse.ArgumentTypeError(f"must be 0 (the whole field) or an integer >= 2 (tokens a side); got {text}")
-    return value
+_window = _zero_or_at_least_two("global attention")
+_crop = _zero_or_at_least_two("the whole field", " (tokens a side)")
 
 
 def _fraction(text: str) -> float:

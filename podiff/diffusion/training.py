@@ -193,11 +193,7 @@ class Trainer:
         ``x0_all, cond_all``: all tokens ``[N, L, r]``, or a token source and ``None``. ``geometry``
         is None on the model's own grid, else the window's ``{"grid", "origin"}``."""
         source = TokenTensors(x0_all, cond_all) if cond_all is not None else x0_all
-        idx = torch.randint(0, len(source), (batch,), generator=self.generator)
-        window, geometry = self._window(source)
-        x0, cond = source.rows(idx) if window is None else source.rows(idx, window)
-        t, eps = self.noise(x0, self.generator, grid=geometry["grid"] if geometry else None)
-        return x0, cond, t, eps, geometry
+        return self._draw(source, batch, sharded=False)[:5]
 
     def noise(self, x0: torch.Tensor, generator: torch.Generator, schedule=None, grid=None):
         """``(t, ε)`` for tokens ``x0`` (on the model's grid, or on ``grid``): ``draw_noise`` with the
@@ -207,27 +203,27 @@ class Trainer:
         return draw_noise(x0.shape, schedule.t_max(self.pipe.config.prediction_type), generator, x0.device,
                           x0.dtype, colour=colour)
 
-    def _window(self, source):
-        """``(window, geometry)`` for the next batch: drawn when the source has several windows,
-        ``(None, None)`` otherwise (no draw: the generator's stream is what it was without them)."""
-        windows = getattr(source, "windows", None)
-        if windows is None or windows.count == 1:
-            return None, None
-        window = windows.draw(self.generator)
-        geometry = windows.geometry(window)
-        grid = tuple(self.pipe.pod.grid) if self.pipe.pod is not None else None
-        return window, (None if geometry["grid"] == grid and window == (0, 0) else geometry)
-
     def owned_batch(self, source, batch: int):
         """``batch``'s draws (the same indices, window and noise) for a sharded source (``owns``): only
         the rows this rank holds are read. Returns ``(x0, cond, t, eps, geometry, share)`` with those
         rows and their share of the global batch."""
+        return self._draw(source, batch, sharded=True)
+
+    def _draw(self, source, batch: int, sharded: bool):
+        """A global batch's draws from the generator — indices, then a window when the source has
+        several (none otherwise: the stream is what it was without windows), then the noise — and
+        its rows: all, or (``sharded``) those ``source.owns``. ``(x0, cond, t, eps, geometry, share)``."""
         idx = torch.randint(0, len(source), (batch,), generator=self.generator)
-        window, geometry = self._window(source)
-        own = source.owns(idx)
-        x0, cond = source.rows(idx[own]) if window is None else source.rows(idx[own], window)
+        windows = getattr(source, "windows", None)
+        window = windows.draw(self.generator) if windows is not None and windows.count > 1 else None
+        geometry = None if window is None or windows.is_fitted(window) else windows.geometry(window)
+        own = source.owns(idx) if sharded else None
+        rows = idx if own is None else idx[own]
+        x0, cond = source.rows(rows) if window is None else source.rows(rows, window)
         t, eps = self.noise(x0.new_empty((batch, *x0.shape[1:])), self.generator,
                             grid=geometry["grid"] if geometry else None)
+        if own is None:
+            return x0, cond, t, eps, geometry, 1.0
         own = own.to(t.device)
         return x0, cond, t[own], eps[own], geometry, float(own.sum()) / batch
 

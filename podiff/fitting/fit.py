@@ -222,9 +222,7 @@ def fit(pipe, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = No
              else hr.shape[0])
     if total < 2:
         raise ValueError(f"training needs at least two samples; got {total}")
-    if pipe.denoiser is None and distributed and cfg.residual != "none":
-        raise ValueError("residual training is not distributed yet; train it in one process "
-                         "(or pass --residual none)")
+    _check_distributable(pipe, distributed)
     rank = distributed_.rank_world()[0] if distributed else 0
     mu = _prepare(pipe, lr, hr, mask, validation, progress and rank == 0, distributed, eval_every, patience)
     steps = _checked_steps(pipe, steps)
@@ -253,6 +251,13 @@ def _prepare(pipe, lr, hr, mask, validation, progress: bool, distributed: bool,
         return mu
     # built or resumed: the same out-of-fold predictions again
     return pipe.mean_model.out_of_fold(lr, hr) if pipe.mean_model is not None else None
+
+
+def _check_distributable(pipe, distributed: bool) -> None:
+    """A model still to build trains under a process group only without a residual model."""
+    if pipe.denoiser is None and distributed and pipe.config.residual != "none":
+        raise ValueError("residual training is not distributed yet; train it in one process "
+                         "(or pass --residual none)")
 
 
 def _checked_steps(pipe, steps: int | None) -> int:
@@ -298,9 +303,7 @@ def fit_streamed(pipe, stream, validation: tuple[torch.Tensor, torch.Tensor] | N
     if device is not None:
         pipe.to(device)
     distributed = distributed_.is_active() if distributed is None else bool(distributed)
-    if distributed and pipe.config.residual != "none" and pipe.denoiser is None:
-        raise ValueError("residual training is not distributed yet; train it in one process "
-                         "(or pass --residual none)")
+    _check_distributable(pipe, distributed)
     rank, world = distributed_.rank_world() if distributed else (0, 1)
     owned = distributed_.shard(len(stream), rank, world)
     positions = stream.subsample(memory_bytes)
@@ -345,7 +348,7 @@ class FieldTokens:
     @torch.no_grad()
     def rows(self, idx: torch.Tensor, window=(0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
         idx = idx.to(self.hr.device)
-        if self.tokens is not None and self.windows.geometry(window)["grid"] == tuple(self.pipe.pod.grid):
+        if self.tokens is not None and self.windows.is_fitted(window):
             return self.tokens[0][idx.to(self.tokens[0].device)], self.tokens[1][idx.to(self.tokens[1].device)]
         mu = None if self.mu is None else self.mu[idx]
         return self.pipe.window_tokens(self.hr[idx], self.lr[idx], mu, window)

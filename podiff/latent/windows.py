@@ -72,6 +72,10 @@ class TrainingWindows:
             origin.append(int(top) / self.patch)
         return {"grid": tuple(grid), "origin": tuple(origin)}
 
+    def is_fitted(self, window) -> bool:
+        """Whether ``window`` is the fitted grid itself (the whole grid at ``(0, 0)``)."""
+        return tuple(window) == (0, 0) and self.geometry(window)["grid"] == tuple(self.grid)
+
     def crop_slices(self, window) -> tuple[slice, slice]:
         """The pixel rows and columns of ``window``'s crop."""
         grid = self.geometry(window)["grid"]

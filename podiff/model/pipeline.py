@@ -236,7 +236,7 @@ class PODiffPipeline:
         fields)."""
         windows = self.training_windows()
         gh, gw = windows.geometry(window)["grid"]  # checks the window
-        if tuple(window) == (0, 0) and (gh, gw) == tuple(self.pod.grid):
+        if windows.is_fitted(window):
             return self.target_tokens(hr, lr, mu).float(), self.condition_tokens(lr, mu).float()
         rows, cols = windows.crop_slices(window)
 
