@@ -28,6 +28,7 @@ import torch
 from podiff.config import (
     BASES,
     CONDITIONS,
+    DOMAINS,
     PREDICTION_TYPES,
     PRESETS,
     RESIDUALS,
@@ -40,6 +41,7 @@ from podiff.core.devices import CHOICES as DEVICE_CHOICES
 from podiff.core.devices import resolve_device
 from podiff.core.version import __version__
 from podiff.data.fields import one_line
+from podiff.diffusion.denoiser import POSITION_EMBEDDINGS
 from podiff.diffusion.samplers import SAMPLERS
 from podiff.diffusion.schedules import SCHEDULES
 from podiff.evaluation.error_shape import ERROR_SHAPES
@@ -62,7 +64,7 @@ CONFIG_OPTIONS = {
     "grid_shifts": "grid_shifts", "crop": "crop", "residual": "residual",
     "condition": "condition", "schedule": "schedule", "prediction_type": "prediction_type", "steps": "train_steps",
     "batch_size": "batch_size", "learning_rate": "learning_rate", "sample_steps": "sample_steps",
-    "sampler": "sampler", "seed": "seed",
+    "sampler": "sampler", "seed": "seed", "domain": "domain",
 }
 #: The options that set a ``TrainOptions`` field.
 TRAIN_OPTIONS = ("val_fraction", "eval_every", "patience", "checkpoint_every", "calibrate", "spread_calibration",
@@ -97,8 +99,11 @@ def _config(args, base: PipelineConfig | None = None) -> PipelineConfig:
     if values.get("rank") is not None:
         values["energy"] = None
     base = base or PipelineConfig()
-    if getattr(args, "attention_window", None) is not None:
-        values["denoiser"] = {**base.denoiser, "window": args.attention_window}
+    denoiser = {key: getattr(args, dest) for dest, key in (("attention_window", "window"),
+                                                           ("position_embedding", "position_embedding"))
+                if getattr(args, dest, None) is not None}
+    if denoiser:
+        values["denoiser"] = {**base.denoiser, **denoiser}
     return replace(base, **values)
 
 
@@ -236,6 +241,10 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--attention-window", type=_window, default=None,
                    help="the denoiser attends within windows of this many tokens a side, shifted by half every "
                         "other block (cost linear in the area; 0 or unset: global attention, the default)")
+    p.add_argument("--position-embedding", choices=POSITION_EMBEDDINGS, default=None,
+                   help="the denoiser's position of each token on the grid: sincos (the default) or none (the "
+                        "model is the same everywhere; with --attention-window it samples any domain, position "
+                        "then comes from the coordinates, --position)")
     p.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=c.antithetic,
                    help="sample members in mirrored pairs (same noise, negated): a less noisy ensemble mean")
     p.add_argument("--correlated-noise", action=argparse.BooleanOptionalAction, default=c.correlated_noise,
@@ -251,8 +260,12 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "where a paired t-test on the validation fields finds it better (CorrDiff-style); "
                         "ridge, unet: that one; none: diffuse the field itself")
     p.add_argument("--condition", choices=CONDITIONS, default=c.condition,
-                   help="a residual model's condition: the ridge's anomaly (default) or only what it adds "
-                        "below the input grid (blind to level and trend)")
+                   help="a residual model's condition: the ridge's anomaly or only what it adds below the input "
+                        "grid (blind to level and trend); auto (default): the anomaly, the detail with --domain any")
+    p.add_argument("--domain", choices=DOMAINS, default=c.domain,
+                   help="fixed (default): the model samples the grid it was trained on; any: fields of any size "
+                        "and place (a shared basis and ridge, windowed attention, no grid position: pass "
+                        "coordinates with --position; with --crop it trains on crops)")
     p.add_argument("--schedule", choices=tuple(SCHEDULES), default=c.schedule)
     p.add_argument("--prediction-type", "--prediction", dest="prediction_type", choices=PREDICTION_TYPES,
                    default=c.prediction_type, help="what the denoiser predicts (v or epsilon)")

@@ -24,7 +24,11 @@ from podiff.evaluation.error_shape import ERROR_BANDS, ERROR_SHAPES
 #: the validation fields, the ridge, the U-Net), or the field itself.
 RESIDUALS = ("auto", "ridge", "unet", "none")
 PREDICTION_TYPES = ("v", "epsilon")
-CONDITIONS = ("anomaly", "detail")
+CONDITIONS = ("auto", "anomaly", "detail")
+#: ``PipelineConfig.domain``: the training grid only, or any domain.
+DOMAINS = ("fixed", "any")
+#: The attention window (tokens a side) a model of any domain gets unless ``denoiser`` sets one.
+ANY_DOMAIN_WINDOW = 8
 BASES = ("auto", "shared", "local")
 PRESETS = ("tiny", "small", "paper")
 SPREAD_CALIBRATIONS = ("members", "crps", "modes", "moments")
@@ -63,7 +67,13 @@ class PipelineConfig:
     (a shared basis without overlap only). ``crop``: the denoiser trains on random crops of this
     many tokens a side (0: the whole grid; at any pixel with ``grid_shifts``, else at whole
     patches), so that a step's cost is set by the crop, not the field; sampling takes the whole
-    grid (``latent.windows``; with windowed attention no larger than the crop).
+    grid (``latent.windows``; with windowed attention no larger than the crop). ``domain``:
+    ``"fixed"`` (the default), the model samples the grid it was trained on; ``"any"``, it samples
+    fields of any size and place (``model.domain``): nothing is fitted per location — a shared
+    POD basis (``basis="auto"`` means shared), a denoiser without the grid's position and with
+    windowed attention (``denoiser_settings()``: ``ANY_DOMAIN_WINDOW`` tokens unless set), a
+    shared ridge and a U-Net without position maps, the condition's detail; position comes from
+    the coordinates (``--position``). With ``crop`` it trains on crops of fields of any size.
 
     The device is not part of the config: it is a runtime choice, so a saved model loads on any
     device.
@@ -95,11 +105,12 @@ class PipelineConfig:
     residual: str = "auto"
     antithetic: bool = True
     correlated_noise: bool = True
-    condition: str = "anomaly"
+    condition: str = "auto"
     bounds: list | None = None
     covariates: list = field(default_factory=list)
     grid_shifts: bool = False
     crop: int = 0
+    domain: str = "fixed"
 
     def __post_init__(self):
         if int(self.scale) < 1:
@@ -119,6 +130,46 @@ class PipelineConfig:
         self.crop = int(self.crop)
         bounds = check_bounds(self.bounds)
         self.bounds = None if bounds is None else list(bounds)
+        _choice("domain", self.domain, DOMAINS)
+        if self.domain == "any":
+            self._check_any_domain()
+
+    def _check_any_domain(self) -> None:
+        """What ``domain="any"`` cannot have, each a one-line error."""
+        conflicts = []
+        if self.basis == "local":
+            conflicts.append("basis='local' (one basis per location of the training grid)")
+        if self.denoiser_kind != "vit":
+            conflicts.append(f"denoiser_kind={self.denoiser_kind!r} (one token for the whole field)")
+        if self.denoiser.get("position_embedding", "none") != "none":
+            conflicts.append(f"denoiser position_embedding={self.denoiser['position_embedding']!r} (positions of "
+                             f"the training grid)")
+        if self.denoiser.get("window", ANY_DOMAIN_WINDOW) == 0:
+            conflicts.append("denoiser window=0 (global attention over the training grid)")
+        if self.condition == "anomaly":
+            conflicts.append("condition='anomaly' (μ's training mean per pixel)")
+        if conflicts:
+            raise ValueError("domain='any' samples fields of any size and place, so it cannot have "
+                             + "; ".join(conflicts))
+
+    @property
+    def resolved_condition(self) -> str:
+        """``condition``, ``"auto"`` resolved: ``"detail"`` for a model of any domain, else ``"anomaly"``."""
+        if self.condition != "auto":
+            return self.condition
+        return "detail" if self.domain == "any" else "anomaly"
+
+    @property
+    def resolved_basis(self) -> str:
+        """``basis``, with ``"auto"`` meaning ``"shared"`` for a model of any domain."""
+        return "shared" if self.domain == "any" and self.basis == "auto" else self.basis
+
+    def denoiser_settings(self) -> dict:
+        """``denoiser`` and what ``domain="any"`` implies: no grid position, ``ANY_DOMAIN_WINDOW``-token
+        windows unless set."""
+        if self.domain != "any":
+            return dict(self.denoiser)
+        return {"window": ANY_DOMAIN_WINDOW, **self.denoiser, "position_embedding": "none"}
 
 
 @dataclass
@@ -165,5 +216,6 @@ def _choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-__all__ = ["PipelineConfig", "TrainOptions", "RESIDUALS", "PREDICTION_TYPES", "CONDITIONS", "BASES", "PRESETS",
+__all__ = ["PipelineConfig", "TrainOptions", "RESIDUALS", "PREDICTION_TYPES", "CONDITIONS", "BASES", "DOMAINS",
+           "ANY_DOMAIN_WINDOW", "PRESETS",
            "SPREAD_CALIBRATIONS"]

@@ -31,6 +31,10 @@ PRESETS = {
 }
 
 
+#: ``DenoiserConfig.position_embedding``: the grid's sin-cos positions, or none.
+POSITION_EMBEDDINGS = ("sincos", "none")
+
+
 @dataclass
 class DenoiserConfig:
     """Sizes of the denoiser. ``grid = (nH, nW)`` patch locations (``L = nH·nW``).
@@ -40,7 +44,11 @@ class DenoiserConfig:
     ``window × window`` tokens, the windows shifted by half on every other block (Swin), so
     that its cost grows with the area rather than its square; a grid that fits in one window
     attends globally. 0 (the default): global attention in every block (a model saved before
-    windows existed loads as it was trained).
+    windows existed loads as it was trained). ``position_embedding``: ``"sincos"`` (the
+    default), the tokens' fixed 2-D sin-cos position on the grid; ``"none"``, no position of the
+    grid at all, so that the model is the same at every place (with windowed attention it then
+    samples a domain of any size or offset: ``PODiffPipeline.for_domain``; the position a model
+    needs comes from the coordinates, ``--position``).
     """
 
     rank: int
@@ -52,6 +60,7 @@ class DenoiserConfig:
     mlp_ratio: float = 2.0
     noise_input: str = "time"
     window: int = 0
+    position_embedding: str = "sincos"
 
     def __post_init__(self):
         self.grid = tuple(int(g) for g in self.grid)
@@ -63,6 +72,9 @@ class DenoiserConfig:
         if int(self.window) < 0 or int(self.window) == 1:
             raise ValueError(f"window must be 0 (global attention) or an integer >= 2; got {self.window}")
         self.window = int(self.window)
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {', '.join(map(repr, POSITION_EMBEDDINGS))}; "
+                             f"got {self.position_embedding!r}")
         if self.noise_input not in ("time", "per_token"):
             raise ValueError(f"noise_input must be 'time' or 'per_token'; got {self.noise_input!r}")
 
@@ -229,7 +241,9 @@ class PODDenoiser(nn.Module):
                 f"{self.config.cond_rank}] for the token grid {grid}; "
                 f"got {tuple(x_t.shape)} and {tuple(cond.shape)}"
             )
-        h = self.embed(torch.cat([x_t, cond], dim=-1)) + self.position(grid, origin).to(x_t.dtype)
+        h = self.embed(torch.cat([x_t, cond], dim=-1))
+        if self.config.position_embedding == "sincos":
+            h = h + self.position(grid, origin).to(x_t.dtype)
         c = self._conditioning(noise, B, h.dtype)
         for block in self.blocks:
             h = block(h, c, grid)

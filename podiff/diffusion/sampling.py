@@ -155,10 +155,12 @@ class DiffusionScheduler:
 
     @torch.no_grad()
     def sample(self, denoiser, cond: torch.Tensor, steps: int, generator: torch.Generator | None = None,
-               noise_input: str = "time", noise: Noise | None = None) -> torch.Tensor:
+               noise_input: str = "time", noise: Noise | None = None, geometry: dict | None = None) -> torch.Tensor:
         """Runs the whole chain for condition tokens ``cond [B, L, r_c]``; returns ``x_0 [B, L, r]``.
 
         Noise from ``noise(shape, dtype)`` (e.g. ``RowNoise``) when given, else from ``generator``.
+        ``geometry``: the tokens' ``grid`` (and ``origin``) when they are not the denoiser's own grid
+        (another domain), passed to it.
         """
         times = self.set_timesteps(steps).to(cond.device)
         r = denoiser.config.rank
@@ -169,7 +171,7 @@ class DiffusionScheduler:
         for i, (t, s) in enumerate(zip(times[:-1], times[1:], strict=False)):
             tb = t.expand(cond.shape[0]).to(cond.dtype)
             level = tb if noise_input == "time" else bound.log_snr(tb, cond).expand(-1, -1, r)
-            out = denoiser(x, cond, level).to(x.dtype)  # the updates stay float32 under autocast
+            out = denoiser(x, cond, level, **(geometry or {})).to(x.dtype)  # the updates stay float32 under autocast
             x = self._step(bound, out, t, s, x, cond, noise, final=i == last).prev_sample
         self.solver.reset()
         return x

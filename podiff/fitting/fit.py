@@ -86,11 +86,19 @@ def _fit_mean_model(pipe, lr, hr, validation, eval_every: int = _OPTIONS.eval_ev
     cpu = None if validation is None else tuple(t.cpu() for t in validation)
     pipe.mean_model = MeanModel.fit(cfg.scale, lr.cpu(), hr.cpu(), cpu, len(cfg.covariates), cfg.residual,
                                     steps=cfg.train_steps, eval_every=eval_every, patience=patience,
-                                    seed=cfg.seed + 3, progress=progress)
+                                    seed=cfg.seed + 3, progress=progress, **_mean_model_domain(cfg))
     mu = pipe.mean_model.out_of_fold(lr, hr)
     if validation is not None:
         hr_val = validation[1].to(hr.device) - pipe.mean_model.predict(validation[0].to(hr.device))
     return hr - mu, hr_val, mu
+
+
+def _mean_model_domain(cfg) -> dict:
+    """``MeanModel.fit``'s settings for a model of any domain: a shared ridge, a U-Net without
+    position maps (nothing per location of the training grid)."""
+    if cfg.domain != "any":
+        return {}
+    return {"placements": ("shared",), "unet": {"position_channels": 0}}
 
 
 def _fit_covariate_scaling(pipe, lr, distributed: bool) -> None:
@@ -128,15 +136,15 @@ def _build(pipe, hr: torch.Tensor, mask, progress: bool, distributed: bool,
         hr_std = pipe.standardise(hr)
         if mask is not None:
             hr_std = hr_std.masked_fill(~mask, float("nan"))
-        if pipe.pod is None and hr_val is not None and not distributed and (cfg.basis == "auto"
+        if pipe.pod is None and hr_val is not None and not distributed and (cfg.resolved_basis == "auto"
                                                                              or cfg.rank is None):
             # Basis and rank by held-out reconstruction (pod_selection); printed by the command.
             pipe.pod, pipe.pod_choice = select_pod(hr_std, pipe.standardise(hr_val.to(hr.device)),
                                                    cfg.patch_size, cfg.stride, energy=cfg.energy or 0.999,
-                                                   basis=cfg.basis, rank=cfg.rank)
+                                                   basis=cfg.resolved_basis, rank=cfg.rank)
         else:
             if pipe.pod is None:
-                basis = "shared" if cfg.basis == "auto" else cfg.basis
+                basis = "shared" if cfg.resolved_basis == "auto" else cfg.resolved_basis
                 pipe.pod = PatchPOD(cfg.patch_size, cfg.stride, rank=cfg.rank, energy=cfg.energy, basis=basis)
             pipe.pod.fit(hr_std, progress=progress, distributed=distributed)
     pipe.build_model()

@@ -367,6 +367,32 @@ class PatchPOD:
         pod._cast_cache = {}
         return pod
 
+    def on_domain(self, image_size, valid_pixels: torch.Tensor | None = None) -> PatchPOD:
+        """The same shared basis on images of ``image_size = (H, W)`` (a domain other than the
+        fitted one: larger, smaller or elsewhere): ``grid``, ``encode``, ``decode`` and
+        ``decode_moments`` then work on that size. ``valid_pixels [C, H, W]`` (bool; None: all):
+        the pixels that hold data there (NaN elsewhere in what it decodes). A local basis belongs
+        to its fitted locations: another size is an error."""
+        self._check_fitted()
+        size = tuple(int(n) for n in image_size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"image_size must be (H, W) with H, W >= 1; got {tuple(image_size)}")
+        if size == tuple(self.image_size) and valid_pixels is None:
+            return self
+        if self.local:
+            raise ValueError(f"a local POD basis belongs to the {self.image_size[0]}×{self.image_size[1]} grid it was "
+                             f"fitted on (one basis per patch location); image_size {size} needs a shared basis")
+        if valid_pixels is None:
+            valid_pixels = torch.ones(self.channels, *size, dtype=torch.bool)
+        if valid_pixels.dtype != torch.bool or tuple(valid_pixels.shape) != (self.channels, *size):
+            raise ValueError(f"valid_pixels must be a bool [C={self.channels}, {size[0]}, {size[1]}] tensor; got "
+                             f"{valid_pixels.dtype} {tuple(valid_pixels.shape)}")
+        pod = copy.copy(self)
+        pod.image_size = size
+        pod._set_valid_pixels(valid_pixels.to(self.basis.device))
+        pod._cast_cache = {}  # the fixed mask's projector is the domain's
+        return pod
+
     # ------------------------------------------------------------------ spectra
 
     @property

@@ -71,17 +71,21 @@ class MeanModel:
     @classmethod
     def fit(cls, scale: int, lr, hr, validation=None, covariates: int = 0, residual: str = "ridge", *,
             steps: int = 2000, eval_every: int = 50, patience: int | None = 8, seed: int = 0,
-            progress: bool = False, unet: dict | None = None) -> MeanModel:
+            progress: bool = False, unet: dict | None = None,
+            placements=("shared", "per-location", "pooled")) -> MeanModel:
         """The ridge tuned on ``validation = (lr_val, hr_val)`` when given (fitted on ``lr, hr``
         only; ``covariates``: the input's last channels that are covariates), and, for
         ``residual`` ``"unet"`` or ``"auto"``, a U-Net trained on ``lr, hr`` for at most
         ``steps`` with early stopping on ``validation`` every ``eval_every`` steps (``patience``),
         seeded by ``seed`` (``unet``: its other settings, ``width``, ``depth``, ``position_channels``
-        and ``learning_rate``; the defaults else); then the choice (``CANDIDATES``, ``LEVEL``)."""
+        and ``learning_rate``; the defaults else); then the choice (``CANDIDATES``, ``LEVEL``).
+        ``placements``: the ridge's candidate weights (``RidgeBaseline.tuned``; ``("shared",)`` for
+        a model of any domain)."""
         if residual not in CANDIDATES:
             raise ValueError(f"residual must be one of {', '.join(map(repr, CANDIDATES))}; got {residual!r}")
         if validation is not None:
-            ridge, table = RidgeBaseline.tuned(scale, lr, hr, *validation, covariates=covariates)
+            ridge, table = RidgeBaseline.tuned(scale, lr, hr, *validation, covariates=covariates,
+                                               placements=tuple(placements))
             best = next(row for row in table if row["chosen"])
             choice = {"tuned_on_validation": True, **best, "candidates": len(table)}
         else:

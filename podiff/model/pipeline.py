@@ -59,6 +59,7 @@ from podiff.diffusion.training import TrainingRecord, autocast
 from podiff.latent.pod import PatchPOD
 from podiff.latent.windows import TrainingWindows
 from podiff.mean.mean_model import MeanModel
+from podiff.model.domain import domain_limits, for_domain, valid_pixels_of
 from podiff.model.persistence import load_pipeline, save_pipeline
 from podiff.model.state import Calibration
 
@@ -206,7 +207,7 @@ class PODiffPipeline:
 
     def _condition_field(self, mu: torch.Tensor) -> torch.Tensor:
         """The residual model's condition as a field (in data-scale units; NaN where never valid)."""
-        if self.config.condition == "detail":  # what μ adds below the input grid: blind to level and trend
+        if self.config.resolved_condition == "detail":  # what μ adds below the input grid: blind to level and trend
             field = mu - upsample(block_average(mu, self.config.scale), self.image_size)
         else:
             field = self.mean_model.condition_field(mu)
@@ -283,7 +284,8 @@ class PODiffPipeline:
             noise_input = "per_token" if cfg.schedule == "learned" else "time"
             extra = self.num_covariates * self.covariate_cells() ** 2
             dcfg = DenoiserConfig.preset(cfg.preset, rank=self.pod.rank, grid=self.pod.grid, noise_input=noise_input,
-                                         **({"cond_rank": self.pod.rank + extra} if extra else {}), **cfg.denoiser)
+                                         **({"cond_rank": self.pod.rank + extra} if extra else {}),
+                                         **cfg.denoiser_settings())
         else:
             dcfg = DenoiserConfig(**denoiser_config)
         torch.manual_seed(cfg.seed)
@@ -344,6 +346,10 @@ class PODiffPipeline:
         flat = cond[None].expand(num_samples, B, L, rc).reshape(num_samples * B, L, rc)
         chunk = max(1, member_budget // max(1, L * rc))
         colour = self.token_noise
+        grid = tuple(self.pod.grid) if hasattr(self.pod, "grid") else (1, 1)
+        geometry = None if grid == tuple(denoiser.config.grid) else {"grid": grid}  # another domain's grid
+        if colour is not None and geometry is not None:
+            colour = colour.on_grid(grid)
 
         def noise_for(rows: slice):
             white = RowNoise(seeds[rows], cond.device, signs[rows])
@@ -354,7 +360,7 @@ class PODiffPipeline:
         starts = range(0, flat.shape[0], chunk)
         with autocast(cond.device, amp):
             out = [scheduler.sample(denoiser, flat[i : i + chunk], steps, noise_input=self.noise_input,
-                                    noise=noise_for(slice(i, i + chunk)))
+                                    noise=noise_for(slice(i, i + chunk)), geometry=geometry)
                    for i in progress_bar(starts, enabled=progress, desc="sample", unit="chunk")]
         denoiser.train(was_training)
         return torch.cat(out).view(num_samples, B, L, r)
@@ -413,13 +419,23 @@ class PODiffPipeline:
         if int(num_samples) < 2:
             raise ValueError(f"num_samples must be >= 2 for a variance; got {num_samples}")
         check_pair(lr, None, self.config.scale)
-        expected = (self.image_size[0] // self.config.scale, self.image_size[1] // self.config.scale)
+        s = self.config.scale
+        expected = (self.image_size[0] // s, self.image_size[1] // s)
         channels = self.offset.numel() + self.num_covariates
-        if tuple(lr.shape[-2:]) != expected or lr.shape[1] != channels:
+        if lr.shape[1] != channels:
             also = f" ({self.offset.numel()} of the target and the covariates {self.config.covariates})" \
                 if self.num_covariates else ""
-            raise ValueError(f"lr must be [B, {channels}, {expected[0]}, {expected[1]}] (the trained size{also}); "
-                             f"got {tuple(lr.shape)}")
+            size = f"{expected[0]}, {expected[1]}] (the trained size" if self.domain_limits() else "h, w] (any size"
+            raise ValueError(f"lr must be [B, {channels}, {size}{also}); got {tuple(lr.shape)}")
+        if tuple(lr.shape[-2:]) != expected:  # another domain: the model's view of it, or a one-line error
+            try:
+                view = for_domain(self, (lr.shape[-2] * s, lr.shape[-1] * s),
+                                  valid_pixels_of(lr, self.offset.numel(), s))
+            except ValueError as err:
+                raise ValueError(f"lr is {tuple(lr.shape[-2:])} cells, not the trained {expected}, and {err}") from None
+            return view.sample(lr, num_samples, steps, seed=seed, variance=variance, return_samples=return_samples,
+                               member_budget=member_budget, progress=progress, image_ids=image_ids,
+                               distributed=distributed, amp=amp, sampler=sampler)
         ids = torch.arange(lr.shape[0]) if image_ids is None else torch.as_tensor(image_ids).cpu()
         if ids.shape != (lr.shape[0],):
             raise ValueError(f"image_ids must hold one id per image ({lr.shape[0]}); got shape {tuple(ids.shape)}")
@@ -448,6 +464,15 @@ class PODiffPipeline:
                 out.samples = gather(out.samples.transpose(0, 1)).transpose(0, 1)
                 out.tokens = gather(out.tokens.transpose(0, 1)).transpose(0, 1)
         return out
+
+    def for_domain(self, image_size, valid_pixels: torch.Tensor | None = None) -> PODiffPipeline:
+        """This model on fields of ``image_size = (H, W)`` (``model.domain.for_domain``): a view
+        sharing every weight; ``sample`` takes it itself for an input of another size."""
+        return for_domain(self, image_size, valid_pixels)
+
+    def domain_limits(self) -> list[str]:
+        """What binds this model to its training grid (``model.domain.domain_limits``; empty: none)."""
+        return domain_limits(self)
 
     def save(self, directory: str | Path) -> None:
         """``config.json``, ``pod.safetensors`` and ``weights.safetensors`` (live and EMA), atomically."""

@@ -75,7 +75,9 @@ def _npz_has(path, key: str) -> bool:
 def data_for_model(source: DataSource, pipe):
     """The data at the model's scale and grid: high-resolution fields (truth; the input made by
     block averages, or the file's own ``lr``) or fields on the model's low-resolution grid (input
-    only). Anything else is a one-line error naming the expected and the actual."""
+    only). A model that samples any domain (``PODiffPipeline.domain_limits()`` empty) takes fields
+    of another size as high-resolution fields (cropped to whole input cells). Anything else is a
+    one-line error naming the expected and the actual (and what binds the model to its grid)."""
     from podiff.data import datasets
     from podiff.data.fields import sniff
 
@@ -91,6 +93,9 @@ def data_for_model(source: DataSource, pipe):
     else:
         raw = source.load(1, with_covariates=False)
         H0, W0 = raw.hr.shape[-2:]
+        if (H0, W0) not in ((H, W), (h, w)) and raw.hr.shape[1] == C and not pipe.domain_limits():
+            H, W = H0 - H0 % scale, W0 - W0 % scale  # a model of any domain: the file's fields are the truth
+            h, w = H // scale, W // scale
         if (H0 - H0 % scale, W0 - W0 % scale) == (H, W) and (H0, W0) != (H, W):  # cropped as training cropped
             raw = datasets.Dataset(raw.hr[..., :H, :W].contiguous(), raw.hr[..., :H, :W].contiguous(), 1, raw.name,
                                    raw.meta, raw.grid.crop(H, W) if raw.grid is not None else None)
@@ -100,8 +105,11 @@ def data_for_model(source: DataSource, pipe):
         elif raw.hr.shape[1] == C and size == (h, w):
             ds = datasets.as_low_resolution(raw, scale)
         else:
+            limits = pipe.domain_limits()
+            why = f" (it samples only its training grid: it holds {'; '.join(limits)})" if limits else ""
             raise WorkflowError(f"{source.data}: fields [{raw.hr.shape[1]}, {size[0]}, {size[1]}] fit neither the "
-                                f"model's high-resolution grid [{C}, {H}, {W}] nor its input grid [{C}, {h}, {w}]")
+                                f"model's high-resolution grid [{C}, {H}, {W}] nor its input grid [{C}, {h}, {w}]"
+                                + why)
     if tuple(ds.lr.shape[1:]) != (C, h, w):
         raise WorkflowError(f"{source.data}: input [{', '.join(map(str, ds.lr.shape[1:]))}] does not fit the model's "
                             f"input grid [{C}, {h}, {w}]")

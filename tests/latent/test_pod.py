@@ -207,6 +207,48 @@ def test_shared_basis_encodes_other_sizes():
     torch.testing.assert_close(pod.decode(tokens, image_size=(40, 36)), big, rtol=1e-9, atol=1e-9)
 
 
+
+@pytest.mark.parametrize("stride", [4, 2])
+def test_a_shared_basis_on_another_domain_has_its_grid_mask_and_exact_moments(stride):
+    x = smooth_fields(20, seed=14)
+    pod = PatchPOD(4, stride, rank=10).fit(x, progress=False)
+    valid = torch.ones(1, 30, 20, dtype=torch.bool)
+    valid[0, :6, :5] = False
+    view = pod.on_domain((30, 20), valid)
+    assert view.grid == (pod._padded_size(30, 20)[0] // stride - (4 // stride - 1),
+                         pod._padded_size(30, 20)[1] // stride - (4 // stride - 1))
+    assert view.basis is pod.basis and pod.image_size == (24, 24)  # a view: the fit is untouched
+    big = smooth_fields(3, h=30, w=20, seed=15)
+    tokens = view.encode(big.masked_fill(~valid, float("nan")))
+    # The tokens are the domain's patches' least-squares coefficients, as the fitted POD's encode
+    # of another size gives them; decoding masks the domain's invalid pixels.
+    torch.testing.assert_close(tokens, pod.encode(big.masked_fill(~valid, float("nan"))), rtol=1e-9, atol=1e-9)
+    assert torch.equal(torch.isnan(view.decode(tokens))[0], ~valid)
+    if stride != 4:  # overlapping patches: the block variance leaves out the overlap covariance
+        return
+    # The closed-form moments of an ensemble on the domain: the decoded members' mean and variance.
+    g = torch.Generator().manual_seed(0)
+    members = tokens[None] + 0.3 * torch.randn(6, *tokens.shape, generator=g, dtype=tokens.dtype)
+    mean_tok, cov = pk.ensemble_moments(members)
+    mean, var = view.decode_moments(mean_tok, cov)
+    decoded = torch.stack([view.decode(m) for m in members])
+    torch.testing.assert_close(mean, decoded.mean(0), rtol=1e-9, atol=1e-9, equal_nan=True)
+    torch.testing.assert_close(var, decoded.var(0), rtol=1e-7, atol=1e-9, equal_nan=True)
+
+
+def test_a_local_basis_or_a_bad_mask_on_another_domain_is_an_error():
+    x = smooth_fields(40, seed=16)
+    local = PatchPOD(4, 4, rank=4, basis="local").fit(x, progress=False)
+    assert local.on_domain((24, 24)) is local
+    with pytest.raises(ValueError, match=r"a local POD basis belongs to the 24×24 grid it was fitted on .*image_size "
+                                         r"\(28, 24\) needs a shared basis"):
+        local.on_domain((28, 24))
+    shared = PatchPOD(4, 4, rank=4).fit(x, progress=False)
+    with pytest.raises(ValueError, match=r"valid_pixels must be a bool \[C=1, 28, 24\] tensor; got torch.float32"):
+        shared.on_domain((28, 24), torch.ones(1, 28, 24))
+    with pytest.raises(ValueError, match=r"image_size must be \(H, W\) with H, W >= 1; got \(0, 24\)"):
+        shared.on_domain((0, 24))
+
 def _distributed_worker(rank, world, init_file, x, mask, out):
     import torch.distributed as dist
 

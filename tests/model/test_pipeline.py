@@ -169,6 +169,9 @@ def test_errors():
     with pytest.raises(ValueError, match="num_samples must be >= 2"):
         pipe.sample(lr, num_samples=1)
     with pytest.raises(ValueError, match=r"lr must be \[B, 1, 4, 4\] \(the trained size\)"):
+        pipe.sample(lr.expand(-1, 2, -1, -1))
+    with pytest.raises(ValueError, match=r"lr is \(3, 3\) cells, not the trained \(4, 4\), and this model samples "
+                                         r"only 16×16 fields, not 12×12: it holds .*global attention"):
         pipe.sample(lr[..., :3, :3])
     with pytest.raises(ValueError, match="variance must be 'block' or 'diagonal'"):
         pipe.sample(lr, variance="full")

@@ -179,3 +179,32 @@ def test_sample_crops_a_grid_as_train_did(files, model, tmp_path):
                      "--quiet"]) == 0
     tall, cropped = (xr.open_dataset(tmp_path / f"{name}_pred.nc") for name in ("tall", "cropped"))
     np.testing.assert_array_equal(tall["mean"].values, cropped["mean"].values)
+
+
+def test_a_model_of_any_domain_samples_a_wider_file_and_a_fixed_one_says_why_not(files, model, tmp_path, capsys):
+    """``train --domain any --crop``: trained on crops of the 24×32 file, it samples a 24×56 file (the
+    test months beside a copy of their western 24 columns, land included) as a user's larger domain."""
+    root, field = files
+    test = field.isel(time=slice(32, None))
+    west = test.isel(lon=slice(0, 24)).assign_coords(lon=test["lon"].values[:24] + 16.0)
+    xr.concat([test, west], "lon").to_netcdf(tmp_path / "wide.nc")
+    run_dir = tmp_path / "anywhere"
+    code, _, err = run(capsys, "train", "--data", root / "train.nc", "--scale", 4, "--out", run_dir, "--steps", 20,
+                       "--eval-every", 10, "--domain", "any", "--crop", 4, "--residual", "ridge", "--quiet",
+                       "--no-regression-baseline", "--no-unet-baseline")
+    assert code == 0, err
+    code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tmp_path / "wide.nc", "--split", "all",
+                       "--num-samples", 3, "--out", tmp_path / "wide_pred.nc", "--quiet")
+    assert code == 0, err
+    pred = xr.open_dataset(tmp_path / "wide_pred.nc")
+    assert pred["mean"].shape == (8, 24, 56)
+    np.testing.assert_array_equal(pred["lon"].values, np.concatenate([test["lon"].values, west["lon"].values]))
+    # NaN on the input cells with no data (whole cells: a coarse input cannot say which pixels of a
+    # coastal cell are land, so those are predicted)
+    cells = np.isnan(pred["truth"].values[0]).reshape(6, 4, 14, 4).all((1, 3))
+    assert cells.sum() == 2 and np.array_equal(np.isnan(pred["mean"].values[0]), np.kron(cells, np.ones((4, 4))) > 0)
+    assert float(np.nanmean(np.abs(pred["mean"].values - pred["truth"].values))) < 0.5  # a real prediction
+    code, _, err = run(capsys, "sample", "--model", model, "--data", tmp_path / "wide.nc", "--split", "all",
+                       "--num-samples", 2, "--out", tmp_path / "fixed_pred.nc", "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "(it samples only its training grid: it holds " in err and "global attention" in err
