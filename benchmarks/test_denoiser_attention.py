@@ -1,7 +1,9 @@
 """Windowed against global attention in the denoiser, same run: one training step (forward and
 backward) and one sampling call (forward) of the ``tiny`` ViT on the token grid of a 72 × 144
 field (18 × 36 tokens, p = 4) and of a 256 × 256 field (64 × 64 tokens); the ratio table shows
-what the windows save. ``benchmarks/denoiser_scaling.py`` gives the growth with the area.
+what the windows save; and a windowed call on a 1024² field run band by band against the whole
+grid at once. ``benchmarks/denoiser_scaling.py`` and ``benchmarks/domain_scaling.py`` give the
+growth with the area.
 """
 
 import pytest
@@ -53,4 +55,25 @@ def test_sampling_call(compare, provider, size):
         return net(x, c, t)
 
     out = compare(f"denoiser call, 4 members, {size} pixels", provider, call, baseline=provider == "global", rounds=3)
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("provider", ["bands", "whole grid"])
+def test_sampling_call_band_by_band(compare, provider, monkeypatch):
+    """A windowed block on a large grid runs band by band (``denoiser.window_bands``): the same sums,
+    each band's activations in cache. One member of a 1024² field (256 × 256 tokens), window 8."""
+    import podiff.diffusion.denoiser as denoiser
+
+    if provider == "whole grid":
+        monkeypatch.setattr(denoiser, "BAND_TOKENS", 1 << 30)
+    grid = (256, 256)
+    net = _net(grid, 8)
+    x, c, t = torch.randn(1, grid[0] * grid[1], 8), torch.randn(1, grid[0] * grid[1], 8), torch.rand(1)
+
+    @torch.no_grad()
+    def call():
+        return net(x, c, t)
+
+    out = compare("windowed denoiser call, 1 member, 1024² pixels", provider, call, baseline=provider == "whole grid",
+                  rounds=3)
     assert out.shape == x.shape

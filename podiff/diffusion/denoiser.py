@@ -31,6 +31,8 @@ PRESETS = {
 }
 
 
+#: Tokens per band above which a windowed block runs band by band (``window_bands``).
+BAND_TOKENS = 4096
 #: ``DenoiserConfig.position_embedding``: the grid's sin-cos positions, or none.
 POSITION_EMBEDDINGS = ("sincos", "none")
 
@@ -115,28 +117,41 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-def window_attention(qkv: torch.Tensor, grid: tuple[int, int], window: int, shift: int = 0) -> torch.Tensor:
+def window_attention(qkv: torch.Tensor, grid: tuple[int, int], window: int, shift=0) -> torch.Tensor:
     """Attention of the packed ``qkv [B, L, 3, h, d]`` (``L = nH·nW`` tokens of ``grid``,
     row-major) within ``window × window`` squares of the grid, the partition offset by ``shift``
-    tokens down and right (Swin); returns ``[B, L, h, d]``. The grid is padded to whole windows
-    and padded keys are masked, so a window at an edge attends over its real tokens only (none
-    is all padding, as ``shift < window``). One pad and partition of the packed tensor, one
-    batched attention over ``B × windows`` (4-D: much faster on the CPU than a 5-D batch)."""
+    tokens down and right (Swin; an int, or ``(rows, columns)``); returns ``[B, L, h, d]``. The
+    grid is padded to whole windows and padded keys are masked, so a window at an edge attends
+    over its real tokens only (none is all padding, as ``shift < window``). One pad and partition
+    of the packed tensor, one batched attention over ``B × windows`` (4-D: much faster on the
+    CPU than a 5-D batch)."""
     B, L, _, h, d = qkv.shape
     nH, nW = grid
-    w, s = int(window), int(shift)
-    Hp, Wp = -(-(nH + s) // w) * w, -(-(nW + s) // w) * w
+    w = int(window)
+    sy, sx = (int(shift), int(shift)) if isinstance(shift, int) else (int(shift[0]), int(shift[1]))
+    Hp, Wp = -(-(nH + sy) // w) * w, -(-(nW + sx) // w) * w
     gh, gw = Hp // w, Wp // w
-    x = F.pad(qkv.reshape(B, nH, nW, 3 * h * d), (0, 0, s, Wp - nW - s, s, Hp - nH - s))
+    x = F.pad(qkv.reshape(B, nH, nW, 3 * h * d), (0, 0, sx, Wp - nW - sx, sy, Hp - nH - sy))
     x = x.reshape(B, gh, w, gw, w, 3, h, d).permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B * gh * gw, h, w * w, d)
     mask = None
-    if (Hp, Wp, s) != (nH, nW, 0):
+    if (Hp, Wp, sy, sx) != (nH, nW, 0, 0):
         rows, cols = torch.arange(Hp, device=qkv.device), torch.arange(Wp, device=qkv.device)
-        valid = ((rows >= s) & (rows < s + nH))[:, None] & ((cols >= s) & (cols < s + nW))[None, :]
+        valid = ((rows >= sy) & (rows < sy + nH))[:, None] & ((cols >= sx) & (cols < sx + nW))[None, :]
         mask = valid.reshape(gh, w, gw, w).permute(0, 2, 1, 3).reshape(gh * gw, 1, 1, w * w).repeat(B, 1, 1, 1)
     out = F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=mask)  # [B·windows, h, w·w, d]
     out = out.reshape(B, gh, gw, h, w, w, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, h, d)
-    return out[:, s:s + nH, s:s + nW].reshape(B, L, h, d)
+    return out[:, sy:sy + nH, sx:sx + nW].reshape(B, L, h, d)
+
+
+def window_bands(grid: tuple[int, int], window: int, shift: int, tokens: int) -> list[tuple[int, int]]:
+    """Row bands ``[(r0, r1), …]`` of ``grid`` that hold whole rows of ``shift``-offset windows,
+    about ``tokens`` tokens each (at least one row of windows): a block run band by band is the
+    block run on the whole grid, as every window lies in one band."""
+    nH, nW = grid
+    w, s = int(window), int(shift)
+    step = w * max(1, int(tokens) // (w * nW))
+    edges = [0] + [e for e in range(w - s if s else w, nH, w)][step // w - 1 :: step // w] + [nH]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=False) if b > a]
 
 
 class Attention(nn.Module):
@@ -149,11 +164,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], row_shift: int | None = None) -> torch.Tensor:
+        """``row_shift``: the partition's offset along the rows when ``grid`` is a band of a larger
+        grid (``window_bands``; None: ``shift``)."""
         B, L, W = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.heads, W // self.heads)
         if self.window and max(grid) > self.window:
-            out = window_attention(qkv, grid, self.window, self.shift).reshape(B, L, W)
+            shift = (self.shift if row_shift is None else row_shift, self.shift)
+            out = window_attention(qkv, grid, self.window, shift).reshape(B, L, W)
         else:  # the grid fits in one window: every token sees every other
             q, k, v = qkv.permute(2, 0, 3, 1, 4)
             out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, W)
@@ -175,8 +193,26 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada[-1].bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        w = self.attn.window
+        if not w or x.shape[1] <= BAND_TOKENS or max(grid) <= w:
+            return self._band(x, c, grid, None)
+        # A large windowed grid runs band by band (rows of whole windows): the same sums, each
+        # band's activations small enough to stay in cache, so time per token does not grow
+        # with the domain and the MLP's hidden activations are one band's.
+        B, _, W = x.shape
+        nH, nW = grid
+        rows = x.view(B, nH, nW, W)
+        per_token = c.shape[1] != 1
+        out = []
+        for r0, r1 in window_bands(grid, w, self.attn.shift, BAND_TOKENS):
+            cb = c.view(B, nH, nW, -1)[:, r0:r1].reshape(B, (r1 - r0) * nW, -1) if per_token else c
+            band = rows[:, r0:r1].reshape(B, (r1 - r0) * nW, W)
+            out.append(self._band(band, cb, (r1 - r0, nW), self.attn.shift if r0 == 0 else 0).view(B, r1 - r0, nW, W))
+        return torch.cat(out, 1).view(B, nH * nW, W)
+
+    def _band(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int], row_shift: int | None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), grid)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), grid, row_shift)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 

@@ -151,3 +151,41 @@ def test_window_config():
     for bad in (1, -2):
         with pytest.raises(ValueError, match=f"window must be 0 .* got {bad}"):
             DenoiserConfig(rank=4, grid=(2, 2), window=bad)
+
+
+@pytest.mark.parametrize("grid,window,shift,tokens", [((20, 5), 4, 0, 40), ((20, 5), 4, 2, 40), ((21, 3), 3, 1, 1),
+                                                      ((9, 9), 4, 2, 10_000)])
+def test_window_bands_hold_whole_windows_and_cover_the_grid(grid, window, shift, tokens):
+    from podiff.diffusion.denoiser import window_bands
+
+    bands = window_bands(grid, window, shift, tokens)
+    assert bands[0][0] == 0 and bands[-1][1] == grid[0]
+    assert all(a[1] == b[0] for a, b in zip(bands[:-1], bands[1:], strict=True))  # contiguous, no overlap
+    for r0, _ in bands[1:]:  # each later band starts on an edge of the shifted partition
+        assert (r0 + shift) % window == 0
+    if tokens >= grid[0] * grid[1]:
+        assert bands == [(0, grid[0])]
+
+
+@pytest.mark.parametrize("noise_input", ["time", "per_token"])
+def test_a_large_windowed_grid_run_band_by_band_is_the_whole_grid_run(monkeypatch, noise_input):
+    import podiff.diffusion.denoiser as denoiser
+
+    torch.manual_seed(0)
+    net = PODDenoiser(DenoiserConfig(rank=3, grid=(13, 11), width=16, depth=3, heads=2, window=3,
+                                     noise_input=noise_input)).double()
+    with torch.no_grad():  # leave adaLN-Zero's start, so that every block reaches the output
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, c = torch.randn(2, 143, 3, dtype=torch.float64), torch.randn(2, 143, 3, dtype=torch.float64)
+    t = torch.rand(2, dtype=torch.float64) if noise_input == "time" else torch.randn(2, 143, 3, dtype=torch.float64)
+    whole = net(x, c, t)
+    calls = []
+    original = denoiser.DiTBlock._band
+    monkeypatch.setattr(denoiser.DiTBlock, "_band", lambda self, *a: calls.append(a[2]) or original(self, *a))
+    monkeypatch.setattr(denoiser, "BAND_TOKENS", 20)  # bands of one row of windows: 3 rows of 11 tokens
+    banded = net(x, c, t)
+    assert len(calls) > 3 * 3 and {g[1] for g in calls} == {11} and max(g[0] for g in calls) <= 3
+    torch.testing.assert_close(banded, whole, rtol=1e-12, atol=1e-12)
+    (banded.square().sum()).backward()  # training runs band by band too
+    assert all(p.grad is not None for p in net.blocks.parameters())
