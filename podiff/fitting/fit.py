@@ -63,9 +63,9 @@ def build(pipe, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = 
     The data are moved to ``pipe.device`` first: the fits and the model all run there."""
     lr, hr, mask = _checked_on_device(pipe, lr, hr, mask)
     _fit_covariate_scaling(pipe, lr, distributed)
-    hr_fit, _, mu = _fit_mean_model(pipe, lr, hr, None)
+    hr_fit, _, mu = _fit_mean_model(pipe, lr, hr, None, distributed=distributed)
     _build(pipe, hr_fit, mask, progress, distributed)
-    _fit_condition(pipe, mu)
+    _fit_condition(pipe, mu, distributed)
     with torch.no_grad():
         tokens = pipe.target_tokens(hr, lr, mu).float()
         _fit_noise_correlation(pipe, distributed_.all_gather_rows(tokens) if distributed else tokens)
@@ -73,24 +73,38 @@ def build(pipe, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = 
 
 
 def _fit_mean_model(pipe, lr, hr, validation, eval_every: int = _OPTIONS.eval_every,
-                    patience: int | None = _OPTIONS.patience, progress: bool = False):
+                    patience: int | None = _OPTIONS.patience, progress: bool = False, distributed: bool = False):
     """A residual model: fits ``μ`` (chosen and tuned on ``validation``, ``MeanModel.fit``; a
     U-Net candidate with the training's ``eval_every``, ``patience`` and at most
     ``config.train_steps``) and returns the residual fields ``(hr − μ_oof(lr), hr_val −
     μ(lr_val), μ_oof(lr))`` with ``μ_oof`` the out-of-fold predictions of the training fields;
-    otherwise ``(hr, hr_val, None)``."""
+    otherwise ``(hr, hr_val, None)``. ``distributed``: ``lr, hr`` are this rank's shard; every rank
+    fits the same mean model on every rank's fields (gathered; deterministic on the CPU, so the
+    one-process model) and keeps the out-of-fold predictions of its own."""
     hr_val = None if validation is None else validation[1]
     cfg = pipe.config
     if cfg.residual == "none":
         return hr, hr_val, None
     cpu = None if validation is None else tuple(t.cpu() for t in validation)
-    pipe.mean_model = MeanModel.fit(cfg.scale, lr.cpu(), hr.cpu(), cpu, len(cfg.covariates), cfg.residual,
-                                    steps=cfg.train_steps, eval_every=eval_every, patience=patience,
+    gather = distributed_.all_gather_rows if distributed else (lambda t: t)
+    pipe.mean_model = MeanModel.fit(cfg.scale, gather(lr).cpu(), gather(hr).cpu(), cpu, len(cfg.covariates),
+                                    cfg.residual, steps=cfg.train_steps, eval_every=eval_every, patience=patience,
                                     seed=cfg.seed + 3, progress=progress, **_mean_model_domain(cfg))
-    mu = pipe.mean_model.out_of_fold(lr, hr)
+    mu = _out_of_fold(pipe, lr, hr, distributed)
     if validation is not None:
         hr_val = validation[1].to(hr.device) - pipe.mean_model.predict(validation[0].to(hr.device))
     return hr - mu, hr_val, mu
+
+
+def _out_of_fold(pipe, lr, hr, distributed: bool) -> torch.Tensor:
+    """The mean model's out-of-fold predictions of this rank's fields: the folds run over every
+    rank's fields in rank order, as over the fields of one process."""
+    if not distributed:
+        return pipe.mean_model.out_of_fold(lr, hr)
+    counts = distributed_.all_gather_rows(torch.tensor([lr.shape[0]], device=lr.device)).tolist()
+    start = sum(counts[: distributed_.rank_world()[0]])
+    mu = pipe.mean_model.out_of_fold(distributed_.all_gather_rows(lr), distributed_.all_gather_rows(hr))
+    return mu[start : start + lr.shape[0]]
 
 
 def _mean_model_domain(cfg) -> dict:
@@ -111,9 +125,10 @@ def _fit_covariate_scaling(pipe, lr, distributed: bool) -> None:
     pipe.covariate_offset, pipe.covariate_scale = fit_scaling(cov, ~torch.isnan(cov), distributed)
 
 
-def _fit_condition(pipe, mu) -> PODiffPipeline:
-    if pipe.mean_model is not None:
-        pipe.mean_model.fit_condition(mu, pipe.condition_coefficients)
+def _fit_condition(pipe, mu, distributed: bool = False) -> PODiffPipeline:
+    if pipe.mean_model is not None:  # the statistics of every rank's fields
+        pipe.mean_model.fit_condition(distributed_.all_gather_rows(mu) if distributed else mu,
+                                      pipe.condition_coefficients)
         pipe.mean_model.to(pipe.device)
     return pipe
 
@@ -230,7 +245,6 @@ def fit(pipe, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = No
              else hr.shape[0])
     if total < 2:
         raise ValueError(f"training needs at least two samples; got {total}")
-    _check_distributable(pipe, distributed)
     rank = distributed_.rank_world()[0] if distributed else 0
     mu = _prepare(pipe, lr, hr, mask, validation, progress and rank == 0, distributed, eval_every, patience)
     steps = _checked_steps(pipe, steps)
@@ -240,7 +254,8 @@ def fit(pipe, lr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor | None = No
     _fit_noise_correlation(pipe, x0_all)
     if pipe.training_windows().count > 1:  # shifted grids, crops: tokens made per batch from the fields
         gather = distributed_.all_gather_rows if distributed else (lambda t: t)
-        x0_all, cond_all = FieldTokens(pipe, gather(lr), gather(hr), mu, tokens=(x0_all, cond_all)), None
+        mu_all = gather(mu) if mu is not None else None
+        x0_all, cond_all = FieldTokens(pipe, gather(lr), gather(hr), mu_all, tokens=(x0_all, cond_all)), None
     trainer = Trainer(pipe, amp=amp, distributed=distributed)
     return trainer.fit(x0_all, cond_all, steps, progress=progress, checkpoint=checkpoint,
                        checkpoint_every=checkpoint_every, resume=resume, log_every=log_every,
@@ -253,19 +268,20 @@ def _prepare(pipe, lr, hr, mask, validation, progress: bool, distributed: bool,
     returns the mean model's out-of-fold predictions of these fields (None without one)."""
     if pipe.denoiser is None:
         _fit_covariate_scaling(pipe, lr, distributed)
-        hr_fit, hr_val_fit, mu = _fit_mean_model(pipe, lr, hr, validation, eval_every, patience, progress)
+        hr_fit, hr_val_fit, mu = _fit_mean_model(pipe, lr, hr, validation, eval_every, patience, progress,
+                                                 distributed)
         _build(pipe, hr_fit, mask, progress, distributed, hr_val=hr_val_fit)
-        _fit_condition(pipe, mu)
+        _fit_condition(pipe, mu, distributed)
         return mu
     # built or resumed: the same out-of-fold predictions again
-    return pipe.mean_model.out_of_fold(lr, hr) if pipe.mean_model is not None else None
+    return _out_of_fold(pipe, lr, hr, distributed) if pipe.mean_model is not None else None
 
 
 def _check_distributable(pipe, distributed: bool) -> None:
-    """A model still to build trains under a process group only without a residual model."""
+    """A streamed model still to build trains under a process group only without a residual model."""
     if pipe.denoiser is None and distributed and pipe.config.residual != "none":
-        raise ValueError("residual training is not distributed yet; train it in one process "
-                         "(or pass --residual none)")
+        raise ValueError("a residual model does not stream across ranks yet: train it in one process, in memory "
+                         "under torchrun (a larger --memory-mb), or with --residual none")
 
 
 def _checked_steps(pipe, steps: int | None) -> int:
@@ -305,7 +321,7 @@ def fit_streamed(pipe, stream, validation: tuple[torch.Tensor, torch.Tensor] | N
     contiguous share of its fields (``distributed.shard``): its part of the subsample for the fits
     (reduced exactly, as ``fit`` reduces), and of every global batch the rows it holds, the loss
     weighted by their share of the batch; so 2 ranks train the model 1 process trains, to float
-    rounding. Not for a residual model yet (as ``fit``).
+    rounding. Not for a residual model yet (``fit`` trains one across ranks in memory).
     """
 
     if device is not None:

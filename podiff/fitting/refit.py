@@ -75,7 +75,8 @@ def refit(pipe, lr: torch.Tensor, hr: torch.Tensor, held_out: tuple[torch.Tensor
           steps: int | None = None, progress: bool = True, checkpoint: str | Path | None = None,
           resume: bool = True, log_every: int = 50, distributed: bool | None = None) -> dict:
     """Refits a trained ``pipe`` on its training fields ``lr, hr`` (this rank's shard when
-    distributed, as in ``fit``) and the ``held_out = (lr_val, hr_val)`` fields it was validated on
+    distributed, as in ``fit``: gathered, so that every rank refits the mean model and makes the
+    tokens as one process does) and the ``held_out = (lr_val, hr_val)`` fields it was validated on
     (whole on every rank). ``steps``: the denoiser's continuation (default
     ``continuation_steps(best_step, n_train, n_held)``); ``checkpoint``: a file for the
     continuation (resumed from with ``resume``). Returns and records (``pipe.training.refit``)
@@ -90,10 +91,9 @@ def refit(pipe, lr: torch.Tensor, hr: torch.Tensor, held_out: tuple[torch.Tensor
     check_pair(lr, hr, pipe.config.scale, pipe.num_covariates)
     check_pair(lr_val, hr_val, pipe.config.scale, pipe.num_covariates)
     distributed = distributed_.is_active() if distributed is None else bool(distributed)
-    if distributed and pipe.mean_model is not None:
-        raise ValueError("residual training is not distributed yet; refit it in one process")
-    n_train = (int(distributed_.all_sum(torch.tensor(hr.shape[0], device=device)).item()) if distributed
-               else hr.shape[0])
+    if distributed:  # every rank holds every training field, then refits as one process (the trainer shares steps)
+        lr, hr = distributed_.all_gather_rows(lr), distributed_.all_gather_rows(hr)
+    n_train = hr.shape[0]
     n_held = hr_val.shape[0]
     record = pipe.training
     chosen = record.best_step if record.best_step is not None else record.step
@@ -105,8 +105,6 @@ def refit(pipe, lr: torch.Tensor, hr: torch.Tensor, held_out: tuple[torch.Tensor
     held_out_spread = record.refit["held_out_spread"] if record.refit else pipe.calibration.spread
     if record.refit and "spread_ratio" in record.refit:  # measured with the held-out mean model, kept
         ratio, about = record.refit["spread_ratio"], record.refit["error_ratio"]
-    elif distributed:
-        ratio, about = 1.0, {"skipped": "under torchrun the training fields are sharded"}
     else:
         ridge = (pipe.mean_model.ridge if pipe.mean_model is not None else
                  RidgeBaseline(pipe.config.scale, covariates=pipe.num_covariates).fit(lr.cpu().double(),
@@ -114,16 +112,12 @@ def refit(pipe, lr: torch.Tensor, hr: torch.Tensor, held_out: tuple[torch.Tensor
         ratio, about = refit_error_ratio(lr, hr, (lr_val, hr_val), ridge)
     pipe.calibration = replace(pipe.calibration, spread=held_out_spread * ratio)
     with torch.no_grad():
-        if pipe.mean_model is not None:  # one process: every field through the refitted mean model's out-of-fold μ
-            lr, hr = torch.cat([lr, lr_val]), torch.cat([hr, hr_val])
+        lr, hr = torch.cat([lr, lr_val]), torch.cat([hr, hr_val])
+        mu = None
+        if pipe.mean_model is not None:  # every field through the refitted mean model's out-of-fold μ
             pipe.mean_model = pipe.mean_model.refitted(lr, hr, held_out=n_held).to(device)
             mu = pipe.mean_model.out_of_fold(lr, hr)
-            x0, cond = pipe.target_tokens(hr, lr, mu).float(), pipe.condition_tokens(lr, mu).float()
-        else:  # this rank's training fields gathered across ranks, then the held-out ones (on every rank)
-            gather = distributed_.all_gather_rows if distributed else (lambda t: t)
-            x0 = torch.cat([gather(pipe.target_tokens(hr).float()), pipe.target_tokens(hr_val).float()])
-            cond = torch.cat([gather(pipe.condition_tokens(lr).float()), pipe.condition_tokens(lr_val).float()])
-            lr, hr, mu = torch.cat([gather(lr), lr_val]), torch.cat([gather(hr), hr_val]), None
+        x0, cond = pipe.target_tokens(hr, lr, mu).float(), pipe.condition_tokens(lr, mu).float()
     fields = int(x0.shape[0])
     if pipe.training_windows().count > 1:  # shifted grids, crops: as the held-out training had
         x0, cond = FieldTokens(pipe, lr, hr, mu, tokens=(x0, cond)), None

@@ -97,6 +97,64 @@ def test_sharded_sampling_matches_one_process(two_ranks):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True, msg=key)  # measured: 1e-6
 
 
+def _residual_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+
+    from podiff.fitting import refit
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        lr, hr = fields(13, 0)
+        lr_val, hr_val = fields(4, 2)
+        rows = distributed.shard(13, rank, world)
+        pipe = PODiffPipeline(config(residual="ridge", basis="shared"))
+        history = list(fit(pipe, lr[rows], hr[rows], progress=False, validation=(lr_val, hr_val), patience=None))
+        held = {"weights": pipe.mean_model.ridge.weights.clone(), "cond_mean": pipe.mean_model.cond_mean,
+                "cond_scale": pipe.mean_model.cond_scale, "offset": pipe.offset, "eig": pipe.pod.eigenvalues,
+                "state": {k: v.clone() for k, v in pipe.denoiser.state_dict().items()}}
+        info = refit(pipe, lr[rows], hr[rows], (lr_val, hr_val), steps=4, progress=False)
+        if rank == 0:
+            torch.save({"history": history, "held": held, "refit": info,
+                        "refit_weights": pipe.mean_model.ridge.weights, "spread": pipe.calibration.spread,
+                        "refit_state": pipe.denoiser.state_dict()}, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_residual_model_and_its_refit_on_two_ranks_match_one_process(tmp_path):
+    """Every rank fits the mean model on every rank's fields (gathered) and keeps the out-of-fold
+    predictions of its own; the refit gathers the fields and refits as one process does."""
+    import torch.multiprocessing as mp
+
+    from podiff.fitting import refit
+
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_residual_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    ranks = torch.load(out)
+    lr, hr = fields(13, 0)
+    lr_val, hr_val = fields(4, 2)
+    single = PODiffPipeline(config(residual="ridge", basis="shared"))
+    history = fit(single, lr, hr, progress=False, validation=(lr_val, hr_val), patience=None)
+    held = ranks["held"]
+    torch.testing.assert_close(held["weights"], single.mean_model.ridge.weights, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(held["cond_mean"], single.mean_model.cond_mean, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(held["cond_scale"], single.mean_model.cond_scale, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(held["offset"], single.offset, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(held["eig"], single.pod.eigenvalues, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(ranks["history"], history, rtol=1e-5, atol=1e-7)
+    for name, value in single.denoiser.state_dict().items():
+        torch.testing.assert_close(held["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    info = refit(single, lr, hr, (lr_val, hr_val), steps=4, progress=False)
+    assert ranks["refit"]["fields"] == info["fields"] == 17 and ranks["refit"]["steps"] == 4
+    assert ranks["refit"]["spread_ratio"] == pytest.approx(info["spread_ratio"], rel=1e-9)
+    assert ranks["spread"] == pytest.approx(single.calibration.spread, rel=1e-9)
+    torch.testing.assert_close(ranks["refit_weights"], single.mean_model.ridge.weights, rtol=1e-10, atol=1e-12)
+    for name, value in single.denoiser.state_dict().items():
+        torch.testing.assert_close(ranks["refit_state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_samples_do_not_depend_on_chunks_or_batches():
     lr, hr = fields(13, 0)
     pipe = PODiffPipeline(config(train_steps=4, sampler="ancestral"))  # noise at every step
@@ -133,9 +191,9 @@ def test_podiff_train_and_sample_under_torchrun(tmp_path):
     data = tmp_path / "fields.npz"
     np.savez(data, hr=hr.numpy())
     args = ["--data", str(data), "--scale", "4", "--quiet"]
-    # Residual training and the held-out POD choice are one-process only (a clear error / shared basis).
+    # A residual model (every rank fits the ridge on all fields); the held-out POD choice is one-process only.
     train = ["train", *args, "--steps", "6", "--batch-size", "4", "--patch-size", "4", "--rank", "6",
-             "--residual", "none", "--basis", "shared", "--val-fraction", "0"]
+             "--residual", "ridge", "--basis", "shared", "--val-fraction", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "podiff.cli"]
     for out, cmd in ((tmp_path / "ddp", launch), (tmp_path / "one", [sys.executable, "-m", "podiff.cli"])):
