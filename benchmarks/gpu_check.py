@@ -1,10 +1,10 @@
 """The prepared GPU run: everything a CUDA machine proves, in one command, into one JSON.
 
-    python benchmarks/gpu_check.py --out gpu_check.json            # on a CUDA machine, < 8 minutes
+    python benchmarks/gpu_check.py --out gpu_check.json            # on a CUDA machine, < 11 minutes
     python benchmarks/gpu_check.py --install --out gpu_check.json  # from a fresh checkout: pip install first
     python benchmarks/gpu_check.py --dry-run --out dry.json        # anywhere: the same stages, CPU-sized
 
-Stages, each with its own time limit (30 + 90 + 200 + 90 + 100 s: at most 8 minutes), each recorded
+Stages, each with its own time limit (30 + 90 + 200 + 90 + 150 + 100 s: at most 11 minutes), each recorded
 (exit code, seconds, figures) even when one fails:
 
 1. ``environment``: GPU name and memory, torch / CUDA / Triton versions, which kernel runs
@@ -15,9 +15,12 @@ Stages, each with its own time limit (30 + 90 + 200 + 90 + 100 s: at most 8 minu
    the seeding guarantees (the counts of passed / failed / skipped).
 4. ``gpu_suite``: ``benchmarks/gpu_suite.py`` — every op's error and achieved bandwidth as a
    fraction of the device's copy bandwidth; the eigensolver against ``torch.linalg.eigh``.
-5. ``demo``: ``podiff demo --device cuda --quiet`` — the SST demo's metrics and times on the GPU.
+5. ``domain_scaling``: ``benchmarks/domain_scaling.py --device cuda`` — a model of any domain
+   trained on 64 × 64-pixel crops sampling 256² to 2048² fields: time per member and pixel, peak
+   RSS and peak GPU memory (issue 33's sweep, as on the CPU).
+6. ``demo``: ``podiff demo --device cuda --quiet`` — the SST demo's metrics and times on the GPU.
 
-Exit status 0 when every stage passed. ``--dry-run`` runs stages 1, 3, 4 and a tiny demo on the
+Exit status 0 when every stage passed. ``--dry-run`` runs stages 1, 3, 4, a two-size sweep and a tiny demo on the
 CPU (the GPU tests then skip) so the script is tested where no GPU is (``tests/benchmarks/test_gpu_check.py``).
 """
 
@@ -112,6 +115,13 @@ def main(argv=None) -> int:
         if suite_json.is_file():
             suite["report"] = json.loads(suite_json.read_text())
         stages.append(suite)
+        scaling_json = Path(tmp) / "domain_scaling.json"  # issue 33's sweep: a crop-trained model up to 2048²
+        sweep = ["--sides", "64,128", "--steps", "2"] if args.dry_run else ["--device", "cuda"]
+        scaling = _run("domain_scaling", [sys.executable, "benchmarks/domain_scaling.py", "--out", str(scaling_json),
+                                          *sweep], 600 if args.dry_run else 150)
+        if scaling_json.is_file():
+            scaling["report"] = json.loads(scaling_json.read_text())
+        stages.append(scaling)
         demo_dir = Path(tmp) / "demo"
         demo_cmd = [sys.executable, "-m", "podiff.cli", "demo", "--quiet", "--out", str(demo_dir),
                     "--device", "cpu" if args.dry_run else "cuda"]

@@ -26,7 +26,9 @@ def dry_report(tmp_path_factory):
 def test_dry_run_passes_every_stage(dry_report):
     assert dry_report["dry_run"] and dry_report["ok"]
     names = [s["stage"] for s in dry_report["stages"]]
-    assert names == ["environment", "gpu_tests", "gpu_suite", "demo"]
+    assert names == ["environment", "gpu_tests", "gpu_suite", "domain_scaling", "demo"]
+    sweep = next(s for s in dry_report["stages"] if s["stage"] == "domain_scaling")["report"]
+    assert [row["side"] for row in sweep["rows"]] == [64, 128] and sweep["per_pixel_growth"] > 0
     env = dry_report["stages"][0]
     assert env["torch"] == torch.__version__ and isinstance(env["backends"], dict)
     assert {"patch_encode", "decode_moments", "batched_eigh"} <= set(env["backends"]["ops"])
