@@ -399,7 +399,9 @@ class PODiffPipeline:
                member_budget: int = 1 << 20, progress: bool = False, image_ids=None,
                distributed: bool | None = None, amp: bool | None = None,
                sampler: str | None = None) -> SampleOutput:
-        """Ensemble super-resolution of ``lr [B, C, h, w]`` (any device; moved to ``self.device``).
+        """Ensemble super-resolution of ``lr [B, C, h, w]`` (any device; moved to ``self.device``):
+        the trained input size, or any size for a model of any domain (``for_domain``; another
+        model names what binds it to its grid).
 
         Returns ``SampleOutput`` with the pixel ``mean`` and ``variance`` ``[B, C, H, W]`` on
         ``self.device`` (analytic: ``variance="block"`` uses each token's r×r covariance,
