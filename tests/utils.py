@@ -1,8 +1,11 @@
 """Test helpers: dtype-dependent tolerances with the worst index in the failure message, smooth
-random fields and a tiny model config for the baseline tests, and the ``podiff`` command run in
-process."""
+random fields and a tiny model config for the baseline tests, the ``podiff`` command run in
+process, and a script of ``benchmarks/`` imported as a module."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -61,3 +64,12 @@ def tiny_baseline_config(**kw):
     return PipelineConfig(**{**dict(residual="none", antithetic=False, scale=4, patch_size=4, rank=8, train_steps=20,
                                     batch_size=16, sample_steps=3, denoiser=dict(width=32, depth=1, heads=2)), **kw})
 
+
+
+def benchmark_script(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,6 @@
 """benchmarks/noise_prior_bound.py: the stationary covariance it builds, checked by hand, and
 the script end to end on a tiny trained model, so the RESULTS bound cannot rot."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import benchmark_script
 
 from podiff.fitting import fit
 
@@ -17,10 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "noise_prior_bound
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("noise_prior_bound", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("noise_prior_bound")
 
 
 def test_stationary_covariance_holds_each_lag_covariance_in_its_block():

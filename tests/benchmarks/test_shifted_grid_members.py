@@ -1,24 +1,17 @@
 """benchmarks/shifted_grid_members.py: members on one grid are the pipeline's own members, and
 members on shifted grids cover the field with the fitted grid's valid pixels."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import benchmark_script
 
 from podiff import PipelineConfig, PODiffPipeline
 from podiff.fitting import fit
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "shifted_grid_members.py"
-
 
 def _module():
-    spec = importlib.util.spec_from_file_location("shifted_grid_members", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("shifted_grid_members")
 
 
 @pytest.fixture(scope="module")
