@@ -86,14 +86,24 @@ def _fit_mean_model(pipe, lr, hr, validation, eval_every: int = _OPTIONS.eval_ev
     if cfg.residual == "none":
         return hr, hr_val, None
     cpu = None if validation is None else tuple(t.cpu() for t in validation)
-    gather = distributed_.all_gather_rows if distributed else (lambda t: t)
-    pipe.mean_model = MeanModel.fit(cfg.scale, gather(lr).cpu(), gather(hr).cpu(), cpu, len(cfg.covariates),
+    lr_all, hr_all = (distributed_.all_gather_rows(lr), distributed_.all_gather_rows(hr)) if distributed else (lr, hr)
+    pipe.mean_model = MeanModel.fit(cfg.scale, lr_all.cpu(), hr_all.cpu(), cpu, len(cfg.covariates),
                                     cfg.residual, steps=cfg.train_steps, eval_every=eval_every, patience=patience,
                                     seed=cfg.seed + 3, progress=progress, **_mean_model_domain(cfg))
-    mu = _out_of_fold(pipe, lr, hr, distributed)
+    mu = pipe.mean_model.out_of_fold(lr_all, hr_all)[_own_rows(lr.shape[0], distributed, lr.device)]
     if validation is not None:
         hr_val = validation[1].to(hr.device) - pipe.mean_model.predict(validation[0].to(hr.device))
     return hr - mu, hr_val, mu
+
+
+def _own_rows(n: int, distributed: bool, device) -> slice:
+    """Where this rank's ``n`` fields lie among every rank's, gathered in rank order (the count
+    reduced on ``device``, the data's: nccl reduces CUDA tensors only)."""
+    if not distributed:
+        return slice(0, n)
+    counts = distributed_.all_gather_rows(torch.tensor([n], device=device)).tolist()
+    start = sum(counts[: distributed_.rank_world()[0]])
+    return slice(start, start + n)
 
 
 def _out_of_fold(pipe, lr, hr, distributed: bool) -> torch.Tensor:
@@ -101,10 +111,8 @@ def _out_of_fold(pipe, lr, hr, distributed: bool) -> torch.Tensor:
     rank's fields in rank order, as over the fields of one process."""
     if not distributed:
         return pipe.mean_model.out_of_fold(lr, hr)
-    counts = distributed_.all_gather_rows(torch.tensor([lr.shape[0]], device=lr.device)).tolist()
-    start = sum(counts[: distributed_.rank_world()[0]])
     mu = pipe.mean_model.out_of_fold(distributed_.all_gather_rows(lr), distributed_.all_gather_rows(hr))
-    return mu[start : start + lr.shape[0]]
+    return mu[_own_rows(lr.shape[0], distributed, lr.device)]
 
 
 def _mean_model_domain(cfg) -> dict:
