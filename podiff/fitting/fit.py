@@ -285,13 +285,6 @@ def _prepare(pipe, lr, hr, mask, validation, progress: bool, distributed: bool,
     return _out_of_fold(pipe, lr, hr, distributed) if pipe.mean_model is not None else None
 
 
-def _check_distributable(pipe, distributed: bool) -> None:
-    """A streamed model still to build trains under a process group only without a residual model."""
-    if pipe.denoiser is None and distributed and pipe.config.residual != "none":
-        raise ValueError("a residual model does not stream across ranks yet: train it in one process, in memory "
-                         "under torchrun (a larger --memory-mb), or with --residual none")
-
-
 def _checked_steps(pipe, steps: int | None) -> int:
     steps = pipe.config.train_steps if steps is None else int(steps)
     if steps < 0:
@@ -329,13 +322,13 @@ def fit_streamed(pipe, stream, validation: tuple[torch.Tensor, torch.Tensor] | N
     contiguous share of its fields (``distributed.shard``): its part of the subsample for the fits
     (reduced exactly, as ``fit`` reduces), and of every global batch the rows it holds, the loss
     weighted by their share of the batch; so 2 ranks train the model 1 process trains, to float
-    rounding. Not for a residual model yet (``fit`` trains one across ranks in memory).
+    rounding. A residual model is fitted on the subsample gathered from every rank (the
+    one-process fit), each rank keeping the out-of-fold predictions of its own fields.
     """
 
     if device is not None:
         pipe.to(device)
     distributed = distributed_.is_active() if distributed is None else bool(distributed)
-    _check_distributable(pipe, distributed)
     rank, world = distributed_.rank_world() if distributed else (0, 1)
     owned = distributed_.shard(len(stream), rank, world)
     positions = stream.subsample(memory_bytes)
@@ -350,7 +343,8 @@ def fit_streamed(pipe, stream, validation: tuple[torch.Tensor, torch.Tensor] | N
         _fit_noise_correlation(pipe, distributed_.all_gather_rows(tokens) if distributed else tokens)
     del lr, hr, tokens
     steps = _checked_steps(pipe, steps)
-    source = StreamedTokens(pipe, stream, positions, mu, owned=owned if distributed else None)
+    # a residual model's out-of-fold mu: of this rank's part of the subsample (every rank's, in one process)
+    source = StreamedTokens(pipe, stream, mine, mu, owned=owned if distributed else None)
     trainer = Trainer(pipe, amp=amp, distributed=distributed)
     return trainer.fit(source, None, steps, progress=progress, checkpoint=checkpoint,
                        checkpoint_every=checkpoint_every, resume=resume, log_every=log_every,

@@ -185,7 +185,7 @@ def test_streamed_tokens_in_training_windows_are_the_loaded_fields_window_tokens
     torch.testing.assert_close(cond, expected[1])
 
 
-def _streaming_worker(rank, world, init_file, path, out):
+def _streaming_worker(rank, world, init_file, path, out, settings):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -200,11 +200,12 @@ def _streaming_worker(rank, world, init_file, path, out):
             return plain_read(positions)
 
         stream.read = logged
-        pipe = PODiffPipeline(config(**DISTRIBUTED))
+        pipe = PODiffPipeline(config(**settings))
         history = fit_streamed(pipe, stream, (whole.lr[28:], whole.hr[28:]), memory_bytes=10 * stream.field_bytes,
                                progress=False, distributed=True)
         torch.save({"history": history, "val": pipe.training.val_history, "state": pipe.denoiser.state_dict(),
-                    "basis": pipe.pod.basis, "offset": pipe.offset, "read": sorted(set(read))}, f"{out}.{rank}")
+                    "basis": pipe.pod.basis, "offset": pipe.offset, "read": sorted(set(read)),
+                    "mu": None if pipe.mean_model is None else pipe.mean_model.predict(whole.lr)}, f"{out}.{rank}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -213,20 +214,26 @@ def _streaming_worker(rank, world, init_file, path, out):
 DISTRIBUTED = dict(basis="shared", grid_shifts=True, train_steps=16, warmup=3, ema_decay=0.9)
 
 
-def test_streamed_training_on_two_ranks_reads_each_share_once_and_matches_one_process(field_file, tmp_path):
+@pytest.mark.parametrize("settings", [DISTRIBUTED, {**DISTRIBUTED, "residual": "ridge"}],
+                         ids=["no-mean-model", "residual-ridge"])
+def test_streamed_training_on_two_ranks_reads_each_share_once_and_matches_one_process(field_file, tmp_path, settings):
     import torch.multiprocessing as mp
 
-    mp.spawn(_streaming_worker, args=(2, str(tmp_path / "init"), str(field_file), str(tmp_path / "rank")), nprocs=2,
-             join=True)
+    mp.spawn(_streaming_worker, args=(2, str(tmp_path / "init"), str(field_file), str(tmp_path / "rank"), settings),
+             nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank.{r}") for r in range(2)]
     assert ranks[0]["read"] and max(ranks[0]["read"]) < 14 <= min(ranks[1]["read"])  # each its share only
     whole = data.load(str(field_file), scale=S, var="sst")
-    single = PODiffPipeline(config(**DISTRIBUTED))
+    single = PODiffPipeline(config(**settings))
     stream = stream_of(field_file, np.arange(28))
     history = fit_streamed(single, stream, (whole.lr[28:], whole.hr[28:]), memory_bytes=10 * stream.field_bytes,
                            progress=False)
     torch.testing.assert_close(ranks[0]["offset"], single.offset, rtol=1e-6, atol=0)
     torch.testing.assert_close(ranks[0]["basis"], single.pod.basis, rtol=1e-4, atol=1e-5)
+    if single.mean_model is not None:  # every rank's ridge: the one fitted on the whole subsample
+        for got in ranks:
+            torch.testing.assert_close(got["mu"], single.mean_model.predict(whole.lr), rtol=1e-5, atol=1e-6,
+                                       equal_nan=True)  # land: no value
     for got in ranks:  # both ranks hold the one model, the one-process model to float rounding
         assert len(got["history"]) == len(history) == 16
         np.testing.assert_allclose(got["history"], history, rtol=1e-5, atol=1e-7)
@@ -255,7 +262,7 @@ def test_streamed_training_on_two_ranks_reads_each_share_once_and_matches_one_pr
 def test_podiff_train_streams_under_torchrun_as_in_one_process(field_file, tmp_path):
     budget_mb = 8 * H * W * 4 / 2**20  # 8 fields: the file streams
     train = ["train", "--data", str(field_file), "--var", "sst", "--scale", str(S), "--quiet", "--steps", "8",
-             "--batch-size", "4", "--rank", "6", "--residual", "none", "--basis", "shared", "--eval-every", "4",
+             "--batch-size", "4", "--rank", "6", "--residual", "ridge", "--basis", "shared", "--eval-every", "4",
              "--memory-mb", str(budget_mb), "--no-regression-baseline", "--no-unet-baseline"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "podiff.cli"]
