@@ -59,17 +59,20 @@ def validation_count(request: TrainRequest, idx) -> int:
     return n_val
 
 
-def training_stream(request: TrainRequest):
-    """netCDF/Zarr training fields larger than ``memory_mb``: ``(stream, lr_val, hr_val, idx, n, bounds)``
-    with the validation fields read (an evenly spaced subsample of them if they too exceed the
-    budget), the covariates' channels in their input as in a loaded dataset; ``None`` when the
-    data fit (or are not netCDF/Zarr): the fields are then loaded."""
+def training_stream(request: TrainRequest, sharded: bool = False):
+    """netCDF/Zarr training fields read lazily: ``(stream, lr_val, hr_val, idx, n, bounds,
+    exceeds)`` with the validation fields read (an evenly spaced subsample of them if they too
+    exceed ``memory_mb``), the covariates' channels in their input as in a loaded dataset, and
+    ``exceeds``: whether the training fields exceed ``memory_mb`` (then they stream). ``None``
+    when the data fit and ``sharded`` is False, or are not netCDF/Zarr: the fields are then
+    loaded. ``sharded`` (under torchrun): the stream even when the fields fit, so that each rank
+    reads its own share of them rather than every rank the whole file."""
     from podiff.data.datasets import DATASETS, split_indices
     from podiff.data.fields import open_field, sniff
     from podiff.data.streaming import FieldStream
 
     source, budget = request.source, request.options.memory_mb
-    if (budget is None or source.scale is None or source.data in DATASETS
+    if ((budget is None and not sharded) or source.scale is None or source.data in DATASETS
             or sniff(source.data) not in ("netcdf3", "netcdf4", "zarr", "glob")):
         return None
     field_, grid = open_field(source.data, source.var, **source.selection())
@@ -78,8 +81,9 @@ def training_stream(request: TrainRequest):
     n_val = validation_count(request, idx)
     label = f"{source.data}: variable {grid.var!r}"
     stream = FieldStream(field_, idx[: len(idx) - n_val], source.scale, label)
-    budget_bytes = int(budget * 2**20)
-    if stream.nbytes <= budget_bytes:
+    budget_bytes = None if budget is None else int(budget * 2**20)
+    exceeds = budget_bytes is not None and stream.nbytes > budget_bytes
+    if not exceeds and not sharded:
         return None
     parts = None
     if source.covariates is not None and not source.covariates.empty:  # small beside the fields: held whole
@@ -90,14 +94,16 @@ def training_stream(request: TrainRequest):
     lr_val = hr_val = None
     if n_val:
         held = FieldStream(field_, idx[len(idx) - n_val :], source.scale, label, parts)
-        lr_val, hr_val = held.read(held.subsample(budget_bytes))
-    return stream, lr_val, hr_val, idx, n, grid.bounds
+        lr_val, hr_val = held.read(held.subsample(budget_bytes) if exceeds else np.arange(len(held)))
+    return stream, lr_val, hr_val, idx, n, grid.bounds, exceeds
 
 
-def resolve_bounds(request: TrainRequest, declared, lr, hr, scale: int):
+def resolve_bounds(request: TrainRequest, declared, lr, hr, scale: int, agree: bool = False):
     """The bounds the model uses: ``[lo, hi]`` (checked on the training fields: an error if they
     break them), none, or with ``auto`` those the data declare (the packaged MRI and images, a
-    netCDF/Zarr variable's CF valid range), kept only where the training fields obey them."""
+    netCDF/Zarr variable's CF valid range), kept only where the training fields obey them.
+    ``agree``: ``lr, hr`` are this rank's share; the ranks decide together (any rank's fields
+    breaking the bounds decide for all)."""
     from podiff.data.bounds import check_bounds, check_pairs
 
     choice = request.bounds
@@ -106,15 +112,23 @@ def resolve_bounds(request: TrainRequest, declared, lr, hr, scale: int):
     bounds = check_bounds(declared) if choice == "auto" else choice
     if bounds is None:
         return None
-    try:
-        if hr is not None:
+    broken = None
+    if hr is not None:
+        try:
             check_pairs(lr, hr, bounds, scale)
-    except ValueError as exc:
+        except ValueError as exc:
+            broken = exc
+    if agree:  # every rank learns whether any rank's fields break them
+        import torch
+
+        if distributed.all_sum(torch.tensor(float(broken is not None))).item() and broken is None:
+            broken = ValueError("the training fields of another rank break them")
+    if broken is not None:
         if choice != "auto":
             text = ",".join("" if b is None else f"{b:g}" for b in choice)
-            raise WorkflowError(f"--bounds {text}: {exc}") from None
-        if not request.quiet:
-            print(f"note: the data declare bounds {list(bounds)} but {exc}; training without bounds")
+            raise WorkflowError(f"--bounds {text}: {broken}") from None
+        if not request.quiet and distributed.rank_world()[0] == 0:
+            print(f"note: the data declare bounds {list(bounds)} but {broken}; training without bounds")
         return None
     return list(bounds)
 
@@ -141,23 +155,29 @@ def _train(request: TrainRequest, ds=None):
     from podiff.model.pipeline import PODiffPipeline
 
     source, options, quiet = request.source, request.options, request.quiet
-    streamed = None if ds is not None else training_stream(request)
+    rank, world = distributed.rank_world()
+    # under torchrun a netCDF/Zarr file is read lazily: each rank its share of the training fields
+    streamed = None if ds is not None else training_stream(request, sharded=world > 1)
+    shared = streamed is not None and not streamed[-1]  # in memory, each rank its share
     if streamed is None:
         ds = ds or source.load()
         scale, n_fields = ds.scale, len(ds)
         lr, hr, idx = ds.split(request.split)
     else:
-        stream, lr_val, hr_val, idx, n_fields, streamed_bounds = streamed
+        stream, lr_val, hr_val, idx, n_fields, streamed_bounds, _ = streamed
         scale = source.scale
+        if shared:
+            rows = distributed.shard(len(stream), rank, world)
+            lr, hr = stream.read(np.arange(rows.start, rows.stop))
+            streamed = None
     out = Path(request.out)
-    rank, world = distributed.rank_world()
     if rank == 0:
         prepare_out(out, request.overwrite, resume=request.resume)
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     n_val = validation_count(request, idx)
     train_idx, val_idx = idx[: len(idx) - n_val], idx[len(idx) - n_val :]
-    if streamed is None:
+    if ds is not None:
         lr_val, hr_val = lr[len(train_idx) :], hr[len(train_idx) :]
         lr, hr = lr[: len(train_idx)], hr[: len(train_idx)]
     if rank == 0 and not quiet:
@@ -176,7 +196,7 @@ def _train(request: TrainRequest, ds=None):
                   f"{options.memory_mb:g}; scaling, ridge and POD are fitted on {len(fitted)} evenly spaced fields, "
                   f"validation uses {stream_info['val_fields']} of {n_val}, and each step reads its batch from the "
                   f"file")
-    if world > 1 and streamed is None:  # each rank keeps its contiguous shard; the pipeline reduces and gathers
+    if world > 1 and ds is not None:  # each rank keeps its contiguous shard; the pipeline reduces and gathers
         rows = distributed.shard(len(train_idx), rank, world)
         lr, hr = lr[rows], hr[rows]
     device = resolve_device(request.device)
@@ -184,14 +204,20 @@ def _train(request: TrainRequest, ds=None):
         raise WorkflowError("--pod gives a POD of the fields themselves; use it with --residual none "
                             "(a residual model fits its POD to what the ridge misses)")
     pod = PatchPOD.load(request.pod) if request.pod else None
-    declared = ds.meta.get("bounds") if streamed is None else streamed_bounds
-    # every field of the data (the same decision on every rank), or the validation fields when streamed
-    covariates = stream.covariate_names if streamed is not None else list(ds.meta.get("covariates", []))
-    if streamed is None:  # the target's own input channels, without the covariates
+    declared = ds.meta.get("bounds") if ds is not None else streamed_bounds
+    # every field of the data (the same decision on every rank), each rank's share and the
+    # validation fields (the ranks agreeing), or the validation fields when streamed
+    covariates = list(ds.meta.get("covariates", [])) if ds is not None else stream.covariate_names
+    if ds is not None:  # the target's own input channels, without the covariates
         checked = ds.lr[:, : ds.hr.shape[1]], ds.hr
+    elif shared:
+        import torch
+
+        both = (lr, hr) if hr_val is None else (torch.cat([lr, lr_val]), torch.cat([hr, hr_val]))
+        checked = both[0][:, : hr.shape[1]], both[1]
     else:
         checked = (None, None) if hr_val is None else (lr_val[:, : hr_val.shape[1]], hr_val)
-    bounds = resolve_bounds(request, declared, *checked, scale)
+    bounds = resolve_bounds(request, declared, *checked, scale, agree=shared)
     if bounds is not None and rank == 0 and not quiet:
         print(f"bounds {bounds}: blocks whose input sits at a bound are certain (--bounds none to drop)")
     config = replace(request.config, scale=scale, bounds=bounds, covariates=covariates)

@@ -353,3 +353,56 @@ def test_train_streams_a_dataset_larger_than_its_budget(tmp_path):
     print(f"train streaming: peak RSS +{growth[1024]:.1f} MiB for {data_mib[1024]:.0f} MiB of fields, "
           f"+{growth[8192]:.1f} MiB for {data_mib[8192]:.0f} MiB")
     assert growth[8192] - growth[1024] < more / 4, (growth, data_mib)
+
+
+def _in_memory_worker(rank, world, init_file, path, out, train):
+    import torch.distributed as dist
+
+    from podiff.cli import main
+    from podiff.data.streaming import FieldStream
+    from podiff.workflows.common import DataSource
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    read, plain_read = [], FieldStream.read
+
+    def logged(self, positions):  # every field this rank reads, by its index in the file
+        read.extend(int(i) for i in self.indices[np.asarray(positions, dtype=np.int64)])
+        return plain_read(self, positions)
+
+    def whole(self):
+        raise AssertionError("a rank loaded the whole file")
+
+    FieldStream.read, DataSource.load = logged, whole
+    try:
+        code = main([*train, "--out", str(out)])
+        torch.save({"code": code, "read": sorted(set(read))}, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_under_torchrun_in_memory_reads_each_rank_its_share_and_matches_one_process(field_file, tmp_path):
+    """Without --memory-mb the fields are held in memory, but under a process group each rank
+    reads only its share of the training fields (and the validation fields), never the file."""
+    import torch.multiprocessing as mp
+
+    from podiff.cli import main
+
+    train = ["train", "--data", str(field_file), "--var", "sst", "--scale", str(S), "--quiet", "--steps", "8",
+             "--batch-size", "4", "--rank", "6", "--residual", "ridge", "--basis", "shared", "--eval-every", "4",
+             "--val-fraction", "0.2", "--no-regression-baseline", "--no-unet-baseline", "--no-refit"]
+    mp.spawn(_in_memory_worker, args=(2, str(tmp_path / "init"), str(field_file), tmp_path / "ddp", train),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"ddp.{r}") for r in range(2)]
+    assert [r["code"] for r in ranks] == [0, 0]
+    n_train = N - int(np.ceil(0.2 * N))  # 28 training fields, the last 8 validate
+    for r, got in enumerate(ranks):  # its share of the training fields, and the validation fields
+        share = set(range(r * n_train // 2, (r + 1) * n_train // 2))
+        assert set(got["read"]) == share | set(range(n_train, N)), (r, got["read"])
+    assert main([*train, "--out", str(tmp_path / "one")]) == 0
+    ddp, one = (json.loads((tmp_path / d / "train.json").read_text()) for d in ("ddp", "one"))
+    assert ddp["world_size"] == 2 and one["world_size"] == 1 and ddp["streamed"] is None
+    assert ddp["steps"] == one["steps"] == 8
+    np.testing.assert_allclose(np.array(ddp["val_loss"]), np.array(one["val_loss"]), rtol=1e-4)
+    np.testing.assert_allclose(ddp["final_loss"], one["final_loss"], rtol=1e-4)
