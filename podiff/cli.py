@@ -29,6 +29,7 @@ from podiff.config import (
     BASES,
     CONDITIONS,
     DOMAINS,
+    MEMBER_GRIDS,
     PREDICTION_TYPES,
     PRESETS,
     RESIDUALS,
@@ -61,7 +62,7 @@ CONFIG, OPTIONS = PipelineConfig(), TrainOptions()  # the defaults every option 
 CONFIG_OPTIONS = {
     "patch_size": "patch_size", "stride": "stride", "rank": "rank", "energy": "energy", "basis": "basis",
     "preset": "preset", "antithetic": "antithetic", "correlated_noise": "correlated_noise",
-    "grid_shifts": "grid_shifts", "crop": "crop", "residual": "residual",
+    "grid_shifts": "grid_shifts", "member_grids": "member_grids", "crop": "crop", "residual": "residual",
     "condition": "condition", "schedule": "schedule", "prediction_type": "prediction_type", "steps": "train_steps",
     "batch_size": "batch_size", "learning_rate": "learning_rate", "sample_steps": "sample_steps",
     "sampler": "sampler", "seed": "seed", "domain": "domain",
@@ -251,7 +252,11 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="diffusion noise correlated across patches as the training tokens are (default on)")
     p.add_argument("--grid-shifts", action=argparse.BooleanOptionalAction, default=c.grid_shifts,
                    help="train the denoiser on the patch grid shifted by every pixel offset within a patch, "
-                        "one per batch (shared basis; sampling keeps the fitted grid)")
+                        "one per batch, reaching past the field's edge (shared basis)")
+    p.add_argument("--member-grids", type=int, choices=MEMBER_GRIDS, default=c.member_grids,
+                   help="draw the members on this many patch grids shifted by half a patch (1: the fitted grid), "
+                        "so that patch edges fall in different places from member to member (train with "
+                        "--grid-shifts; exact mean and variance)")
     p.add_argument("--crop", type=_crop, default=c.crop,
                    help="train the denoiser on random crops of this many tokens a side (0: the whole field; a "
                         "step's cost is then the crop's, whatever the field's size); sampling takes the whole field")

@@ -33,6 +33,9 @@ BASES = ("auto", "shared", "local")
 PRESETS = ("tiny", "small", "paper")
 SPREAD_CALIBRATIONS = ("members", "crps", "modes", "moments")
 
+#: How many patch grids members may be drawn on (``PipelineConfig.member_grids``).
+MEMBER_GRIDS = (1, 2, 4)
+
 
 @dataclass
 class PipelineConfig:
@@ -62,12 +65,18 @@ class PipelineConfig:
     (predictors, static fields, position, season: ``data.covariates``); the mean model uses them
     as regressors and the denoiser as conditioning. Empty: the input is the target's coarse field.
     ``grid_shifts``: the denoiser trains on the patch grid shifted by every pixel offset below the
-    patch size (one shift per batch, the fields cropped to whole patches), so that it sees how
-    the field continues across every position of a patch edge; sampling keeps the fitted grid
-    (a shared basis without overlap only). ``crop``: the denoiser trains on random crops of this
-    many tokens a side (0: the whole grid; at any pixel with ``grid_shifts``, else at whole
-    patches), so that a step's cost is set by the crop, not the field; sampling takes the whole
-    grid (``latent.windows``; with windowed attention no larger than the crop). ``domain``:
+    patch size (one shift per batch, reaching past the field's edge with NaN there), so that it
+    sees how the field continues across every position of a patch edge, and the tokens a shifted
+    grid has at the field's edges (a shared basis without overlap only). ``member_grids``: the
+    members are drawn on this many patch grids, shifted by half a patch (1: the fitted grid; 2:
+    and the diagonal shift; 4: and the row and column shifts), an equal share on each, so that
+    the patch edges fall in different places from member to member; the mean and variance are
+    the pooled members' (the law of total variance over each grid's closed-form moments), exact
+    as on one grid. Train with ``grid_shifts`` so that the shifted grids' edge tokens are seen.
+    ``crop``: the denoiser trains on random crops of this many tokens a side (0: the whole
+    grid; at any pixel with ``grid_shifts``, else at whole patches), so that a step's cost is set
+    by the crop, not the field; sampling takes the whole grid (``latent.windows``; with windowed
+    attention no larger than the crop). ``domain``:
     ``"fixed"`` (the default), the model samples the grid it was trained on; ``"any"``, it samples
     fields of any size and place (``model.domain``): nothing is fitted per location — a shared
     POD basis (``basis="auto"`` means shared), a denoiser without the grid's position and with
@@ -109,6 +118,7 @@ class PipelineConfig:
     bounds: list | None = None
     covariates: list = field(default_factory=list)
     grid_shifts: bool = False
+    member_grids: int = 1
     crop: int = 0
     domain: str = "fixed"
 
@@ -125,6 +135,8 @@ class PipelineConfig:
         if self.rank is not None:
             self.energy = None
         self.covariates = [str(name) for name in self.covariates]
+        if self.member_grids not in MEMBER_GRIDS:
+            raise ValueError(f"member_grids must be one of {MEMBER_GRIDS}; got {self.member_grids!r}")
         if int(self.crop) != self.crop or int(self.crop) < 0 or int(self.crop) == 1:
             raise ValueError(f"crop must be 0 (the whole grid) or at least 2 tokens; got {self.crop!r}")
         self.crop = int(self.crop)
@@ -217,5 +229,5 @@ def _choice(name: str, value, choices) -> None:
 
 
 __all__ = ["PipelineConfig", "TrainOptions", "RESIDUALS", "PREDICTION_TYPES", "CONDITIONS", "BASES", "DOMAINS",
-           "ANY_DOMAIN_WINDOW", "PRESETS",
+           "ANY_DOMAIN_WINDOW", "MEMBER_GRIDS", "PRESETS",
            "SPREAD_CALIBRATIONS"]

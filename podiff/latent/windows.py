@@ -5,16 +5,20 @@ its tokens form a ``grid`` placed at ``origin = (top, left) / p`` in the fitted 
 units. ``TrainingWindows.draw`` picks one per batch, uniformly along each axis:
 
 - whole grid, no shifts: only ``(0, 0)`` (the fitted grid);
-- ``shifts``: any pixel offset below ``p`` along an axis with more than one patch, the crop one
-  patch shorter there (``PipelineConfig.grid_shifts``);
-- ``crop = c``: ``c`` tokens along each axis that has more than ``c``, the window wholly inside
-  the field, at any whole-patch position, or at any pixel with ``shifts``
-  (``PipelineConfig.crop``: training cost set by the crop, not the field).
+- ``shifts``: the grid shifted by any pixel offset below ``p`` along an axis with more than one
+  patch, reaching past the field's edge so that it covers every pixel: its top at ``-(p - 1)``
+  to 0, one token more there than the fitted grid (the pixels outside the field are NaN, as
+  where members are drawn on a shifted grid, ``PipelineConfig.member_grids``);
+- ``crop = c``: ``c`` tokens along each axis that has more than ``c``, at any whole-patch
+  position inside the field, or with ``shifts`` at any pixel, reaching less than a patch past
+  its edges (``PipelineConfig.crop``: training cost set by the crop, not the field).
 
 >>> from podiff.latent.windows import TrainingWindows
 >>> w = TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), shifts=False, crop=3)
 >>> w.count, w.geometry((4, 8))
 (8, {'grid': (3, 3), 'origin': (1.0, 2.0)})
+>>> TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), shifts=True).geometry((-2, 0))
+{'grid': (5, 6), 'origin': (-0.5, 0.0)}
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ class TrainingWindows:
         n, p, size = self.grid[axis], self.patch, self.size[axis]
         if self.crop and self.crop < n:
             last = size - self.crop * p  # wholly inside the field
-            step = 1 if self.shifts else p
-            return list(range(0, last + 1, step)), self.crop
-        if self.shifts and n > 1:
-            return list(range(p)), None
+            if self.shifts:  # any pixel, less than a patch past either edge
+                return list(range(-(p - 1), last + p)), self.crop
+            return list(range(0, last + 1, p)), self.crop
+        if self.shifts and n > 1:  # past the field's first edge, to cover it all
+            return list(range(-(p - 1), 1)), None
         return [0], None
 
     @property
@@ -68,7 +73,7 @@ class TrainingWindows:
             if int(top) not in tops:
                 raise ValueError(f"window {tuple(window)}: its {('top', 'left')[axis]} must be one of "
                                  f"{_span(tops)} for {self}; got {top}")
-            grid.append(tokens if tokens is not None else self.grid[axis] - (int(top) > 0))
+            grid.append(tokens if tokens is not None else -(-(self.size[axis] - int(top)) // self.patch))
             origin.append(int(top) / self.patch)
         return {"grid": tuple(grid), "origin": tuple(origin)}
 
@@ -77,7 +82,8 @@ class TrainingWindows:
         return tuple(window) == (0, 0) and self.geometry(window)["grid"] == tuple(self.grid)
 
     def crop_slices(self, window) -> tuple[slice, slice]:
-        """The pixel rows and columns of ``window``'s crop."""
+        """The pixel rows and columns of ``window``'s crop (with ``shifts``, reaching past the
+        field's edges: ``crop_field`` pads them)."""
         grid = self.geometry(window)["grid"]
         return tuple(slice(int(top), int(top) + n * self.patch) for top, n in zip(window, grid, strict=True))
 
@@ -86,8 +92,33 @@ class TrainingWindows:
         return {"windows": self.count, "crop": self.crop, "shifts": self.shifts}
 
 
+def member_windows(grid: tuple[int, int], patch: int, count: int) -> list[tuple[int, int]]:
+    """The top-left pixels of the ``count`` patch grids members are drawn on
+    (``PipelineConfig.member_grids``): the fitted grid, then shifted by half a patch (diagonally
+    for 2; by rows, by columns and diagonally for 4), reaching past the field's first edges as
+    ``grid_shifts`` windows do (no shift along an axis of one patch, as in training).
+
+    >>> member_windows((4, 108), 4, 4)
+    [(0, 0), (-2, 0), (0, -2), (-2, -2)]
+    """
+    if count not in (1, 2, 4):
+        raise ValueError(f"count must be 1, 2 or 4 grids; got {count}")
+    dy, dx = (-(patch // 2) if n > 1 else 0 for n in grid)
+    return {1: [(0, 0)], 2: [(0, 0), (dy, dx)], 4: [(0, 0), (dy, 0), (0, dx), (dy, dx)]}[count]
+
+
+def crop_field(field: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    """``field [..., H, W]``'s pixels ``rows, cols`` (``crop_slices``), NaN where they lie outside it."""
+    H, W = field.shape[-2:]
+    pads = (max(0, -cols.start), max(0, cols.stop - W), max(0, -rows.start), max(0, rows.stop - H))
+    if any(pads):
+        field = torch.nn.functional.pad(field, pads, value=float("nan"))
+    top, left = rows.start + pads[2], cols.start + pads[0]
+    return field[..., top : top + rows.stop - rows.start, left : left + cols.stop - cols.start]
+
+
 def _span(values: list[int]) -> str:
     return str(values) if len(values) <= 8 else f"{values[0]}, {values[1]}, ..., {values[-1]}"
 
 
-__all__ = ["TrainingWindows"]
+__all__ = ["TrainingWindows", "crop_field", "member_windows"]

@@ -57,7 +57,7 @@ from podiff.diffusion.schedules import make_schedule
 from podiff.diffusion.token_noise import GridCorrelation
 from podiff.diffusion.training import TrainingRecord, autocast
 from podiff.latent.pod import PatchPOD
-from podiff.latent.windows import TrainingWindows
+from podiff.latent.windows import TrainingWindows, crop_field, member_windows
 from podiff.mean.mean_model import MeanModel
 from podiff.model.domain import domain_limits, for_domain, valid_pixels_of
 from podiff.model.persistence import load_pipeline, save_pipeline
@@ -232,37 +232,51 @@ class PODiffPipeline:
                       window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Target and condition tokens ``[B, L', r]``, ``[B, L', r_c]`` of the fields' crop at ``window``
         (its top-left pixel; ``training_windows().geometry(window)`` places them): the tokens
-        ``target_tokens`` and ``condition_tokens`` give for the fitted grid, of that crop.
+        ``target_tokens`` and ``condition_tokens`` give for the fitted grid, of that crop (the
+        pixels past the field's edge NaN: gappy-encoded, as on a member grid).
         ``mu``: the mean model's prediction of ``lr`` (a residual model; its out-of-fold one for its
         fields)."""
         windows = self.training_windows()
-        gh, gw = windows.geometry(window)["grid"]  # checks the window
+        windows.geometry(window)  # checks the window
         if windows.is_fitted(window):
             return self.target_tokens(hr, lr, mu).float(), self.condition_tokens(lr, mu).float()
         rows, cols = windows.crop_slices(window)
-
-        def crop(field):
-            return field[..., rows, cols]
-
         if self.mean_model is not None:
             mu = self.mean_model.predict(lr) if mu is None else mu
-            x0 = self.pod.encode(crop(self.standardise(hr - mu)))
-            cond = self.pod.encode(crop(self._condition_field(mu)), standardized=False)
+            hr = hr - mu
+        x0 = self.pod.encode(crop_field(self.standardise(hr), rows, cols))
+        return x0.float(), self.window_condition(lr, mu, rows, cols)
+
+    def window_condition(self, lr: torch.Tensor, mu: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor:
+        """Condition tokens ``[B, L', r_c]`` of the pixels ``rows, cols`` of the fields (whole
+        patches; NaN past the field's edges): ``condition_tokens`` on that window's grid."""
+        if self.mean_model is not None:
+            mu = self.mean_model.predict(lr) if mu is None else mu
+            cond = self.pod.encode(crop_field(self._condition_field(mu), rows, cols), standardized=False)
             cond = cond / self.mean_model.cond_scale.to(cond)
         else:
-            x0 = self.pod.encode(crop(self.standardise(hr)))
             up = upsample(self.standardise(self.target_input(lr)), self.image_size)
-            cond = self.pod.encode(crop(up.masked_fill(~self.pod.valid_pixels.to(up.device), float("nan"))))
+            up = up.masked_fill(~self.pod.valid_pixels.to(up.device), float("nan"))
+            cond = self.pod.encode(crop_field(up, rows, cols))
         if self.num_covariates:
-            s = self.config.scale  # the coarse cells under the crop, each repeated onto its s × s pixels
-            r0, c0 = rows.start // s, cols.start // s
-            cov = self._standardised_covariates(lr)[..., r0 : -(-rows.stop // s), c0 : -(-cols.stop // s)]
-            cov = cov.repeat_interleave(s, -2).repeat_interleave(s, -1)
-            cov = cov[..., rows.start - r0 * s : rows.stop - r0 * s, cols.start - c0 * s : cols.stop - c0 * s]
-            q = self.covariate_cells()
-            cov = F.adaptive_avg_pool2d(cov, (gh * q, gw * q))
-            cond = torch.cat([cond, F.unfold(cov, q, stride=q).transpose(1, 2).to(cond)], -1)
-        return x0.float(), cond.float()
+            cond = torch.cat([cond, self._window_covariates(lr, rows, cols).to(cond)], -1)
+        return cond.float()
+
+    def _window_covariates(self, lr: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        """The covariate features of a window's tokens: ``covariate_tokens``' average of the input
+        cells under each token (or each of its ``q × q`` parts), over its pixels inside the field."""
+        s, p, q = self.config.scale, self.pod.patch_size, self.covariate_cells()
+        r0, c0 = rows.start // s, cols.start // s  # the coarse cells under the window (NaN outside the field)
+        cells = crop_field(self._standardised_covariates(lr), slice(r0, -(-rows.stop // s)),
+                           slice(c0, -(-cols.stop // s)))
+        pixels = cells.repeat_interleave(s, -2).repeat_interleave(s, -1)
+        pixels = pixels[..., rows.start - r0 * s : rows.stop - r0 * s, cols.start - c0 * s : cols.stop - c0 * s]
+        inside = (~torch.isnan(pixels)).to(pixels.dtype)
+        k = p // q  # pixels per part of a token
+        count = F.avg_pool2d(inside, k)
+        mean = F.avg_pool2d(torch.nan_to_num(pixels), k) / count.clamp_min(1e-12)
+        mean = mean.masked_fill(count == 0, 0.0)  # a part wholly outside: the covariates' mean
+        return F.unfold(mean, q, stride=q).transpose(1, 2)
 
     def target_tokens(self, hr: torch.Tensor, lr: torch.Tensor | None = None,
                       mu: torch.Tensor | None = None) -> torch.Tensor:
@@ -315,7 +329,7 @@ class PODiffPipeline:
     def sample_tokens(self, cond: torch.Tensor, num_samples: int, steps: int | None = None,
                       seed: int | None = None, member_budget: int = 1 << 20, use_ema: bool = True,
                       progress: bool = False, image_ids=None, amp: bool | None = None,
-                      sampler: str | None = None) -> torch.Tensor:
+                      sampler: str | None = None, first_member: int = 0) -> torch.Tensor:
         """``M`` members for condition tokens ``[B, L, r_c]`` -> ``[M, B, L, r]``, in chunks of at most
         ``member_budget`` token values per call. ``sampler`` (None: ``config.sampler``) is one of
         ``podiff.diffusion.samplers.SAMPLERS``, e.g. ``"dpmsolver++"`` for few steps.
@@ -325,6 +339,7 @@ class PODiffPipeline:
         device: the same seed gives the same samples whatever the chunking, the batch or the
         number of ranks, and the same noise on every device. ``amp``: bfloat16 autocast for the
         denoiser (None: ``config.amp`` on CUDA, off elsewhere); the sampler's updates stay float32.
+        ``first_member``: the members are ``first_member ..`` of a larger ensemble (their seeds).
         """
         cfg = self.config
         denoiser, schedule = (self.ema[0], self.ema[1]) if use_ema else (self.denoiser, self.schedule)
@@ -341,13 +356,16 @@ class PODiffPipeline:
         # same noise, negated), which cancels the ensemble mean's leading Monte-Carlo error; each
         # member is still a sample of the model.
         pair = 2 if cfg.antithetic else 1
-        seeds = [member_seed(seed, i, m // pair) for m in range(num_samples) for i in ids]  # member-major, like flat
-        signs = [(-1.0 if cfg.antithetic and m % 2 else 1.0) for m in range(num_samples) for _ in ids]
+        members = range(int(first_member), int(first_member) + num_samples)
+        seeds = [member_seed(seed, i, m // pair) for m in members for i in ids]  # member-major, like flat
+        signs = [(-1.0 if cfg.antithetic and m % 2 else 1.0) for m in members for _ in ids]
         flat = cond[None].expand(num_samples, B, L, rc).reshape(num_samples * B, L, rc)
         chunk = max(1, member_budget // max(1, L * rc))
         colour = self.token_noise
         grid = tuple(self.pod.grid) if hasattr(self.pod, "grid") else (1, 1)
-        geometry = None if grid == tuple(denoiser.config.grid) else {"grid": grid}  # another domain's grid
+        origin = getattr(self, "grid_origin", (0.0, 0.0))  # a member grid's place (member_grids)
+        geometry = (None if grid == tuple(denoiser.config.grid) and origin == (0.0, 0.0)  # another domain's grid
+                    else {"grid": grid, "origin": origin})
         if colour is not None and geometry is not None:
             colour = colour.on_grid(grid)
 
@@ -369,12 +387,12 @@ class PODiffPipeline:
     def ensemble(self, cond: torch.Tensor, num_samples: int, steps: int | None = None, *, seed: int | None = None,
                  variance: str = "block", return_samples: bool = False, member_budget: int = 1 << 20,
                  progress: bool = False, image_ids=None, amp: bool | None = None,
-                 sampler: str | None = None) -> SampleOutput:
+                 sampler: str | None = None, first_member: int = 0) -> SampleOutput:
         """The ensemble from condition tokens ``[B, L, r]`` (``condition_tokens(lr)``): sampling,
         ensemble moments, closed-form pixel moments, data units. ``sample`` checks its input and
         calls this; no device value is read here, so it also runs under ``FakeTensorMode``."""
         tokens = self.sample_tokens(cond, int(num_samples), steps, seed, member_budget, progress=progress,
-                                    image_ids=image_ids, amp=amp, sampler=sampler)
+                                    image_ids=image_ids, amp=amp, sampler=sampler, first_member=first_member)
         if self.calibration.mode_spread is not None:  # per-mode spread (calibrate_spread(method="modes"))
             factors = self.calibration.mode_spread
             if len(factors) != tokens.shape[-1]:
@@ -445,10 +463,12 @@ class PODiffPipeline:
         if distributed:
             rows = distributed_.shard(lr.shape[0], *distributed_.rank_world())
             lr, ids = lr[rows], ids[rows]
-        cond = self.condition_tokens(lr.to(self._device)).float()
-        out = self.ensemble(cond, num_samples, steps, seed=seed, variance=variance, return_samples=return_samples,
-                            member_budget=member_budget, progress=progress, image_ids=ids.tolist(), amp=amp,
-                            sampler=sampler)
+        options = dict(seed=seed, variance=variance, return_samples=return_samples, member_budget=member_budget,
+                       progress=progress, image_ids=ids.tolist(), amp=amp, sampler=sampler)
+        if self.config.member_grids > 1:
+            out = self._on_member_grids(lr.to(self._device), int(num_samples), steps, **options)
+        else:
+            out = self.ensemble(self.condition_tokens(lr.to(self._device)).float(), num_samples, steps, **options)
         if self.calibration.spread != 1.0:  # calibrated on validation fields (calibrate_spread)
             out.scale_spread(self.calibration.spread)
         if self.mean_model is not None:  # the ensemble of residuals plus μ(lr): the variance is the residual's
@@ -464,8 +484,54 @@ class PODiffPipeline:
             out.mean, out.variance = gather(out.mean), gather(out.variance)
             if return_samples:
                 out.samples = gather(out.samples.transpose(0, 1)).transpose(0, 1)
-                out.tokens = gather(out.tokens.transpose(0, 1)).transpose(0, 1)
+                if out.tokens is not None:  # none from several member grids
+                    out.tokens = gather(out.tokens.transpose(0, 1)).transpose(0, 1)
         return out
+
+    def _on_member_grids(self, lr: torch.Tensor, num_samples: int, steps: int | None, **options) -> SampleOutput:
+        """``ensemble`` with the members drawn on ``config.member_grids`` patch grids
+        (``latent.windows.member_windows``), an equal share on each, as one ensemble: each grid's
+        members are drawn on the field padded with NaN to its whole patches (its edge tokens
+        gappy-encoded, as ``grid_shifts`` trains them) and cropped back; the pixel mean and
+        variance are the pooled members' (unbiased, as ``ensemble_moments``), from each grid's
+        closed-form moments by the law of total variance. No tokens are returned (the grids
+        differ)."""
+        count, pod = self.config.member_grids, self.pod
+        if not isinstance(pod, PatchPOD) or pod.local or pod.stride != pod.patch_size:
+            kind = ("a global POD" if not isinstance(pod, PatchPOD) else "a local basis" if pod.local
+                    else f"overlapping patches (stride {pod.stride} < patch {pod.patch_size})")
+            raise ValueError(f"member_grids={count} draws members on shifted patch grids, which needs a shared POD "
+                             f"basis without overlap; this model has {kind} (member_grids=1 samples it)")
+        per = num_samples // count
+        if num_samples % count or per < 2:
+            raise ValueError(f"num_samples must be a multiple of member_grids={count} with at least 2 members per "
+                             f"grid; got {num_samples}")
+        p, (H, W) = pod.patch_size, self.image_size
+        mu = self.mean_model.predict(lr) if self.mean_model is not None else None
+        valid = pod.valid_pixels.to(torch.float32)
+        means, variances, samples = [], [], []
+        for k, (top, left) in enumerate(member_windows(tuple(pod.grid), p, count)):
+            gh, gw = -(-(H - top) // p), -(-(W - left) // p)
+            rows, cols = slice(top, top + gh * p), slice(left, left + gw * p)
+            view, cond = self, None
+            if (top, left) != (0, 0):
+                view = copy.copy(self)
+                view.pod = pod.on_domain((gh * p, gw * p), crop_field(valid, rows, cols) == 1)
+                view.image_size, view.grid_origin = (gh * p, gw * p), (top / p, left / p)
+                cond = self.window_condition(lr, mu, rows, cols)
+            else:
+                cond = self.condition_tokens(lr, mu).float()
+            out = view.ensemble(cond, per, steps, first_member=k * per, **options)
+            inside = (Ellipsis, slice(-top, -top + H), slice(-left, -left + W))
+            means.append(out.mean[inside])
+            variances.append(out.variance[inside])
+            if out.samples is not None:
+                samples.append(out.samples[inside])
+        means = torch.stack(means)
+        mean = means.mean(0)
+        within = torch.stack(variances).sum(0) * (per - 1)
+        between = ((means - mean) ** 2).sum(0) * per
+        return SampleOutput(mean, (within + between) / (num_samples - 1), torch.cat(samples) if samples else None)
 
     def for_domain(self, image_size, valid_pixels: torch.Tensor | None = None) -> PODiffPipeline:
         """This model on fields of ``image_size = (H, W)`` (``model.domain.for_domain``): a view

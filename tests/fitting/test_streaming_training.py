@@ -178,9 +178,9 @@ def test_streamed_tokens_in_training_windows_are_the_loaded_fields_window_tokens
     tokens = StreamedTokens(pipe, stream)
     assert tokens.windows == pipe.training_windows() and tokens.windows.count == 16
     rows = torch.tensor([2, 17])
-    x0, cond = tokens.rows(rows, (3, 1))
-    expected = pipe.window_tokens(whole.hr[rows], whole.lr[rows], None, (3, 1))
-    assert tokens.windows.geometry((3, 1))["grid"] == (3, 5)
+    x0, cond = tokens.rows(rows, (-3, -1))
+    expected = pipe.window_tokens(whole.hr[rows], whole.lr[rows], None, (-3, -1))
+    assert tokens.windows.geometry((-3, -1))["grid"] == (5, 7)
     torch.testing.assert_close(x0, expected[0])
     torch.testing.assert_close(cond, expected[1])
 

@@ -1,7 +1,7 @@
 """Training windows (``latent.windows``): shifted patch grids (``PipelineConfig.grid_shifts``: every
-pixel offset within a patch) and crops (``PipelineConfig.crop``), one per batch, the fields cropped
-to whole patches; the denoiser places the window's tokens by their origin; sampling keeps the
-fitted grid."""
+pixel offset within a patch, reaching past the field's edge, NaN there) and crops
+(``PipelineConfig.crop``), one per batch; the denoiser places the window's tokens by their
+origin; sampling keeps the fitted grid (or several, ``member_grids``: test_member_grids.py)."""
 
 import math
 
@@ -16,7 +16,7 @@ from podiff.diffusion.token_noise import GridCorrelation
 from podiff.diffusion.training import Trainer, draw_noise
 from podiff.fitting import build, fit
 from podiff.fitting.fit import FieldTokens
-from podiff.latent.windows import TrainingWindows
+from podiff.latent.windows import TrainingWindows, crop_field
 
 N, H, W, S = 20, 16, 24, 4
 
@@ -71,55 +71,63 @@ def test_grid_shifts_are_every_offset_within_a_patch_for_a_shared_basis_only():
     pipe = built(lr, hr)
     windows = pipe.training_windows()
     assert windows.count == 16 and windows.describe() == {"windows": 16, "crop": 0, "shifts": True}
-    assert windows.geometry((0, 3)) == {"grid": (4, 5), "origin": (0.0, 0.75)}
-    assert windows.geometry((2, 1)) == {"grid": (3, 5), "origin": (0.5, 0.25)}
+    assert windows.geometry((0, -1)) == {"grid": (4, 7), "origin": (0.0, -0.25)}  # one more token, past the edge
+    assert windows.geometry((-2, -3)) == {"grid": (5, 7), "origin": (-0.5, -0.75)}
     assert windows.geometry((0, 0)) == {"grid": (4, 6), "origin": (0.0, 0.0)}
     g = torch.Generator().manual_seed(0)
-    assert {windows.draw(g) for _ in range(400)} == {(dy, dx) for dy in range(4) for dx in range(4)}
+    assert {windows.draw(g) for _ in range(400)} == {(dy, dx) for dy in range(-3, 1) for dx in range(-3, 1)}
     assert built(lr, hr, grid_shifts=False).training_windows().count == 1
     assert built(lr, hr, basis="local").training_windows().count == 1  # a local basis belongs to its locations
     assert built(lr, hr, stride=2, rank=8).training_windows().count == 1  # overlapping patches
     one_row = built(lr[..., :1, :], hr[..., :4, :]).training_windows()
-    assert one_row.count == 4 and one_row.geometry((0, 2))["grid"] == (1, 5)
-    with pytest.raises(ValueError, match=r"window \(4, 0\): its top must be one of \[0, 1, 2, 3\]"):
+    assert one_row.count == 4 and one_row.geometry((0, -2))["grid"] == (1, 7)
+    with pytest.raises(ValueError, match=r"window \(4, 0\): its top must be one of \[-3, -2, -1, 0\]"):
         pipe.window_tokens(hr[:2], lr[:2], None, (4, 0))
 
 
-def test_crop_windows_lie_inside_the_field_at_whole_patches_or_any_pixel():
+def test_crop_windows_lie_inside_the_field_at_whole_patches_or_less_than_a_patch_past_it_at_any_pixel():
     aligned = TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), crop=3)
     assert aligned.count == 2 * 4 and aligned.geometry((4, 12)) == {"grid": (3, 3), "origin": (1.0, 3.0)}
     with pytest.raises(ValueError, match="its left must be one of"):
         aligned.geometry((0, 2))  # whole patches only
     shifted = TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), crop=3, shifts=True)
-    assert shifted.count == 5 * 13 and shifted.geometry((3, 11)) == {"grid": (3, 3), "origin": (0.75, 2.75)}
-    rows, cols = shifted.crop_slices((3, 11))
-    assert (rows.start, rows.stop, cols.start, cols.stop) == (3, 15, 11, 23)  # inside the 16 × 24 pixels
+    assert shifted.count == 11 * 19 and shifted.geometry((3, 11)) == {"grid": (3, 3), "origin": (0.75, 2.75)}
+    rows, cols = shifted.crop_slices((-3, 15))
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (-3, 9, 15, 27)  # 3 pixels past two edges
     g = torch.Generator().manual_seed(1)
-    for _ in range(200):
-        top, left = shifted.draw(g)
-        assert 0 <= top <= 4 and 0 <= left <= 12
+    drawn = {shifted.draw(g) for _ in range(2000)}
+    assert min(t for t, _ in drawn) == -3 and max(t for t, _ in drawn) == 7  # less than a patch past the field
+    assert min(c for _, c in drawn) == -3 and max(c for _, c in drawn) == 15
     wide = TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), crop=5, shifts=True)  # wider than the rows
-    assert wide.geometry((2, 1)) == {"grid": (3, 5), "origin": (0.5, 0.25)}  # rows: shifted; columns: cropped
+    assert wide.geometry((-2, 1)) == {"grid": (5, 5), "origin": (-0.5, 0.25)}  # rows: shifted; columns: cropped
     with pytest.raises(ValueError, match="crop must be 0"):
         TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), crop=1)
     with pytest.raises(ValueError, match="crop must be 0"):
         PipelineConfig(crop=1)
 
 
+def on_field(decoded, truth):
+    """``decoded`` where ``truth`` (a window's crop, NaN past the field's edge) has pixels, else NaN."""
+    return decoded.masked_fill(torch.isnan(truth), float("nan"))
+
+
 def test_window_tokens_encode_the_crop_their_grid_covers():
     lr, hr = fields()
-    cases = [({}, (1, 2)), ({}, (3, 0)), ({}, (0, 1)), ({"crop": 3}, (2, 5)),
+    cases = [({}, (-1, -2)), ({}, (-3, 0)), ({}, (0, -1)), ({"crop": 3}, (2, 5)), ({"crop": 3}, (-2, 14)),
              ({"crop": 2, "grid_shifts": False}, (4, 8))]
     for kw, window in cases:
-        pipe = built(lr, hr, **kw)  # full rank: encode and decode are exact
+        pipe = built(lr, hr, **kw)  # full rank: encode and decode are exact on the field's pixels
         x0, cond = pipe.window_tokens(hr[:3], lr[:3], None, window)
         (gh, gw), (dy, dx) = pipe.training_windows().geometry(window)["grid"], window
-        crop = (slice(None), slice(None), slice(dy, dy + 4 * gh), slice(dx, dx + 4 * gw))
+        rows, cols = slice(dy, dy + 4 * gh), slice(dx, dx + 4 * gw)
         assert x0.shape == cond.shape == (3, gh * gw, 16)
-        torch.testing.assert_close(pipe.pod.decode(x0, image_size=(4 * gh, 4 * gw)), pipe.standardise(hr[:3])[crop],
-                                   rtol=0, atol=1e-4)
-        up = upsample(pipe.standardise(lr[:3]), (H, W))
-        torch.testing.assert_close(pipe.pod.decode(cond, image_size=(4 * gh, 4 * gw)), up[crop], rtol=0, atol=1e-4)
+        truth = crop_field(pipe.standardise(hr[:3]), rows, cols)
+        assert torch.isnan(truth).any() == (min(window) < 0 or window[1] + 4 * gw > W)
+        torch.testing.assert_close(on_field(pipe.pod.decode(x0, image_size=(4 * gh, 4 * gw)), truth), truth,
+                                   rtol=0, atol=1e-4, equal_nan=True)
+        up = crop_field(upsample(pipe.standardise(lr[:3]), (H, W)), rows, cols)
+        torch.testing.assert_close(on_field(pipe.pod.decode(cond, image_size=(4 * gh, 4 * gw)), up), up,
+                                   rtol=0, atol=1e-4, equal_nan=True)
     pipe = built(lr, hr)
     x0, cond = pipe.window_tokens(hr[:3], lr[:3], None, (0, 0))  # the fitted grid: the usual tokens
     assert torch.equal(x0, pipe.target_tokens(hr[:3]).float()) and torch.equal(cond, pipe.condition_tokens(lr[:3]))
@@ -129,17 +137,19 @@ def test_a_residual_models_window_tokens_are_its_residual_and_condition_on_the_c
     lr, hr = fields()
     pipe = built(lr, hr, residual="ridge")
     mu = pipe.mean_model.predict(lr[:3])
-    x0, cond = pipe.window_tokens(hr[:3], lr[:3], mu, (2, 3))
-    crop = (slice(None), slice(None), slice(2, 14), slice(3, 23))
-    torch.testing.assert_close(pipe.pod.decode(x0, image_size=(12, 20)), pipe.standardise(hr[:3] - mu)[crop],
-                               rtol=0, atol=1e-4)
-    raw = pipe.pod.decode(cond * pipe.mean_model.cond_scale, standardized=False, image_size=(12, 20))
-    field = (mu - pipe.mean_model.cond_mean) / pipe.data_scale.view(1, -1, 1, 1)
-    torch.testing.assert_close(raw, field[crop], rtol=0, atol=1e-4)
+    x0, cond = pipe.window_tokens(hr[:3], lr[:3], mu, (-2, -1))
+    rows, cols = slice(-2, 18), slice(-1, 27)
+    truth = crop_field(pipe.standardise(hr[:3] - mu), rows, cols)
+    torch.testing.assert_close(on_field(pipe.pod.decode(x0, image_size=(20, 28)), truth), truth, rtol=0, atol=1e-4,
+                               equal_nan=True)
+    raw = pipe.pod.decode(cond * pipe.mean_model.cond_scale, standardized=False, image_size=(20, 28))
+    field = crop_field((mu - pipe.mean_model.cond_mean) / pipe.data_scale.view(1, -1, 1, 1), rows, cols)
+    torch.testing.assert_close(on_field(raw, field), field, rtol=0, atol=1e-4, equal_nan=True)
 
 
-@pytest.mark.parametrize("kw, window, tokens", [({}, (1, 3), [(0, 0), (1, 2), (2, 4)]),
-                                                  ({"crop": 2}, (5, 9), [(0, 0), (1, 1), (0, 1)])])
+@pytest.mark.parametrize("kw, window, tokens", [({}, (-1, -3), [(0, 0), (1, 2), (2, 4), (4, 6)]),
+                                                  ({"crop": 2}, (5, 9), [(0, 0), (1, 1), (0, 1)]),
+                                                  ({"crop": 2}, (-3, 19), [(0, 0), (1, 1), (0, 1)])])
 def test_window_covariate_features_average_the_cells_under_each_patch(kw, window, tokens):
     lr, hr = fields()
     g = torch.Generator().manual_seed(3)
@@ -149,8 +159,9 @@ def test_window_covariate_features_average_the_cells_under_each_patch(kw, window
     std = (cov[:2] - pipe.covariate_offset) / pipe.covariate_scale
     gw = pipe.training_windows().geometry(window)["grid"][1]
     (dy, dx) = window
-    for i, j in tokens:
-        rows, cols = torch.arange(dy + 4 * i, dy + 4 + 4 * i) // S, torch.arange(dx + 4 * j, dx + 4 + 4 * j) // S
+    for i, j in tokens:  # the pixels in the field: rows and columns past its edges are left out
+        rows, cols = torch.arange(dy + 4 * i, dy + 4 + 4 * i), torch.arange(dx + 4 * j, dx + 4 + 4 * j)
+        rows, cols = rows[(rows >= 0) & (rows < H)] // S, cols[(cols >= 0) & (cols < W)] // S
         expected = std[:, 0][:, rows][:, :, cols].mean((1, 2))  # the pixels' own cells, averaged
         torch.testing.assert_close(cond[:, i * gw + j, 16], expected, rtol=0, atol=1e-5)
 
@@ -158,7 +169,7 @@ def test_window_covariate_features_average_the_cells_under_each_patch(kw, window
 def test_window_tokens_of_fields_with_land_are_finite():
     lr, hr = fields(land=True)
     pipe = built(lr, hr, rank=10)
-    for shift in [(1, 1), (3, 2)]:
+    for shift in [(-1, -1), (-3, -2)]:
         x0, cond = pipe.window_tokens(hr[:4], lr[:4], None, shift)
         assert torch.isfinite(x0).all() and torch.isfinite(cond).all()
 
@@ -176,7 +187,7 @@ def test_the_trainer_draws_a_shift_per_batch_and_training_is_reproducible_and_re
         grids.add(grid)
         if i < 8:
             trainer.step(x0, cond, t, eps, geometry)
-    assert grids == {(4, 6), (3, 6), (4, 5), (3, 5)}
+    assert grids == {(4, 6), (5, 6), (4, 7), (5, 7)}
     once = PODiffPipeline(config())
     history = fit(once, lr, hr, progress=False)
     again = PODiffPipeline(config())
@@ -198,7 +209,7 @@ def test_a_model_trained_on_crops_samples_the_whole_field():
     for _ in range(10):  # every batch is a 2 × 2-token crop somewhere in the field
         x0, cond, t, eps, geometry = trainer.batch(source, None, 4)
         assert geometry["grid"] == (2, 2) and x0.shape == (4, 4, 16)
-        assert 0 <= geometry["origin"][0] <= 2 and 0 <= geometry["origin"][1] <= 4
+        assert -0.75 <= geometry["origin"][0] <= 2.75 and -0.75 <= geometry["origin"][1] <= 4.75
         trainer.step(x0, cond, t, eps, geometry)
     history = fit(PODiffPipeline(config(crop=2)), lr, hr, progress=False)
     assert len(history) == 12 and all(map(math.isfinite, history))
