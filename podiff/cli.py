@@ -137,7 +137,8 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     sample_workflow(SampleRequest(_source(args), args.model, args.out, num_samples=args.num_samples, split=args.split,
-                                  sample_steps=args.sample_steps, sampler=args.sampler, members=args.members,
+                                  sample_steps=args.sample_steps, sampler=args.sampler,
+                                  member_grids=args.member_grids, members=args.members,
                                   variance=args.variance, seed=args.seed, device=args.device,
                                   overwrite=args.overwrite, quiet=args.quiet))
     return 0
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=tuple(SAMPLERS), default=None,
                    help="sampler (default: the model's, set by train --sampler): ddim, ancestral, dpmsolver++ "
                         "(DPM-Solver++ (2M): about 10 steps do what 50 DDIM steps do) or sde-dpmsolver++")
+    p.add_argument("--member-grids", type=int, choices=MEMBER_GRIDS, default=None,
+                   help="patch grids the members are drawn on (default: the model's, set by train "
+                        "--member-grids; its spread was calibrated on those)")
     p.add_argument("--split", choices=("train", "val", "test", "all"), default="test")
     p.add_argument("--members", action="store_true", help="also store the decoded members")
     p.add_argument("--seed", type=int, default=0)

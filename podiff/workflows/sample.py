@@ -10,7 +10,7 @@ Example::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,8 @@ from podiff.workflows.common import DataSource, WorkflowError, data_for_model, l
 class SampleRequest:
     """``num_samples`` members of the model in ``model`` (a run folder) for the ``split`` of
     ``source``, written to ``out`` (``.nc``, ``.zarr`` or ``.npz``); ``members``: store the decoded
-    members; ``variance``: store the variance beside the std; ``sample_steps`` / ``sampler``:
-    None for the model's own."""
+    members; ``variance``: store the variance beside the std; ``sample_steps`` / ``sampler`` /
+    ``member_grids``: None for the model's own (its spread was calibrated on its own)."""
 
     source: DataSource
     model: str | Path
@@ -36,6 +36,7 @@ class SampleRequest:
     split: str = "test"
     sample_steps: int | None = None
     sampler: str | None = None
+    member_grids: int | None = None
     members: bool = False
     variance: bool = False
     seed: int = 0
@@ -56,6 +57,8 @@ def sample(request: SampleRequest, ds=None, pipe=None):
         raise WorkflowError(f"{out} exists; pass --overwrite to replace it")
     pipe = pipe or load_model(model)
     pipe.to(resolve_device(request.device))
+    if request.member_grids is not None and request.member_grids != pipe.config.member_grids:
+        pipe.config = replace(pipe.config, member_grids=int(request.member_grids))  # checked by the config
     ds = ds or data_for_model(request.source, pipe)
     lr, hr, idx = ds.split(request.split)
     t0 = time.perf_counter()
@@ -75,6 +78,7 @@ def sample(request: SampleRequest, ds=None, pipe=None):
              "var": ds.grid.var if ds.grid else "", "scale": int(pipe.config.scale),
              "num_samples": int(request.num_samples),
              "steps": int(request.sample_steps or pipe.config.sample_steps), "sampler": sampler,
+             "member_grids": int(pipe.config.member_grids),
              "seed": int(request.seed), "model_seed": int(pipe.config.seed), "seconds": float(seconds),
              "member_megapixels_per_second": float(rate),
              "spread_calibration": float(calibration.spread), "podiff_version": __version__,

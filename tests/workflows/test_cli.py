@@ -104,6 +104,27 @@ def test_train_sample_evaluate_resume(tmp_path, tiny_npz, capsys):
     assert code == 1 and "exists; pass --overwrite" in err
 
 
+def test_members_on_several_patch_grids_from_train_and_sample(tmp_path, tiny_npz, capsys):
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--data", tiny_npz, "--scale", 4, "--out", run_dir, *TRAIN, "--basis",
+                       "shared", "--grid-shifts", "--member-grids", 2, "--residual", "ridge", "--no-unet-baseline",
+                       "--no-regression-baseline")
+    assert code == 0, err
+    assert json.loads((run_dir / "model" / "config.json").read_text())["config"]["member_grids"] == 2
+    for extra, grids in (([], 2), (["--member-grids", 4], 4), (["--member-grids", 1], 1)):
+        pred = tmp_path / f"pred{grids}.npz"
+        code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tiny_npz, "--scale", 4, "--num-samples", 8,
+                           "--sample-steps", 2, "--out", pred, "--quiet", *extra)
+        assert code == 0, err
+        prediction = read_prediction(pred)
+        assert prediction.attrs["member_grids"] == grids
+        assert np.isnan(prediction.mean[:, :, :2, :3]).all() and np.isfinite(prediction.mean[:, :, 5:, 5:]).all()
+    code, _, err = run(capsys, "sample", "--model", run_dir, "--data", tiny_npz, "--scale", 4, "--num-samples", 3,
+                       "--out", tmp_path / "odd.npz", "--quiet")
+    assert code == 1 and "num_samples must be a multiple of member_grids=2" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_fit_pod_then_train_with_it(tmp_path, tiny_npz, capsys):
     pod = tmp_path / "pod.safetensors"
     code, out, err = run(capsys, "fit-pod", "--data", tiny_npz, "--scale", 4, "--out", pod, "--patch-size", 4,
