@@ -137,6 +137,10 @@ class PipelineConfig:
         self.covariates = [str(name) for name in self.covariates]
         if self.member_grids not in MEMBER_GRIDS:
             raise ValueError(f"member_grids must be one of {MEMBER_GRIDS}; got {self.member_grids!r}")
+        if self.member_grids > 1 and (self.basis == "local" or self.stride not in (None, self.patch_size)):
+            what = "basis='local'" if self.basis == "local" else f"stride={self.stride} < patch_size={self.patch_size}"
+            raise ValueError(f"member_grids={self.member_grids} draws members on shifted patch grids, which needs a "
+                             f"shared basis without overlap; got {what}")
         if int(self.crop) != self.crop or int(self.crop) < 0 or int(self.crop) == 1:
             raise ValueError(f"crop must be 0 (the whole grid) or at least 2 tokens; got {self.crop!r}")
         self.crop = int(self.crop)
@@ -173,8 +177,10 @@ class PipelineConfig:
 
     @property
     def resolved_basis(self) -> str:
-        """``basis``, with ``"auto"`` meaning ``"shared"`` for a model of any domain."""
-        return "shared" if self.domain == "any" and self.basis == "auto" else self.basis
+        """``basis``, with ``"auto"`` meaning ``"shared"`` for a model of any domain, trained on
+        shifted grids or sampling several (what a local basis cannot do)."""
+        shifted = self.domain == "any" or self.grid_shifts or self.member_grids > 1
+        return "shared" if shifted and self.basis == "auto" else self.basis
 
     def denoiser_settings(self) -> dict:
         """``denoiser`` and what ``domain="any"`` implies: no grid position, ``ANY_DOMAIN_WINDOW``-token

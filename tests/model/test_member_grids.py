@@ -115,9 +115,18 @@ def test_each_share_of_members_lies_on_its_own_grids_patches():
 
 
 def test_member_grids_refuse_a_local_basis_and_uneven_shares():
+    assert PipelineConfig(member_grids=2).resolved_basis == PipelineConfig(grid_shifts=True).resolved_basis == "shared"
+    assert PipelineConfig().resolved_basis == "auto"  # chosen on held-out fields
+    with pytest.raises(ValueError, match="member_grids=2 draws members on shifted patch grids, which needs a shared "
+                                         "basis without overlap; got basis='local'"):
+        PipelineConfig(member_grids=2, basis="local")
+    with pytest.raises(ValueError, match="got stride=2 < patch_size=4"):
+        PipelineConfig(member_grids=4, stride=2)
     lr, hr = fields()
+    local = trained(lr[:12], hr[:12], basis="local", grid_shifts=False, member_grids=1, train_steps=2)
+    local.config = replace(local.config, basis="auto", member_grids=4)  # e.g. sample --member-grids 4
     with pytest.raises(ValueError, match="needs a shared POD basis without overlap; this model has a local basis"):
-        trained(lr[:12], hr[:12], basis="local", grid_shifts=False, train_steps=2).sample(lr[12:], 8)
+        local.sample(lr[12:], 8)
     pipe = trained(lr[:12], hr[:12], train_steps=2)
     with pytest.raises(ValueError, match="num_samples must be a multiple of member_grids=4 with at least 2 members "
                                          "per grid; got 6"):
