@@ -183,7 +183,15 @@ def _zero_or_at_least_two(zero: str, unit: str = ""):
 
 
 _window = _zero_or_at_least_two("global attention")
-_crop = _zero_or_at_least_two("the whole field", " (tokens a side)")
+_crop_tokens = _zero_or_at_least_two("the whole field", " (tokens a side)")
+
+
+def _crop(text: str):
+    """``--crop``: ``auto`` or what ``_crop_tokens`` takes."""
+    return "auto" if text.strip().lower() == "auto" else _crop_tokens(text)
+
+
+_crop.__name__ = "int"
 
 
 def _fraction(text: str) -> float:
@@ -260,7 +268,9 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "--grid-shifts; exact mean and variance)")
     p.add_argument("--crop", type=_crop, default=c.crop,
                    help="train the denoiser on random crops of this many tokens a side (0: the whole field; a "
-                        "step's cost is then the crop's, whatever the field's size); sampling takes the whole field")
+                        "step's cost is then the crop's, whatever the field's size); sampling takes the whole "
+                        "field. auto (default): the whole field up to 1024 tokens, 16-token crops and 8-token "
+                        "attention windows above")
     p.add_argument("--residual", choices=RESIDUALS, default=c.residual,
                    help="auto (default): diffuse what the mean model misses, the tuned ridge or a U-Net regression "
                         "where a paired t-test on the validation fields finds it better (CorrDiff-style); "

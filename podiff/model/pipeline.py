@@ -218,7 +218,7 @@ class PODiffPipeline:
 
     def training_windows(self) -> TrainingWindows:
         """The windows of the patch grid the denoiser trains on (``latent.windows``): shifted grids
-        (``config.grid_shifts``) and crops of ``config.crop`` tokens a side. Only the fitted grid for
+        (``config.grid_shifts``) and crops of ``config.resolved_crop(grid)`` tokens a side. Only the fitted grid for
         a local basis (its bases belong to their locations), overlapping patches or a global POD
         (one token)."""
         pod, cfg = self.pod, self.config
@@ -226,7 +226,7 @@ class PODiffPipeline:
         if not usable:
             return TrainingWindows((1, 1), 1, (1, 1))
         return TrainingWindows(tuple(pod.grid), pod.patch_size, tuple(self.image_size),
-                               shifts=bool(cfg.grid_shifts), crop=int(cfg.crop))
+                               shifts=bool(cfg.grid_shifts), crop=cfg.resolved_crop(pod.grid))
 
     def window_tokens(self, hr: torch.Tensor, lr: torch.Tensor, mu: torch.Tensor | None,
                       window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +299,7 @@ class PODiffPipeline:
             extra = self.num_covariates * self.covariate_cells() ** 2
             dcfg = DenoiserConfig.preset(cfg.preset, rank=self.pod.rank, grid=self.pod.grid, noise_input=noise_input,
                                          **({"cond_rank": self.pod.rank + extra} if extra else {}),
-                                         **cfg.denoiser_settings())
+                                         **cfg.denoiser_settings(self.pod.grid))
         else:
             dcfg = DenoiserConfig(**denoiser_config)
         torch.manual_seed(cfg.seed)

@@ -102,7 +102,7 @@ def test_crop_windows_lie_inside_the_field_at_whole_patches_or_less_than_a_patch
     assert wide.geometry((-2, 1)) == {"grid": (5, 5), "origin": (-0.5, 0.25)}  # rows: shifted; columns: cropped
     with pytest.raises(ValueError, match="crop must be 0"):
         TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), crop=1)
-    with pytest.raises(ValueError, match="crop must be 0"):
+    with pytest.raises(ValueError, match="crop must be .auto., 0"):
         PipelineConfig(crop=1)
 
 
@@ -237,3 +237,31 @@ def test_the_noise_correlation_moves_to_a_shifted_grid():
     assert other.grid == (3, 5) and torch.equal(other.rho_x, colour.rho_x) and colour.on_grid((3, 5)) is other
     eps = torch.randn(2, 15, 2)
     assert other(eps).shape == eps.shape
+
+
+def test_the_automatic_crop_trains_large_grids_on_crops_with_windowed_attention():
+    from podiff.cli import build_parser
+    from podiff.config import AUTO_CROP, AUTO_CROP_ABOVE
+
+    cfg = PipelineConfig()
+    assert cfg.crop == "auto" and (AUTO_CROP, AUTO_CROP_ABOVE) == (16, 1024)
+    assert cfg.resolved_crop((4, 108)) == cfg.resolved_crop((32, 32)) == 0  # the whole grid up to 1024 tokens
+    assert cfg.resolved_crop((33, 32)) == 16 and PipelineConfig(crop=8).resolved_crop((64, 64)) == 8
+    assert PipelineConfig(crop=0).resolved_crop((64, 64)) == 0
+    assert cfg.denoiser_settings((32, 32)) == {} and cfg.denoiser_settings((64, 64)) == {"window": 8}
+    assert PipelineConfig(denoiser={"window": 4}).denoiser_settings((64, 64)) == {"window": 4}
+    assert PipelineConfig(crop=16).denoiser_settings((64, 64)) == {}  # a crop asked for: attention as asked
+    for bad in (1, -2, "big", 2.5):
+        with pytest.raises(ValueError, match="crop must be 'auto', 0 .the whole grid. or at least 2 tokens"):
+            PipelineConfig(crop=bad)
+    assert build_parser().parse_args(["train", "--data", "x.npz", "--out", "o", "--crop", "auto"]).crop == "auto"
+    assert build_parser().parse_args(["train", "--data", "x.npz", "--out", "o", "--crop", "6"]).crop == 6
+    g = torch.Generator().manual_seed(0)  # 33 × 32 tokens of 2 × 2 pixels: crops of 16 and 8 × 8-token windows
+    hr = F.avg_pool2d(torch.randn(3, 1, 70, 68, generator=g), 5, stride=1)
+    pipe = build(PODiffPipeline(PipelineConfig(residual="none", scale=2, patch_size=2, rank=2, basis="shared",
+                                               denoiser=dict(width=16, depth=1, heads=2))), F.avg_pool2d(hr, 2), hr)
+    assert tuple(pipe.pod.grid) == (33, 32) and pipe.denoiser.config.window == 8
+    assert pipe.training_windows().describe() == {"windows": (33 - 16 + 1) * (32 - 16 + 1), "crop": 16,
+                                                  "shifts": False}
+    small = built(*fields(), grid_shifts=False)  # 4 × 6 tokens: the whole grid, global attention
+    assert small.training_windows().count == 1 and small.denoiser.config.window == 0
