@@ -187,8 +187,13 @@ class PipelineConfig:
     def resolved_basis(self) -> str:
         """``basis``, with ``"auto"`` meaning ``"shared"`` for a model of any domain, trained on
         shifted grids or sampling several (what a local basis cannot do)."""
-        shifted = self.domain == "any" or self.grid_shifts or self.member_grids > 1
-        return "shared" if shifted and self.basis == "auto" else self.basis
+        return "shared" if (self.domain == "any" or self.shifted_grids) and self.basis == "auto" else self.basis
+
+    @property
+    def shifted_grids(self) -> bool:
+        """Whether the model meets patch grids other than the fitted one (``grid_shifts``,
+        ``member_grids``): its shared basis is then fitted on patches at every offset."""
+        return bool(self.grid_shifts) or self.member_grids > 1
 
     def resolved_crop(self, grid) -> int:
         """The crop (tokens a side; 0: the whole grid) for a token ``grid = (nH, nW)``: ``crop``, or

@@ -164,12 +164,15 @@ def _build(pipe, hr: torch.Tensor, mask, progress: bool, distributed: bool,
             # Basis and rank by held-out reconstruction (pod_selection); printed by the command.
             pipe.pod, pipe.pod_choice = select_pod(hr_std, pipe.standardise(hr_val.to(hr.device)),
                                                    cfg.patch_size, cfg.stride, energy=cfg.energy or 0.999,
-                                                   basis=cfg.resolved_basis, rank=cfg.rank)
+                                                   basis=cfg.resolved_basis, rank=cfg.rank, offsets=cfg.shifted_grids)
         else:
             if pipe.pod is None:
                 basis = "shared" if cfg.resolved_basis == "auto" else cfg.resolved_basis
                 pipe.pod = PatchPOD(cfg.patch_size, cfg.stride, rank=cfg.rank, energy=cfg.energy, basis=basis)
-            pipe.pod.fit(hr_std, progress=progress, distributed=distributed)
+            pod = pipe.pod  # shifted grids: a shared basis of the patches at every offset
+            offsets = (cfg.shifted_grids and isinstance(pod, PatchPOD) and not pod.local
+                       and pod.stride == pod.patch_size)
+            pod.fit(hr_std, progress=progress, distributed=distributed, **({"offsets": True} if offsets else {}))
     pipe.build_model()
     return pipe.to(pipe.device)
 

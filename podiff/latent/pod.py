@@ -172,7 +172,8 @@ class PatchPOD:
                 yield item, None
 
     def fit(self, data: torch.Tensor | Iterable, mask: torch.Tensor | None = None, *,
-            batch_size: int = 64, progress: bool = True, distributed: bool | None = None) -> PatchPOD:
+            batch_size: int = 64, progress: bool = True, distributed: bool | None = None,
+            offsets: bool = False) -> PatchPOD:
         """Fits mean, basis and eigenvalues from ``data`` in one streaming pass.
 
         Args:
@@ -184,10 +185,19 @@ class PatchPOD:
             distributed: reduce the statistics over the ``torch.distributed`` default group;
                 None means "if it is initialised with more than one rank". Each rank passes
                 its own shard; every rank gets the same POD.
+            offsets: a shared basis fitted on the patches at every pixel offset (stride 1), not
+                only on the grid's: so that a patch grid shifted by any offset (``grid_shifts``,
+                ``member_grids``) is described as well as the fitted one. Where the fields'
+                structure is locked to the grid (a residual whose block means a mean model
+                matches), the grid's own patches miss directions a shifted patch has.
 
         Returns:
             ``self``.
         """
+        if offsets and self.local:
+            raise ValueError("offsets=True fits a shared basis on patches at every offset; a local basis belongs to "
+                             "its grid's locations")
+        stride = 1 if offsets else self.stride
         total = None
         if isinstance(data, torch.Tensor):
             self._check_images(data, "data")
@@ -222,12 +232,12 @@ class PatchPOD:
                 any_here, xp = valid.any(0), self._pad(torch.where(valid, x, float("nan")))
             if any_here is not None:
                 valid_any = any_here if valid_any is None else valid_any | any_here
-            part = pk.patch_stats(xp, self.patch_size, self.stride, local=self.local,
+            part = pk.patch_stats(xp, self.patch_size, stride, local=self.local,
                                   budget_bytes=self.budget_bytes)
             stats = part if stats is None else stats.merge(part)
             if not self.local:  # the shared basis's complete-case statistics (see _shared_statistics)
                 whole = part if any_here is None else pk.patch_stats(
-                    xp, self.patch_size, self.stride, budget_bytes=self.budget_bytes, complete=True)
+                    xp, self.patch_size, stride, budget_bytes=self.budget_bytes, complete=True)
                 complete = whole if complete is None else complete.merge(whole)
             images += x.shape[0]
         if stats is None:

@@ -40,13 +40,15 @@ def held_out_energy(pod: PatchPOD, x: torch.Tensor) -> list[float]:
 
 
 def select_pod(hr_train: torch.Tensor, hr_val: torch.Tensor, patch_size: int, stride: int | None = None,
-               energy: float = 0.999, basis: str = "auto", rank: int | None = None) -> tuple[PatchPOD, dict]:
+               energy: float = 0.999, basis: str = "auto", rank: int | None = None,
+               offsets: bool = False) -> tuple[PatchPOD, dict]:
     """The POD for ``hr_train`` chosen on ``hr_val`` by the rule in the module docstring.
 
     Args:
         hr_train, hr_val: ``[N, C, H, W]`` (standardised; NaN = masked).
         basis: ``"auto"``, or ``"shared"``/``"local"`` to choose only the rank.
         rank: a fixed rank (then only the basis is chosen).
+        offsets: a shared basis fitted on patches at every offset (``PatchPOD.fit``).
 
     Returns:
         ``(pod, choice)``: the fitted POD and a dict with the basis, rank, the held-out energy
@@ -60,7 +62,8 @@ def select_pod(hr_train: torch.Tensor, hr_val: torch.Tensor, patch_size: int, st
         kinds = ["shared"]
     candidates = {}
     for kind in kinds:
-        full = PatchPOD(patch_size, stride, rank=None, energy=None, basis=kind).fit(hr_train, progress=False)
+        full = PatchPOD(patch_size, stride, rank=None, energy=None, basis=kind).fit(
+            hr_train, progress=False, offsets=offsets and kind == "shared")
         shares = held_out_energy(full, hr_val)
         if rank is not None:
             r = min(int(rank), full.rank)

@@ -265,3 +265,18 @@ def test_the_automatic_crop_trains_large_grids_on_crops_with_windowed_attention(
                                                   "shifts": False}
     small = built(*fields(), grid_shifts=False)  # 4 × 6 tokens: the whole grid, global attention
     assert small.training_windows().count == 1 and small.denoiser.config.window == 0
+
+
+def test_a_model_on_shifted_grids_fits_its_basis_on_patches_at_every_offset():
+    from podiff import PatchPOD
+
+    lr, hr = fields()
+    for kw in ({}, {"grid_shifts": False, "member_grids": 2}):  # trained on shifted grids, or sampling them
+        pipe = built(lr, hr, **kw)
+        stride_one = PatchPOD(4, stride=1, rank=16, energy=None, basis="shared").fit(pipe.standardise(hr),
+                                                                                     progress=False)
+        assert pipe.pod.stride == 4
+        torch.testing.assert_close(pipe.pod.eigenvalues, stride_one.eigenvalues, rtol=1e-4, atol=1e-7)
+    plain = built(lr, hr, grid_shifts=False)
+    grid_only = PatchPOD(4, rank=16, energy=None, basis="shared").fit(plain.standardise(hr), progress=False)
+    torch.testing.assert_close(plain.pod.eigenvalues, grid_only.eigenvalues)

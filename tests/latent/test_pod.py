@@ -380,3 +380,31 @@ def test_per_image_gaps_are_solved_per_patch_and_agree_with_the_fixed_projector(
     explicit = pod.encode(fixed, mask=~torch.isnan(clouds))
     assert torch.allclose(explicit, b, atol=1e-12)
     assert pod.gaps(x)[0] == "none"
+
+
+def test_a_shared_basis_fitted_at_every_offset_is_the_stride_one_basis_and_describes_shifted_patches():
+    """``fit(offsets=True)``: the statistics of the patches at every pixel offset, the basis a
+    stride-1 POD fits (float64), while encoding stays on the stride-``p`` grid. On fields whose
+    grid-aligned patches have zero mean (a residual whose block means a mean model matches), the
+    grid's own basis has no constant direction; the offsets' basis has it with its variance."""
+    g = torch.Generator().manual_seed(0)
+    x = F.avg_pool2d(torch.randn(40, 1, 20, 28, generator=g, dtype=torch.float64), 5, stride=1)
+    x = x - F.interpolate(F.avg_pool2d(x, 4), scale_factor=4, mode="nearest")  # zero-mean 4 × 4 blocks
+    grid = PatchPOD(4, rank=16, energy=None, basis="shared").fit(x, progress=False)
+    every = PatchPOD(4, rank=16, energy=None, basis="shared").fit(x, progress=False, offsets=True)
+    stride_one = PatchPOD(4, stride=1, rank=16, energy=None, basis="shared").fit(x, progress=False)
+    assert every.stride == 4 and every.grid == grid.grid
+    torch.testing.assert_close(every.eigenvalues, stride_one.eigenvalues, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(every.basis.abs(), stride_one.basis.abs(), rtol=1e-8, atol=1e-10)
+    constant = torch.full((16,), 0.25, dtype=torch.float64)
+    share = lambda pod: float(((pod.basis.reshape(16, 16).T @ constant) ** 2 * pod.eigenvalues).sum())  # noqa: E731
+    assert share(grid) < 1e-20 < 1e-3 < share(every)  # the grid's patches never vary along the constant
+    shifted = x[..., 2:14, 2:22]  # whole patches straddling the blocks: what each basis keeps of them
+
+    def lost(pod):
+        return float((pod.decode(pod.encode(shifted), image_size=(12, 20)) - shifted).pow(2).sum()
+                     / shifted.pow(2).sum())
+
+    assert lost(every) < 1e-20 and lost(grid) > 0.2  # all 16 modes: the grid's has a constant of no variance
+    with pytest.raises(ValueError, match="offsets=True fits a shared basis"):
+        PatchPOD(4, basis="local").fit(x, progress=False, offsets=True)
