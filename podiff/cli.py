@@ -263,7 +263,8 @@ def _add_model_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="train the denoiser on the patch grid shifted by every pixel offset within a patch, "
                         "one per batch, reaching past the field's edge (shared basis)")
     p.add_argument("--member-grids", type=int, choices=MEMBER_GRIDS, default=c.member_grids,
-                   help="draw the members on this many patch grids shifted by half a patch (1: the fitted grid), "
+                   help="draw the members on this many patch grids shifted by half a patch, or by quarters for "
+                        "16 (1: the fitted grid), "
                         "so that patch edges fall in different places from member to member (train with "
                         "--grid-shifts; exact mean and variance)")
     p.add_argument("--crop", type=_crop, default=c.crop,

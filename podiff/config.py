@@ -34,7 +34,7 @@ PRESETS = ("tiny", "small", "paper")
 SPREAD_CALIBRATIONS = ("members", "crps", "modes", "moments")
 
 #: How many patch grids members may be drawn on (``PipelineConfig.member_grids``).
-MEMBER_GRIDS = (1, 2, 4)
+MEMBER_GRIDS = (1, 2, 4, 16)
 #: ``crop="auto"``: crops of ``AUTO_CROP`` tokens a side (and ``ANY_DOMAIN_WINDOW``-token attention
 #: windows unless ``denoiser`` sets them) for a grid of more than ``AUTO_CROP_ABOVE`` tokens; the
 #: whole grid below (the fields measured so far: SST 432 tokens, winds 648, MRI and images 1024).
@@ -73,7 +73,8 @@ class PipelineConfig:
     sees how the field continues across every position of a patch edge, and the tokens a shifted
     grid has at the field's edges (a shared basis without overlap only). ``member_grids``: the
     members are drawn on this many patch grids, shifted by half a patch (1: the fitted grid; 2:
-    and the diagonal shift; 4: and the row and column shifts), an equal share on each, so that
+    and the diagonal shift; 4: and the row and column shifts) or by every quarter of a patch along
+    each axis (16; ``latent.windows.member_windows``), an equal share on each, so that
     the patch edges fall in different places from member to member; the mean and variance are
     the pooled members' (the law of total variance over each grid's closed-form moments), exact
     as on one grid. Train with ``grid_shifts`` so that the shifted grids' edge tokens are seen.

@@ -95,14 +95,21 @@ class TrainingWindows:
 def member_windows(grid: tuple[int, int], patch: int, count: int) -> list[tuple[int, int]]:
     """The top-left pixels of the ``count`` patch grids members are drawn on
     (``PipelineConfig.member_grids``): the fitted grid, then shifted by half a patch (diagonally
-    for 2; by rows, by columns and diagonally for 4), reaching past the field's first edges as
+    for 2; by rows, by columns and diagonally for 4), or by every quarter of a patch along each
+    axis for 16 (``patch`` a multiple of 4), reaching past the field's first edges as
     ``grid_shifts`` windows do (no shift along an axis of one patch, as in training).
 
     >>> member_windows((4, 108), 4, 4)
     [(0, 0), (-2, 0), (0, -2), (-2, -2)]
     """
-    if count not in (1, 2, 4):
-        raise ValueError(f"count must be 1, 2 or 4 grids; got {count}")
+    if count not in (1, 2, 4, 16):
+        raise ValueError(f"count must be 1, 2, 4 or 16 grids; got {count}")
+    if count == 16:
+        if patch % 4:
+            raise ValueError(f"16 member grids shift by quarters of a patch: patch must be a multiple of 4; "
+                             f"got {patch}")
+        steps = [[-(k * patch // 4) if n > 1 else 0 for k in range(4)] for n in grid]
+        return [(dy, dx) for dy in steps[0] for dx in steps[1]]
     dy, dx = (-(patch // 2) if n > 1 else 0 for n in grid)
     return {1: [(0, 0)], 2: [(0, 0), (dy, dx)], 4: [(0, 0), (dy, 0), (0, dx), (dy, dx)]}[count]
 

@@ -51,14 +51,20 @@ def test_member_windows_are_the_fitted_grid_and_half_patch_shifts_that_training_
     windows = TrainingWindows(grid=(4, 6), patch=4, size=(16, 24), shifts=True)
     for window in member_windows((4, 6), 4, 4):  # each a window the denoiser trained on
         assert windows.geometry(window)["grid"] == (4 + (window[0] < 0), 6 + (window[1] < 0))
-    with pytest.raises(ValueError, match="count must be 1, 2 or 4 grids; got 3"):
+    every = member_windows((4, 6), 4, 16)  # every pixel offset of a 4-pixel patch
+    assert len(set(every)) == 16 and every[0] == (0, 0) and {dy for dy, _ in every} == {0, -1, -2, -3}
+    assert member_windows((4, 6), 8, 16)[:4] == [(0, 0), (0, -2), (0, -4), (0, -6)]
+    with pytest.raises(ValueError, match="count must be 1, 2, 4 or 16 grids; got 3"):
         member_windows((4, 6), 4, 3)
-    with pytest.raises(ValueError, match=r"member_grids must be one of \(1, 2, 4\); got 3"):
+    with pytest.raises(ValueError, match="patch must be a multiple of 4; got 6"):
+        member_windows((4, 6), 6, 16)
+    with pytest.raises(ValueError, match=r"member_grids must be one of \(1, 2, 4, 16\); got 3"):
         PipelineConfig(member_grids=3)
 
 
-@pytest.mark.parametrize("kw", [{}, {"residual": "ridge"}, {"land": True}, {"covariates": True}],
-                         ids=["field", "residual-ridge", "land", "covariates"])
+@pytest.mark.parametrize("kw", [{}, {"residual": "ridge"}, {"land": True}, {"covariates": True},
+                                {"member_grids": 16, "antithetic": True}],
+                         ids=["field", "residual-ridge", "land", "covariates", "sixteen-grids"])
 def test_the_closed_form_moments_are_the_pooled_members_of_every_grid(kw):
     lr, hr = fields(land=kw.get("land", False))
     settings = {k: v for k, v in kw.items() if k not in ("land", "covariates")}
@@ -67,8 +73,9 @@ def test_the_closed_form_moments_are_the_pooled_members_of_every_grid(kw):
         lr = torch.cat([lr, torch.randn(N, 1, H // S, W // S, generator=g)], 1)
         settings["covariates"] = ["a"]
     pipe = trained(lr[:12], hr[:12], **settings)
-    out = pipe.sample(lr[12:], 8, seed=2, return_samples=True)
-    assert out.samples.shape == (8, 4, 1, H, W) and out.tokens is None
+    members = 32 if kw.get("member_grids") == 16 else 8
+    out = pipe.sample(lr[12:], members, seed=2, return_samples=True)
+    assert out.samples.shape == (members, 4, 1, H, W) and out.tokens is None
     mean, var = pooled(out.samples)
     torch.testing.assert_close(out.mean.double(), mean, rtol=1e-4, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(out.variance.double(), var, rtol=1e-3, atol=1e-5, equal_nan=True)
