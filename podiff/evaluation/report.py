@@ -14,7 +14,10 @@ None): CRPS, central-interval coverage, MACE, spread–skill; ``crps_gaussian`` 
 (``metrics.high_wavenumber_power_ratio``; the model's ``members_high_k_power`` is its members'),
 and ``spectra`` the power spectra behind it: an ensemble mean and a regression lose the small
 scales, a member should keep them. ``std_seams``: how much the predicted std varies with the position
-within a patch (``metrics.grid_imprint``; 0 without seams). With members: ``members_band_power``
+within a patch (``metrics.grid_imprint``; 0 without seams), and ``error_seams`` how much the RMS
+error of the mean does (per pixel over the fields): a std that follows the error has the error's
+seams (the input's coarse cells can make them real where they coincide with the patches).
+With members: ``members_band_power``
 (their power over the truth's in log-spaced wavenumber bands, ``metrics.band_power_ratios``),
 ``patch_edge_ratio`` (their jumps across patch edges over the truth's, ``metrics.patch_edge_ratio``)
 and ``rank_flatness`` (``metrics.rank_histogram_flatness``). With the model's bounds
@@ -117,6 +120,9 @@ def evaluate(mean, variance, target, lr_test, *, scale: int, bounds=None, period
         # the predicted spread's patch grid: how it varies with the position within a patch
         std = torch.where(torch.isnan(target), float("nan"), variance.double().clamp_min(0).sqrt())
         result["model"]["std_seams"] = metrics.grid_imprint(std, period)
+        if mean.shape[0] > 1:  # the error's own: the RMS over the fields, per pixel
+            rms = ((mean.double() - target.double()) ** 2).nanmean(0).sqrt()
+            result["model"]["error_seams"] = metrics.grid_imprint(rms, period)
     if members is not None and period is not None and period >= 2 and min(target.shape[-2:]) > period:
         result["model"]["patch_edge_ratio"] = metrics.patch_edge_ratio(members, target, period)
     predictions = {} if predictions is None else predictions
@@ -357,9 +363,11 @@ def write_report(folder: str | Path, result: dict, lr, target, mean, variance, p
         lines += [f"Rank histogram: reliability index {flat['reliability_index']:.3f} (0: flat), χ²/df "
                   f"{flat['chi2'] / flat['df']:.3g}.", ""]
     if "std_seams" in result["model"]:
+        errors = result["model"].get("error_seams")
         lines += ["Patch seams: the predicted standard deviation varies by "
                   f"{result['model']['std_seams']:.1%} (std over mean) with the position within a patch "
-                  "(0 without seams).", ""]
+                  "(0 without seams)" + ("." if errors is None else
+                                         f"; the RMS error of the mean by {errors:.1%}."), ""]
     lines += [f"![{name}]({name})" for name in figures]
     lines += ["", "```", json.dumps(result["meta"], indent=2), "```", ""]
     report = folder / "report.md"

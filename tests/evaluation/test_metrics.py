@@ -412,3 +412,19 @@ def test_rank_histogram_flatness_against_scipy_chisquare():
     assert ri[0] < 0.05 < 0.3 < ri[1]
     with pytest.raises(ValueError, match="counts must be"):
         metrics.rank_histogram_flatness(torch.tensor([3]))
+
+
+def test_the_report_gives_the_errors_own_seams_beside_the_stds():
+    """``error_seams``: the 4-pixel imprint of the RMS error per pixel over the fields (numpy
+    by hand), the reference for ``std_seams`` where the input's cells make the error periodic."""
+    from podiff.evaluation.report import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(6, 1, 8, 12, generator=g, dtype=torch.float64)
+    ramp = 1.0 + (torch.arange(12, dtype=torch.float64) % 4 == 0)  # errors twice as large on every 4th column
+    mean = truth + ramp * torch.randn(6, 1, 8, 12, generator=g, dtype=torch.float64)
+    result = evaluate(mean, torch.ones_like(mean), truth, torch.zeros(6, 1, 2, 3), scale=4, period=4)["model"]
+    rms = np.sqrt(np.mean((mean - truth).numpy() ** 2, axis=0))[0]
+    pattern = rms.reshape(2, 4, 3, 4).mean((0, 2))
+    assert result["error_seams"] == pytest.approx(pattern.std() / pattern.mean(), rel=1e-10)
+    assert result["error_seams"] > 0.2 and result["std_seams"] == 0.0  # a flat std misses the errors' seams
