@@ -10,7 +10,7 @@ from podiff.evaluation import error_shape, metrics
 from podiff.model.state import Calibration
 
 
-def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_samples: int = 16,
+def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_samples: int | None = None,
                      seed: int | None = None, limits=(0.5, 2.0), method: str = "members",
                      mode_limits=(0.25, 4.0), shape: str = "validation",
                      bands: int = error_shape.ERROR_BANDS, return_ensemble: bool = False,
@@ -28,7 +28,8 @@ def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_sampl
     predictive than the Gaussian), one shape for each of ``bands`` equal-count bands of the
     predicted mean (``calibration.error_band_edges``; ``bands=1``: one shape); ``"gaussian"``
     clears them.
-    The ensemble is drawn with ``spread = 1`` (and no per-mode factors). ``return_ensemble``:
+    The ensemble (``num_samples`` members; None: 16, or 2 on each of ``config.member_grids`` if
+    more) is drawn with ``spread = 1`` (and no per-mode factors). ``return_ensemble``:
     returns ``(k, ensemble)``, the validation ensemble (``SampleOutput`` with its members) as the
     calibrated model draws it (deviations from the mean times ``k``), so that a caller scores the
     validation fields without sampling them again. ``distributed``: as ``PODiffPipeline.sample``'s
@@ -43,6 +44,11 @@ def calibrate_spread(pipe, lr_val: torch.Tensor, hr_val: torch.Tensor, num_sampl
     metrics.check_spread_limits(mode_limits, "mode_limits")
     if int(bands) != bands or bands < 1:
         raise ValueError(f"bands must be an integer >= 1; got {bands!r}")
+    if method == "modes" and pipe.config.member_grids > 1:
+        raise ValueError(f"method 'modes' scales each POD mode of one grid's tokens; member_grids="
+                         f"{pipe.config.member_grids} draws members on several grids: use 'members'")
+    if num_samples is None:
+        num_samples = max(16, 2 * pipe.config.member_grids)
     pipe.calibration = Calibration()  # the ensemble as sampled
     members = method in ("members", "modes") or return_ensemble
     out = pipe.sample(lr_val, num_samples=num_samples, seed=seed, return_samples=members, distributed=distributed)

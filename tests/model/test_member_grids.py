@@ -151,3 +151,14 @@ def test_member_grids_survive_save_and_load(tmp_path):
     a, b = pipe.sample(lr[12:], 8, seed=3), again.sample(lr[12:], 8, seed=3)
     torch.testing.assert_close(a.mean, b.mean)
     torch.testing.assert_close(a.variance, b.variance)
+
+
+def test_the_spread_is_calibrated_on_every_member_grid():
+    from podiff.fitting import calibrate_spread
+
+    lr, hr = fields()
+    pipe = trained(lr[:12], hr[:12], member_grids=16, train_steps=2)
+    k, ensemble = calibrate_spread(pipe, lr[12:], hr[12:], seed=0, return_ensemble=True)  # 2 on each grid
+    assert ensemble.samples.shape[0] == 32 and 0.5 <= k <= 2.0 and pipe.calibration.spread == k
+    with pytest.raises(ValueError, match="method 'modes' scales each POD mode of one grid's tokens"):
+        calibrate_spread(pipe, lr[12:], hr[12:], method="modes")
