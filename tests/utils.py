@@ -57,6 +57,18 @@ def smooth(n, seed, size=32):
     return F.avg_pool2d(F.avg_pool2d(x, 5, stride=1), 5, stride=1) * 5
 
 
+def smooth_pairs(n: int, size: tuple[int, int], scale: int, seed: int = 0, land: bool = False):
+    """``(lr, hr)``: ``n`` smooth fields of ``size`` and their ``scale``-block means; with ``land``
+    a corner of NaN (``lr`` from the ocean pixels, 0 where none)."""
+    H, W = size
+    g = torch.Generator().manual_seed(seed)
+    hr = F.avg_pool2d(torch.randn(n, 1, H + 4, W + 4, generator=g), 5, stride=1) * 3
+    if land:
+        hr[:, :, :5, :7] = float("nan")
+    lr = F.avg_pool2d(hr, scale) if not land else torch.nan_to_num(F.avg_pool2d(torch.nan_to_num(hr), scale))
+    return lr, hr
+
+
 def tiny_baseline_config(**kw):
     """A tiny diffusion model of the fields themselves, ×4, for the baseline tests."""
     from podiff import PipelineConfig

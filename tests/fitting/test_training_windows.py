@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import smooth_pairs
 
 from podiff import PipelineConfig, PODiffPipeline
 from podiff.data.resample import upsample
@@ -22,12 +23,7 @@ N, H, W, S = 20, 16, 24, 4
 
 
 def fields(n=N, seed=0, land=False):
-    g = torch.Generator().manual_seed(seed)
-    hr = F.avg_pool2d(torch.randn(n, 1, H + 4, W + 4, generator=g), 5, stride=1) * 3
-    if land:
-        hr[:, :, :5, :7] = float("nan")
-    lr = F.avg_pool2d(hr, S) if not land else torch.nan_to_num(F.avg_pool2d(torch.nan_to_num(hr), S))
-    return lr, hr
+    return smooth_pairs(n, (H, W), S, seed, land)
 
 
 def config(**kw):
