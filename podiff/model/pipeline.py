@@ -57,9 +57,10 @@ from podiff.diffusion.schedules import make_schedule
 from podiff.diffusion.token_noise import GridCorrelation
 from podiff.diffusion.training import TrainingRecord, autocast
 from podiff.latent.pod import PatchPOD
-from podiff.latent.windows import TrainingWindows, crop_field, member_windows
+from podiff.latent.windows import TrainingWindows, crop_field
 from podiff.mean.mean_model import MeanModel
 from podiff.model.domain import domain_limits, for_domain, valid_pixels_of
+from podiff.model.member_grids import on_member_grids
 from podiff.model.persistence import load_pipeline, save_pipeline
 from podiff.model.state import Calibration
 
@@ -466,7 +467,7 @@ class PODiffPipeline:
         options = dict(seed=seed, variance=variance, return_samples=return_samples, member_budget=member_budget,
                        progress=progress, image_ids=ids.tolist(), amp=amp, sampler=sampler)
         if self.config.member_grids > 1:
-            out = self._on_member_grids(lr.to(self._device), int(num_samples), steps, **options)
+            out = on_member_grids(self, lr.to(self._device), int(num_samples), steps, **options)
         else:
             out = self.ensemble(self.condition_tokens(lr.to(self._device)).float(), num_samples, steps, **options)
         if self.calibration.spread != 1.0:  # calibrated on validation fields (calibrate_spread)
@@ -487,51 +488,6 @@ class PODiffPipeline:
                 if out.tokens is not None:  # none from several member grids
                     out.tokens = gather(out.tokens.transpose(0, 1)).transpose(0, 1)
         return out
-
-    def _on_member_grids(self, lr: torch.Tensor, num_samples: int, steps: int | None, **options) -> SampleOutput:
-        """``ensemble`` with the members drawn on ``config.member_grids`` patch grids
-        (``latent.windows.member_windows``), an equal share on each, as one ensemble: each grid's
-        members are drawn on the field padded with NaN to its whole patches (its edge tokens
-        gappy-encoded, as ``grid_shifts`` trains them) and cropped back; the pixel mean and
-        variance are the pooled members' (unbiased, as ``ensemble_moments``), from each grid's
-        closed-form moments by the law of total variance. No tokens are returned (the grids
-        differ)."""
-        count, pod = self.config.member_grids, self.pod
-        if not isinstance(pod, PatchPOD) or pod.local or pod.stride != pod.patch_size:
-            kind = ("a global POD" if not isinstance(pod, PatchPOD) else "a local basis" if pod.local
-                    else f"overlapping patches (stride {pod.stride} < patch {pod.patch_size})")
-            raise ValueError(f"member_grids={count} draws members on shifted patch grids, which needs a shared POD "
-                             f"basis without overlap; this model has {kind} (member_grids=1 samples it)")
-        per = num_samples // count
-        if num_samples % count or per < 2:
-            raise ValueError(f"num_samples must be a multiple of member_grids={count} with at least 2 members per "
-                             f"grid; got {num_samples}")
-        p, (H, W) = pod.patch_size, self.image_size
-        mu = self.mean_model.predict(lr) if self.mean_model is not None else None
-        valid = pod.valid_pixels.to(torch.float32)
-        means, variances, samples = [], [], []
-        for k, (top, left) in enumerate(member_windows(tuple(pod.grid), p, count)):
-            gh, gw = -(-(H - top) // p), -(-(W - left) // p)
-            rows, cols = slice(top, top + gh * p), slice(left, left + gw * p)
-            view, cond = self, None
-            if (top, left) != (0, 0):
-                view = copy.copy(self)
-                view.pod = pod.on_domain((gh * p, gw * p), crop_field(valid, rows, cols) == 1)
-                view.image_size, view.grid_origin = (gh * p, gw * p), (top / p, left / p)
-                cond = self.window_condition(lr, mu, rows, cols)
-            else:
-                cond = self.condition_tokens(lr, mu).float()
-            out = view.ensemble(cond, per, steps, first_member=k * per, **options)
-            inside = (Ellipsis, slice(-top, -top + H), slice(-left, -left + W))
-            means.append(out.mean[inside])
-            variances.append(out.variance[inside])
-            if out.samples is not None:
-                samples.append(out.samples[inside])
-        means = torch.stack(means)
-        mean = means.mean(0)
-        within = torch.stack(variances).sum(0) * (per - 1)
-        between = ((means - mean) ** 2).sum(0) * per
-        return SampleOutput(mean, (within + between) / (num_samples - 1), torch.cat(samples) if samples else None)
 
     def for_domain(self, image_size, valid_pixels: torch.Tensor | None = None) -> PODiffPipeline:
         """This model on fields of ``image_size = (H, W)`` (``model.domain.for_domain``): a view
