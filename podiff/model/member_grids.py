@@ -2,7 +2,7 @@
 ensemble with equal shares of the members drawn on the fitted grid and on shifted grids
 (``latent.windows.member_windows``), pooled exactly.
 
->>> # pipe.config.member_grids = 4: pipe.sample(lr, 32) calls on_member_grids(pipe, lr, 32, None, ...)
+>>> # pipe.config.member_grids = 4: pipe.sample(lr, 32) calls on_member_grids(pipe, lr, mu, 32, None, ...)
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from podiff.latent.pod import PatchPOD
 from podiff.latent.windows import crop_field, member_windows
 
 
-def on_member_grids(pipe, lr: torch.Tensor, num_samples: int, steps: int | None, **options) -> SampleOutput:
-    """``pipe.ensemble`` with the members drawn on ``config.member_grids`` patch grids
+def on_member_grids(pipe, lr: torch.Tensor, mu: torch.Tensor | None, num_samples: int, steps: int | None,
+                    **options) -> SampleOutput:
+    """``pipe.ensemble`` (of the residual about ``mu``, the mean model's prediction of ``lr``, for a
+    residual model) with the members drawn on ``config.member_grids`` patch grids
     (``latent.windows.member_windows``), an equal share on each, as one ensemble: each grid's
     members are drawn on the field padded with NaN to its whole patches (its edge tokens
     gappy-encoded, as ``grid_shifts`` trains them) and cropped back; the pixel mean and
@@ -35,20 +37,18 @@ def on_member_grids(pipe, lr: torch.Tensor, num_samples: int, steps: int | None,
         raise ValueError(f"num_samples must be a multiple of member_grids={count} with at least 2 members per "
                          f"grid; got {num_samples}")
     p, (H, W) = pod.patch_size, pipe.image_size
-    mu = pipe.mean_model.predict(lr) if pipe.mean_model is not None else None
     valid = pod.valid_pixels.to(torch.float32)
     means, variances, samples = [], [], []
     for k, (top, left) in enumerate(member_windows(tuple(pod.grid), p, count)):
         gh, gw = -(-(H - top) // p), -(-(W - left) // p)
         rows, cols = slice(top, top + gh * p), slice(left, left + gw * p)
-        view, cond = pipe, None
-        if (top, left) != (0, 0):
+        if (top, left) == (0, 0):
+            view, cond = pipe, pipe.condition_tokens(lr, mu).float()
+        else:
             view = copy.copy(pipe)
             view.pod = pod.on_domain((gh * p, gw * p), crop_field(valid, rows, cols) == 1)
             view.image_size, view.grid_origin = (gh * p, gw * p), (top / p, left / p)
             cond = pipe.window_condition(lr, mu, rows, cols)
-        else:
-            cond = pipe.condition_tokens(lr, mu).float()
         out = view.ensemble(cond, per, steps, first_member=k * per, **options)
         inside = (Ellipsis, slice(-top, -top + H), slice(-left, -left + W))
         means.append(out.mean[inside])

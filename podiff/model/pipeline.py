@@ -238,7 +238,6 @@ class PODiffPipeline:
         ``mu``: the mean model's prediction of ``lr`` (a residual model; its out-of-fold one for its
         fields)."""
         windows = self.training_windows()
-        windows.geometry(window)  # checks the window
         if windows.is_fitted(window):
             return self.target_tokens(hr, lr, mu).float(), self.condition_tokens(lr, mu).float()
         rows, cols = windows.crop_slices(window)
@@ -466,14 +465,16 @@ class PODiffPipeline:
             lr, ids = lr[rows], ids[rows]
         options = dict(seed=seed, variance=variance, return_samples=return_samples, member_budget=member_budget,
                        progress=progress, image_ids=ids.tolist(), amp=amp, sampler=sampler)
+        on_device = lr.to(self._device)
+        mu = self.mean_model.predict(on_device) if self.mean_model is not None else None  # once: condition and mean
         if self.config.member_grids > 1:
-            out = on_member_grids(self, lr.to(self._device), int(num_samples), steps, **options)
+            out = on_member_grids(self, on_device, mu, int(num_samples), steps, **options)
         else:
-            out = self.ensemble(self.condition_tokens(lr.to(self._device)).float(), num_samples, steps, **options)
+            out = self.ensemble(self.condition_tokens(on_device, mu).float(), num_samples, steps, **options)
         if self.calibration.spread != 1.0:  # calibrated on validation fields (calibrate_spread)
             out.scale_spread(self.calibration.spread)
-        if self.mean_model is not None:  # the ensemble of residuals plus μ(lr): the variance is the residual's
-            mu = self.mean_model.predict(lr.to(self._device)).to(out.mean)
+        if mu is not None:  # the ensemble of residuals plus μ(lr): the variance is the residual's
+            mu = mu.to(out.mean)
             out.mean = out.mean + mu
             if out.samples is not None:
                 out.samples = out.samples + mu
